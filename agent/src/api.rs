@@ -1,0 +1,478 @@
+//! The agent API (`modelcache.v1.Agent`) the CSI node plugin calls.
+//!
+//! `Ensure` is single-flight: however many volumes ask for the same repo at the same commit, one
+//! fetch runs; every caller watches it and gets the snapshot, or progress when its wait runs out.
+//! The fetch goes on after the caller gives up, so kubelet's retry finds it further along.
+
+use crate::fetch::{FetchError, Fetcher, Progress};
+use crate::hub::HubError;
+use crate::hub::client::Token;
+use crate::repo::{InvalidInput, ModelRef, RepoId, RepoKind, Revision, is_commit_id};
+use crate::store::{PinRecord, Pins, Snapshot, StoreError};
+use modelcache_proto::agent_v1 as pb;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+/// Why an agent API call failed. Mapped to a gRPC status in one place, [`From<ApiError> for Status`].
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A request field is missing or malformed.
+    #[error("{0}")]
+    Invalid(#[from] InvalidInput),
+    /// A required field is absent.
+    #[error("field {0:?} is required")]
+    Missing(&'static str),
+    /// Pin names a snapshot that is not in the store.
+    #[error("{0} is not in the store; call Ensure first")]
+    NotPresent(String),
+    /// The fetch failed.
+    #[error(transparent)]
+    Fetch(Arc<FetchError>),
+    /// The store failed outside a fetch.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The agent is stopping.
+    #[error("the agent is shutting down; retry")]
+    ShuttingDown,
+}
+
+impl From<FetchError> for ApiError {
+    fn from(e: FetchError) -> Self {
+        ApiError::Fetch(Arc::new(e))
+    }
+}
+
+fn store_code(e: &StoreError) -> tonic::Code {
+    match e.io().raw_os_error() {
+        Some(libc_enospc) if libc_enospc == 28 || libc_enospc == 122 => {
+            tonic::Code::ResourceExhausted // ENOSPC, EDQUOT
+        }
+        _ => tonic::Code::Internal,
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        use tonic::Code;
+        let code = match &e {
+            ApiError::Invalid(_) | ApiError::Missing(_) => Code::InvalidArgument,
+            ApiError::NotPresent(_) => Code::FailedPrecondition,
+            ApiError::ShuttingDown => Code::Unavailable,
+            ApiError::Store(s) => store_code(s),
+            ApiError::Fetch(f) => match f.as_ref() {
+                FetchError::Hub(h) => match h {
+                    HubError::RepoNotFound { .. }
+                    | HubError::RevisionNotFound { .. }
+                    | HubError::EntryNotFound { .. } => Code::NotFound,
+                    HubError::Unauthorized { .. } => Code::PermissionDenied,
+                    HubError::RateLimited { .. } | HubError::Network { .. } => Code::Unavailable,
+                    HubError::Status { status, .. } if *status >= 500 => Code::Unavailable,
+                    HubError::Status { .. } | HubError::Protocol { .. } => Code::FailedPrecondition,
+                },
+                FetchError::Store(s) => store_code(s),
+                FetchError::UnsafeTree { .. } => Code::FailedPrecondition,
+                FetchError::Integrity { .. } => Code::DataLoss,
+                FetchError::Interrupted { .. } => Code::Unavailable,
+            },
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+type FlightResult = Option<Result<Snapshot, Arc<FetchError>>>;
+
+struct Flight {
+    progress: Arc<Progress>,
+    done: watch::Receiver<FlightResult>,
+}
+
+type FlightKey = (RepoKind, RepoId, String);
+
+/// The answer of [`AgentApi::ensure`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ensured {
+    /// Complete in the store.
+    Ready(Snapshot),
+    /// Still downloading.
+    Fetching {
+        /// The commit being fetched.
+        commit: String,
+        /// Progress so far.
+        progress: crate::fetch::ProgressView,
+    },
+}
+
+/// The agent API over a store.
+pub struct AgentApi {
+    fetcher: Fetcher,
+    pins: Mutex<Pins>,
+    flights: Arc<Mutex<HashMap<FlightKey, Arc<Flight>>>>,
+    shutdown: CancellationToken,
+}
+
+impl AgentApi {
+    /// Serves `fetcher`'s store; fetches stop when `shutdown` fires.
+    pub fn new(fetcher: Fetcher, shutdown: CancellationToken) -> std::io::Result<Self> {
+        let pins = Pins::load(fetcher.store().root())?;
+        Ok(AgentApi {
+            fetcher,
+            pins: Mutex::new(pins),
+            flights: Arc::default(),
+            shutdown,
+        })
+    }
+
+    /// Resolves the revision, then waits up to `wait` for the snapshot, starting (or joining)
+    /// its fetch.
+    pub async fn ensure(
+        &self,
+        model: &ModelRef,
+        token: Option<Token>,
+        wait: Duration,
+    ) -> Result<Ensured, ApiError> {
+        let commit = self.fetcher.resolve(model, token.as_ref()).await?;
+        tracing::Span::current().record("model.commit", commit.as_str());
+        let store = self.fetcher.store();
+        if let Some(s) = store.snapshot(model.kind, &model.repo, &commit) {
+            return Ok(Ensured::Ready(s));
+        }
+        let flight = self.join_or_start(model, &commit, token)?;
+        let mut done = flight.done.clone();
+        let finished = tokio::time::timeout(wait, done.wait_for(Option::is_some)).await;
+        match finished {
+            Ok(Ok(result)) => match result.clone().expect("waited for Some") {
+                Ok(s) => Ok(Ensured::Ready(s)),
+                Err(e) => Err(ApiError::Fetch(e)),
+            },
+            // The fetch task went away without an answer: only on shutdown.
+            Ok(Err(_)) => Err(ApiError::ShuttingDown),
+            Err(_elapsed) => Ok(Ensured::Fetching {
+                commit,
+                progress: flight.progress.view(),
+            }),
+        }
+    }
+
+    fn join_or_start(
+        &self,
+        model: &ModelRef,
+        commit: &str,
+        token: Option<Token>,
+    ) -> Result<Arc<Flight>, ApiError> {
+        if self.shutdown.is_cancelled() {
+            return Err(ApiError::ShuttingDown);
+        }
+        let key: FlightKey = (model.kind, model.repo.clone(), commit.to_owned());
+        let mut flights = self.flights.lock().expect("flights lock");
+        if let Some(f) = flights.get(&key) {
+            return Ok(f.clone());
+        }
+        let progress = Arc::new(Progress::default());
+        let (tx, rx) = watch::channel(None);
+        let flight = Arc::new(Flight {
+            progress: progress.clone(),
+            done: rx,
+        });
+        flights.insert(key.clone(), flight.clone());
+        drop(flights);
+
+        let fetcher = self.fetcher.clone();
+        let shutdown = self.shutdown.clone();
+        let span = tracing::info_span!(
+            "fetch",
+            model.repo = %model.repo,
+            model.commit = %commit,
+            model.kind = model.kind.singular()
+        );
+        let flights = self.flights.clone();
+        tokio::spawn(
+            async move {
+                let (kind, repo, commit) = &key;
+                let started = Instant::now();
+                let result = tokio::select! {
+                    r = fetcher.fetch(*kind, repo, commit, token.as_ref(), &progress) => r,
+                    () = shutdown.cancelled() => {
+                        tracing::info!("fetch stopped by shutdown");
+                        return;
+                    }
+                };
+                match &result {
+                    Ok(s) => tracing::info!(
+                        seconds = started.elapsed().as_secs_f64(),
+                        bytes = progress.view().bytes_total,
+                        path = %s.path.display(),
+                        "snapshot ready"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "fetch failed"),
+                }
+                // Forget the flight before publishing the answer, so a caller that sees a
+                // failure and retries starts a new fetch.
+                flights.lock().expect("flights lock").remove(&key);
+                let _ = tx.send(Some(result.map_err(Arc::new)));
+            }
+            .instrument(span),
+        );
+        Ok(flight)
+    }
+}
+
+impl AgentApi {
+    /// Pins a snapshot in the store for a volume.
+    pub fn pin(&self, volume_id: &str, snap: &Snapshot, target_path: &str) -> Result<(), ApiError> {
+        if volume_id.is_empty() {
+            return Err(ApiError::Missing("volume_id"));
+        }
+        if self
+            .fetcher
+            .store()
+            .snapshot(snap.kind, &snap.repo, &snap.commit)
+            .is_none()
+        {
+            return Err(ApiError::NotPresent(format!(
+                "{}@{}",
+                snap.repo, snap.commit
+            )));
+        }
+        let record = PinRecord {
+            kind: snap.kind.singular().to_owned(),
+            repo: snap.repo.to_string(),
+            commit: snap.commit.clone(),
+            target_path: target_path.to_owned(),
+        };
+        self.pins
+            .lock()
+            .expect("pins lock")
+            .pin(volume_id, record)?;
+        Ok(())
+    }
+
+    /// Removes a volume's pin; unknown volumes are fine.
+    pub fn unpin(&self, volume_id: &str) -> Result<bool, ApiError> {
+        if volume_id.is_empty() {
+            return Err(ApiError::Missing("volume_id"));
+        }
+        Ok(self.pins.lock().expect("pins lock").unpin(volume_id)?)
+    }
+
+    /// Every snapshot with its size and pins.
+    pub fn list(&self) -> Result<Vec<pb::SnapshotInfo>, ApiError> {
+        let store = self.fetcher.store();
+        let pins = self.pins.lock().expect("pins lock");
+        let mut out = Vec::new();
+        for s in store.list_snapshots()? {
+            let (bytes, files) = store.snapshot_usage(&s);
+            out.push(pb::SnapshotInfo {
+                kind: kind_to_proto(s.kind) as i32,
+                repo: s.repo.to_string(),
+                pinned_by: pins.volumes_of(s.kind, s.repo.as_str(), &s.commit),
+                commit: s.commit,
+                path: s.path.display().to_string(),
+                bytes,
+                files,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Converts the wire model reference, validating every field.
+pub fn model_from_proto(m: Option<pb::ModelRef>) -> Result<ModelRef, ApiError> {
+    let m = m.ok_or(ApiError::Missing("model"))?;
+    let kind = match pb::RepoKind::try_from(m.kind) {
+        Ok(pb::RepoKind::Dataset) => RepoKind::Dataset,
+        _ => RepoKind::Model,
+    };
+    let revision = if m.revision.is_empty() {
+        Revision::main()
+    } else {
+        Revision::parse(&m.revision)?
+    };
+    Ok(ModelRef {
+        kind,
+        repo: RepoId::parse(&m.repo)?,
+        revision,
+    })
+}
+
+/// The wire form of a model reference.
+pub fn model_to_proto(m: &ModelRef) -> pb::ModelRef {
+    pb::ModelRef {
+        kind: kind_to_proto(m.kind) as i32,
+        repo: m.repo.to_string(),
+        revision: m.revision.to_string(),
+    }
+}
+
+fn kind_to_proto(k: RepoKind) -> pb::RepoKind {
+    match k {
+        RepoKind::Model => pb::RepoKind::Model,
+        RepoKind::Dataset => pb::RepoKind::Dataset,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for AgentApi {
+    async fn ensure(
+        &self,
+        req: Request<pb::EnsureRequest>,
+    ) -> Result<Response<pb::EnsureResponse>, Status> {
+        let req = req.into_inner();
+        let model = model_from_proto(req.model)?;
+        let span = tracing::info_span!(
+            "ensure",
+            model.repo = %model.repo,
+            model.revision = %model.revision,
+            model.commit = tracing::field::Empty
+        );
+        let wait = Duration::from_millis(req.wait_ms.into());
+        let state = self
+            .ensure(&model, Token::new(req.token), wait)
+            .instrument(span)
+            .await?;
+        let state = match state {
+            Ensured::Ready(s) => {
+                let (bytes, files) = self.fetcher.store().snapshot_usage(&s);
+                pb::ensure_response::State::Ready(pb::Ready {
+                    snapshot_path: s.path.display().to_string(),
+                    commit: s.commit,
+                    bytes,
+                    files,
+                })
+            }
+            Ensured::Fetching { commit, progress } => {
+                pb::ensure_response::State::Fetching(pb::Fetching {
+                    commit,
+                    bytes_done: progress.bytes_done,
+                    bytes_total: progress.bytes_total,
+                    files_done: progress.files_done,
+                    files_total: progress.files_total,
+                })
+            }
+        };
+        Ok(Response::new(pb::EnsureResponse { state: Some(state) }))
+    }
+
+    async fn pin(&self, req: Request<pb::PinRequest>) -> Result<Response<pb::PinResponse>, Status> {
+        let req = req.into_inner();
+        let model = model_from_proto(req.model)?;
+        if !is_commit_id(&req.commit) {
+            return Err(Status::invalid_argument(format!(
+                "commit {:?} is not a 40-hex commit",
+                req.commit
+            )));
+        }
+        let snap = Snapshot {
+            path: self
+                .fetcher
+                .store()
+                .snapshot_path(model.kind, &model.repo, &req.commit),
+            kind: model.kind,
+            repo: model.repo,
+            commit: req.commit,
+        };
+        self.pin(&req.volume_id, &snap, &req.target_path)?;
+        tracing::info!(volume.id = %req.volume_id, model.repo = %snap.repo, model.commit = %snap.commit, "pinned");
+        Ok(Response::new(pb::PinResponse {}))
+    }
+
+    async fn unpin(
+        &self,
+        req: Request<pb::UnpinRequest>,
+    ) -> Result<Response<pb::UnpinResponse>, Status> {
+        let volume_id = req.into_inner().volume_id;
+        if self.unpin(&volume_id)? {
+            tracing::info!(volume.id = %volume_id, "unpinned");
+        }
+        Ok(Response::new(pb::UnpinResponse {}))
+    }
+
+    async fn list(
+        &self,
+        _req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        Ok(Response::new(pb::ListResponse {
+            snapshots: self.list()?,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_are_chosen_on_purpose() {
+        let code = |e: ApiError| Status::from(e).code();
+        let repo = || "o/r".to_owned();
+        let hub = |h: HubError| ApiError::from(FetchError::Hub(h));
+        use tonic::Code;
+        assert_eq!(code(ApiError::Missing("model")), Code::InvalidArgument);
+        assert_eq!(
+            code(ApiError::Invalid(RepoId::parse("x").unwrap_err())),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(hub(HubError::RepoNotFound {
+                kind: "model",
+                repo: repo(),
+                endpoint: "e".into()
+            })),
+            Code::NotFound
+        );
+        assert_eq!(
+            code(hub(HubError::Unauthorized {
+                repo: repo(),
+                status: 401
+            })),
+            Code::PermissionDenied
+        );
+        assert_eq!(
+            code(hub(HubError::RateLimited { repo: repo() })),
+            Code::Unavailable
+        );
+        assert_eq!(
+            code(hub(HubError::Status {
+                url: "u".into(),
+                status: 503,
+                message: String::new()
+            })),
+            Code::Unavailable
+        );
+        assert_eq!(
+            code(ApiError::from(FetchError::Integrity {
+                path: "p".into(),
+                detail: "d".into()
+            })),
+            Code::DataLoss
+        );
+        let enospc = StoreError::from_io(
+            "write",
+            std::path::Path::new("/s"),
+            std::io::Error::from_raw_os_error(28),
+        );
+        assert_eq!(code(ApiError::Store(enospc)), Code::ResourceExhausted);
+        assert_eq!(code(ApiError::ShuttingDown), Code::Unavailable);
+    }
+
+    #[test]
+    fn model_refs_are_validated() {
+        let m = |repo: &str, rev: &str| {
+            model_from_proto(Some(pb::ModelRef {
+                kind: pb::RepoKind::Dataset as i32,
+                repo: repo.into(),
+                revision: rev.into(),
+            }))
+        };
+        let ok = m("o/r", "").unwrap();
+        assert_eq!((ok.kind, ok.revision.as_str()), (RepoKind::Dataset, "main"));
+        assert!(m("o/../r", "main").is_err());
+        assert!(m("o/r", "../x").is_err());
+        assert!(model_from_proto(None).is_err());
+        assert_eq!(model_from_proto(Some(model_to_proto(&ok))).unwrap(), ok);
+    }
+}

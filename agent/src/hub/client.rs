@@ -1,0 +1,363 @@
+//! The agent's side of the Hub protocol, as huggingface_hub speaks it:
+//! revision → commit, the recursive tree (following `Link: rel="next"` pages), and `resolve`
+//! downloads that follow redirects (reqwest drops `Authorization` when a redirect changes host).
+
+use crate::hub::error::HubError;
+use crate::hub::wire::{RepoInfo, TreeEntry, X_ERROR_CODE, X_ERROR_MESSAGE};
+use crate::repo::{ModelRef, RepoId, RepoKind, RepoPath, is_commit_id};
+use backon::{ExponentialBuilder, Retryable};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::StatusCode;
+use std::time::Duration;
+
+/// The public Hugging Face Hub.
+pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
+/// Characters left as they are in a URL path segment (what Python's `quote(s, safe="")` keeps).
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// A hub token. Its `Debug` never shows the secret, so it cannot reach a log by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// Wraps a token; an empty string is no token.
+    pub fn new(s: impl Into<String>) -> Option<Self> {
+        let s = s.into();
+        let s = s.trim();
+        (!s.is_empty()).then(|| Token(s.to_owned()))
+    }
+
+    fn bearer(&self) -> String {
+        format!("Bearer {}", self.0)
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(***)")
+    }
+}
+
+/// A client of one hub endpoint.
+#[derive(Clone, Debug)]
+pub struct HubClient {
+    http: reqwest::Client,
+    endpoint: String,
+    default_token: Option<Token>,
+}
+
+impl HubClient {
+    /// A client of `endpoint` (e.g. `https://huggingface.co`), using `default_token` when a
+    /// request brings none.
+    pub fn new(endpoint: &str, default_token: Option<Token>) -> Result<Self, HubError> {
+        // reqwest is built without a TLS crypto provider of its own; use ring, once per process.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let endpoint = endpoint.trim_end_matches('/').to_owned();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("modelcache/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|source| HubError::Network {
+                url: endpoint.clone(),
+                source,
+            })?;
+        Ok(HubClient {
+            http,
+            endpoint,
+            default_token,
+        })
+    }
+
+    /// The base URL.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn get(&self, url: &str, token: Option<&Token>) -> reqwest::RequestBuilder {
+        let req = self.http.get(url);
+        match token.or(self.default_token.as_ref()) {
+            Some(t) => req.header(reqwest::header::AUTHORIZATION, t.bearer()),
+            None => req,
+        }
+    }
+
+    fn api_url(&self, kind: RepoKind, repo: &RepoId) -> String {
+        // Repo ids are validated to URL-safe characters and one '/'.
+        format!("{}/api/{}/{}", self.endpoint, kind.plural(), repo)
+    }
+
+    /// The commit a revision points to; a 40-hex revision is returned as is, without a request.
+    pub async fn resolve_revision(
+        &self,
+        model: &ModelRef,
+        token: Option<&Token>,
+    ) -> Result<String, HubError> {
+        if model.revision.is_commit() {
+            return Ok(model.revision.as_str().to_owned());
+        }
+        let url = format!(
+            "{}/revision/{}",
+            self.api_url(model.kind, &model.repo),
+            utf8_percent_encode(model.revision.as_str(), SEGMENT)
+        );
+        let ctx = Ctx::new(model.kind, &model.repo).revision(model.revision.as_str());
+        let info: RepoInfo = self.get_json(&url, token, &ctx).await?;
+        if !is_commit_id(&info.sha) {
+            return Err(HubError::Protocol {
+                url,
+                reason: format!("`sha` {:?} is not a 40-hex commit", info.sha),
+            });
+        }
+        Ok(info.sha)
+    }
+
+    /// Every entry of the repo at `commit`, recursively, across all pages.
+    pub async fn list_tree(
+        &self,
+        kind: RepoKind,
+        repo: &RepoId,
+        commit: &str,
+        token: Option<&Token>,
+    ) -> Result<Vec<TreeEntry>, HubError> {
+        let ctx = Ctx::new(kind, repo).revision(commit);
+        let mut url = format!(
+            "{}/tree/{}?recursive=true&expand=false",
+            self.api_url(kind, repo),
+            utf8_percent_encode(commit, SEGMENT)
+        );
+        let mut out = Vec::new();
+        for _page in 0..10_000 {
+            let resp = self.send_retrying(&url, token, &ctx).await?;
+            let next = next_link(resp.headers());
+            let page: Vec<TreeEntry> = resp.json().await.map_err(|e| HubError::Protocol {
+                url: url.clone(),
+                reason: format!("tree listing is not valid JSON: {e}"),
+            })?;
+            out.extend(page);
+            match next {
+                Some(n) => url = n,
+                None => return Ok(out),
+            }
+        }
+        Err(HubError::Protocol {
+            url,
+            reason: "tree listing has more than 10000 pages".into(),
+        })
+    }
+
+    /// Starts downloading a file; the caller streams the body.
+    pub async fn download(
+        &self,
+        kind: RepoKind,
+        repo: &RepoId,
+        commit: &str,
+        path: &RepoPath,
+        token: Option<&Token>,
+    ) -> Result<reqwest::Response, HubError> {
+        let encoded: Vec<String> = path
+            .as_str()
+            .split('/')
+            .map(|s| utf8_percent_encode(s, SEGMENT).to_string())
+            .collect();
+        let url = format!(
+            "{}/{}{}/resolve/{}/{}",
+            self.endpoint,
+            kind.url_prefix(),
+            repo,
+            commit,
+            encoded.join("/")
+        );
+        let ctx = Ctx::new(kind, repo).revision(commit).path(path.as_str());
+        self.send_retrying(&url, token, &ctx).await
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+        token: Option<&Token>,
+        ctx: &Ctx<'_>,
+    ) -> Result<T, HubError> {
+        let resp = self.send_retrying(url, token, ctx).await?;
+        resp.json().await.map_err(|e| HubError::Protocol {
+            url: url.to_owned(),
+            reason: format!("not the JSON expected: {e}"),
+        })
+    }
+
+    /// GET with capped exponential backoff for transient failures (5xx, 429, network).
+    async fn send_retrying(
+        &self,
+        url: &str,
+        token: Option<&Token>,
+        ctx: &Ctx<'_>,
+    ) -> Result<reqwest::Response, HubError> {
+        let once = || async {
+            let resp = self
+                .get(url, token)
+                .send()
+                .await
+                .map_err(|source| HubError::Network {
+                    url: url.to_owned(),
+                    source,
+                })?;
+            classify(resp, url, ctx, &self.endpoint)
+        };
+        once.retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(10))
+                .with_max_times(4)
+                .with_jitter(),
+        )
+        .when(HubError::is_transient)
+        .notify(|e, after| tracing::warn!(error = %e, retry_in = ?after, "hub request failed; retrying"))
+        .await
+    }
+}
+
+/// What a request was about, for error messages.
+struct Ctx<'a> {
+    kind: RepoKind,
+    repo: &'a RepoId,
+    revision: Option<&'a str>,
+    path: Option<&'a str>,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(kind: RepoKind, repo: &'a RepoId) -> Self {
+        Ctx {
+            kind,
+            repo,
+            revision: None,
+            path: None,
+        }
+    }
+    fn revision(mut self, r: &'a str) -> Self {
+        self.revision = Some(r);
+        self
+    }
+    fn path(mut self, p: &'a str) -> Self {
+        self.path = Some(p);
+        self
+    }
+}
+
+/// Turns a non-success answer into a typed error, using `X-Error-Code` as huggingface_hub does.
+fn classify(
+    resp: reqwest::Response,
+    url: &str,
+    ctx: &Ctx<'_>,
+    endpoint: &str,
+) -> Result<reqwest::Response, HubError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let code = header(X_ERROR_CODE);
+    let repo = ctx.repo.to_string();
+    Err(match (code.as_str(), status) {
+        ("RepoNotFound", _) => HubError::RepoNotFound {
+            kind: ctx.kind.singular(),
+            repo,
+            endpoint: endpoint.to_owned(),
+        },
+        ("RevisionNotFound", _) => HubError::RevisionNotFound {
+            repo,
+            revision: ctx.revision.unwrap_or_default().to_owned(),
+        },
+        ("EntryNotFound", _) => HubError::EntryNotFound {
+            repo,
+            commit: ctx.revision.unwrap_or_default().to_owned(),
+            path: ctx.path.unwrap_or_default().to_owned(),
+        },
+        ("GatedRepo", _) | (_, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+            HubError::Unauthorized {
+                repo,
+                status: status.as_u16(),
+            }
+        }
+        (_, StatusCode::TOO_MANY_REQUESTS) => HubError::RateLimited { repo },
+        (_, StatusCode::NOT_FOUND) if ctx.path.is_none() => HubError::RepoNotFound {
+            kind: ctx.kind.singular(),
+            repo,
+            endpoint: endpoint.to_owned(),
+        },
+        _ => HubError::Status {
+            url: url.to_owned(),
+            status: status.as_u16(),
+            message: header(X_ERROR_MESSAGE),
+        },
+    })
+}
+
+/// The `rel="next"` target of a `Link` header.
+fn next_link(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    let link = headers.get(reqwest::header::LINK)?.to_str().ok()?;
+    link.split(',').find_map(|part| {
+        let (target, params) = part.split_once(';')?;
+        let is_next = params
+            .split(';')
+            .any(|p| p.trim().replace(' ', "") == "rel=\"next\"");
+        is_next.then(|| {
+            target
+                .trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_owned()
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_debug_hides_the_secret() {
+        let t = Token::new(" hf_secret ").unwrap();
+        assert_eq!(format!("{t:?}"), "Token(***)");
+        assert_eq!(t.bearer(), "Bearer hf_secret");
+        assert!(Token::new("  ").is_none());
+    }
+
+    #[test]
+    fn link_header_next() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(
+            reqwest::header::LINK,
+            r#"<https://hub/api/models/a/b/tree/c?cursor=xyz>; rel="next""#
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            next_link(&h).as_deref(),
+            Some("https://hub/api/models/a/b/tree/c?cursor=xyz")
+        );
+        h.insert(
+            reqwest::header::LINK,
+            r#"<https://x>; rel="prev""#.parse().unwrap(),
+        );
+        assert_eq!(next_link(&h), None);
+    }
+
+    #[test]
+    fn revision_segment_is_fully_encoded() {
+        assert_eq!(
+            utf8_percent_encode("refs/pr/1", SEGMENT).to_string(),
+            "refs%2Fpr%2F1"
+        );
+    }
+}

@@ -1,0 +1,97 @@
+//! What can go wrong talking to a hub, in terms a user can act on.
+
+use crate::repo::RepoKind;
+
+/// A failed hub request.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The repo does not exist, or is private and the token cannot see it.
+    #[error(
+        "{kind} repo {repo} was not found on {endpoint}: check the name, or give a token that can see it if it is private"
+    )]
+    RepoNotFound {
+        /// Model or dataset.
+        kind: &'static str,
+        /// `org/name`.
+        repo: String,
+        /// The hub's base URL.
+        endpoint: String,
+    },
+    /// The repo exists but the revision does not.
+    #[error("revision {revision:?} of {repo} was not found: check the branch, tag or commit")]
+    RevisionNotFound {
+        /// `org/name`.
+        repo: String,
+        /// As asked for.
+        revision: String,
+    },
+    /// A file listed in the tree could not be found.
+    #[error("file {path:?} of {repo}@{commit} was not found on the hub")]
+    EntryNotFound {
+        /// `org/name`.
+        repo: String,
+        /// The commit.
+        commit: String,
+        /// The file.
+        path: String,
+    },
+    /// The repo is gated or private and the token is missing or lacks access.
+    #[error(
+        "access to {repo} was refused ({status}): accept the licence on the Hub and provide a token with access (volume secret key `token`, or the agent's --token)"
+    )]
+    Unauthorized {
+        /// `org/name`.
+        repo: String,
+        /// HTTP status.
+        status: u16,
+    },
+    /// The hub asked us to slow down.
+    #[error("the hub rate-limited requests for {repo}; retry later")]
+    RateLimited {
+        /// `org/name`.
+        repo: String,
+    },
+    /// Any other unexpected HTTP status.
+    #[error("{url} answered HTTP {status}: {message}")]
+    Status {
+        /// The URL requested (never with a token).
+        url: String,
+        /// HTTP status.
+        status: u16,
+        /// The hub's message, if any.
+        message: String,
+    },
+    /// The hub could not be reached or the connection broke.
+    #[error("cannot reach the hub at {url}: {source}")]
+    Network {
+        /// The URL requested.
+        url: String,
+        /// The underlying error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The hub answered something that does not follow the protocol.
+    #[error("the hub answered {url} with something modelcache cannot use: {reason}")]
+    Protocol {
+        /// The URL requested.
+        url: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+impl HubError {
+    /// True for errors a retry may cure: rate limits, server errors, broken connections.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            HubError::RateLimited { .. } | HubError::Network { .. } => true,
+            HubError::Status { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
+
+    /// Kind label used in messages.
+    pub fn kind_label(kind: RepoKind) -> &'static str {
+        kind.singular()
+    }
+}

@@ -1,0 +1,253 @@
+//! `serve-hub`: a read-only HTTP server speaking the part of the Hub protocol that
+//! huggingface_hub and modelcache download with.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /api/{models,datasets}/{org}/{name}[/revision/{rev}]` | repo info with `sha` and `siblings` |
+//! | `GET /api/{models,datasets}/{org}/{name}/tree/{rev}[/{path}][?recursive=true]` | tree entries |
+//! | `GET,HEAD /[datasets/]{org}/{name}/resolve/{rev}/{path}` | the file, with Range support and `X-Repo-Commit`, `ETag`, `X-Linked-Etag`, `X-Linked-Size` |
+//!
+//! Errors carry `X-Error-Code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`) as the Hub's do.
+
+use crate::hub::catalog::{Catalog, ServedRepo};
+use crate::hub::wire::{
+    RepoInfo, Sibling, X_ERROR_CODE, X_ERROR_MESSAGE, X_LINKED_ETAG, X_LINKED_SIZE, X_REPO_COMMIT,
+};
+use crate::repo::{RepoKind, RepoPath};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use percent_encoding::percent_decode_str;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use tower_http::services::ServeFile;
+
+/// The hub's routes over a catalogue.
+pub fn router(catalog: Arc<Catalog>) -> Router {
+    Router::new()
+        .fallback(handle)
+        .with_state(catalog)
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+}
+
+/// Serves the catalogue on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    catalog: Arc<Catalog>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(catalog))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+fn error(status: StatusCode, code: &'static str, message: String) -> Response {
+    let mut resp = (
+        status,
+        Json(serde_json::json!({ "error": message.clone() })),
+    )
+        .into_response();
+    let headers = resp.headers_mut();
+    headers.insert(X_ERROR_CODE, HeaderValue::from_static(code));
+    if let Ok(v) = HeaderValue::from_str(&message) {
+        headers.insert(X_ERROR_MESSAGE, v);
+    }
+    resp
+}
+
+fn not_found_route() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        "no such route on this hub".into(),
+    )
+}
+
+async fn handle(State(catalog): State<Arc<Catalog>>, req: Request) -> Response {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "this hub is read-only".into(),
+        );
+    }
+    let segments: Vec<String> = req
+        .uri()
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
+        .collect();
+    let recursive = req.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv == "recursive=true" || kv == "recursive=1")
+    });
+    let seg: Vec<&str> = segments.iter().map(String::as_str).collect();
+    match seg.as_slice() {
+        ["api", plural, org, name, rest @ ..] => {
+            let Some(kind) = kind_of(plural) else {
+                return not_found_route();
+            };
+            let repo = match find_repo(&catalog, kind, org, name) {
+                Ok(r) => r,
+                Err(resp) => return *resp,
+            };
+            match rest {
+                [] => repo_info(repo, "main"),
+                ["revision", rev] => repo_info(repo, rev),
+                ["tree", rev, path @ ..] => tree(repo, rev, &path.join("/"), recursive),
+                _ => not_found_route(),
+            }
+        }
+        ["datasets", org, name, "resolve", rev, path @ ..] if !path.is_empty() => {
+            resolve(
+                &catalog,
+                RepoKind::Dataset,
+                org,
+                name,
+                rev,
+                &path.join("/"),
+                req,
+            )
+            .await
+        }
+        [org, name, "resolve", rev, path @ ..] if !path.is_empty() => {
+            resolve(
+                &catalog,
+                RepoKind::Model,
+                org,
+                name,
+                rev,
+                &path.join("/"),
+                req,
+            )
+            .await
+        }
+        _ => not_found_route(),
+    }
+}
+
+fn kind_of(plural: &str) -> Option<RepoKind> {
+    match plural {
+        "models" => Some(RepoKind::Model),
+        "datasets" => Some(RepoKind::Dataset),
+        _ => None,
+    }
+}
+
+fn find_repo<'a>(
+    catalog: &'a Catalog,
+    kind: RepoKind,
+    org: &str,
+    name: &str,
+) -> Result<&'a ServedRepo, Box<Response>> {
+    let id = format!("{org}/{name}");
+    catalog.get(kind, &id).ok_or_else(|| {
+        Box::new(error(
+            StatusCode::NOT_FOUND,
+            "RepoNotFound",
+            format!("Repository Not Found for {}: {id}", kind.plural()),
+        ))
+    })
+}
+
+fn check_revision(repo: &ServedRepo, rev: &str) -> Result<(), Box<Response>> {
+    if repo.has_revision(rev) {
+        Ok(())
+    } else {
+        Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            "RevisionNotFound",
+            format!("Invalid rev id: {rev}"),
+        )))
+    }
+}
+
+fn repo_info(repo: &ServedRepo, rev: &str) -> Response {
+    if let Err(resp) = check_revision(repo, rev) {
+        return *resp;
+    }
+    Json(RepoInfo {
+        id: repo.id.to_string(),
+        sha: repo.commit.clone(),
+        siblings: repo
+            .files
+            .keys()
+            .map(|p| Sibling {
+                rfilename: p.to_string(),
+            })
+            .collect(),
+        private: false,
+    })
+    .into_response()
+}
+
+fn tree(repo: &ServedRepo, rev: &str, path: &str, recursive: bool) -> Response {
+    if let Err(resp) = check_revision(repo, rev) {
+        return *resp;
+    }
+    let entries = repo.tree(path, recursive);
+    if entries.is_empty() && !path.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "EntryNotFound",
+            format!("{path} does not exist at {rev}"),
+        );
+    }
+    Json(entries).into_response()
+}
+
+async fn resolve(
+    catalog: &Catalog,
+    kind: RepoKind,
+    org: &str,
+    name: &str,
+    rev: &str,
+    path: &str,
+    req: Request,
+) -> Response {
+    let repo = match find_repo(catalog, kind, org, name) {
+        Ok(r) => r,
+        Err(resp) => return *resp,
+    };
+    if let Err(resp) = check_revision(repo, rev) {
+        return *resp;
+    }
+    let file = RepoPath::parse(path).ok().and_then(|p| repo.files.get(&p));
+    let Some(file) = file else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "EntryNotFound",
+            format!("{path} does not exist at {rev}"),
+        );
+    };
+    let resp = match ServeFile::new(&file.disk_path).oneshot(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ServerError",
+                format!("reading {path}: {e}"),
+            );
+        }
+    };
+    let (mut parts, body) = resp.into_parts();
+    let h = &mut parts.headers;
+    let commit = HeaderValue::from_str(&repo.commit).expect("hex is a valid header");
+    h.insert(X_REPO_COMMIT, commit);
+    let etag = |s: &str| HeaderValue::from_str(&format!("\"{s}\"")).expect("hex is a valid header");
+    match &file.lfs_sha256 {
+        Some(sha) => {
+            h.insert(header::ETAG, etag(sha));
+            h.insert(X_LINKED_ETAG, etag(sha));
+            h.insert(X_LINKED_SIZE, HeaderValue::from(file.size));
+        }
+        None => {
+            h.insert(header::ETAG, etag(&file.git_oid));
+        }
+    }
+    Response::from_parts(parts, Body::new(body))
+}

@@ -1,0 +1,190 @@
+//! `modelcache-agent`: the node agent and its tools. Parses the command line, builds the pieces
+//! from the library, and runs them until SIGTERM/SIGINT.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use modelcache_agent::api::AgentApi;
+use modelcache_agent::fetch::{Fetcher, Progress};
+use modelcache_agent::hub::catalog::Catalog;
+use modelcache_agent::hub::client::{DEFAULT_ENDPOINT, Token};
+use modelcache_agent::hub::{HubClient, server};
+use modelcache_agent::repo::{ModelRef, RepoId, RepoKind, Revision};
+use modelcache_agent::store::Store;
+use modelcache_agent::telemetry::{self, LogFormat};
+use modelcache_agent::{progress, shutdown, transport};
+use modelcache_proto::agent_v1::agent_server::AgentServer;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// modelcache node agent: fills a node's model store from a Hugging Face–compatible hub and
+/// serves it to the modelcache CSI plugin.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "MODELCACHE_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where models come from.
+#[derive(clap::Args)]
+struct HubArgs {
+    /// Hub base URL; HF_ENDPOINT overrides the default, as in huggingface_hub.
+    #[arg(long, env = "HF_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+    endpoint: String,
+    /// Hub token for gated and private repos (read from HF_TOKEN; never logged).
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Files downloaded at once.
+    #[arg(long, env = "MODELCACHE_PARALLEL_FILES", default_value_t = 8)]
+    parallel_files: usize,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve repos from a directory over the Hub's HTTP protocol (read-only).
+    ///
+    /// ROOT/models/<org>/<name>/ holds a model's files, ROOT/datasets/<org>/<name>/ a
+    /// dataset's; each is served as revision `main`. Point --endpoint (or HF_ENDPOINT) at it.
+    ServeHub {
+        /// Directory of repos.
+        #[arg(long, env = "MODELCACHE_HUB_ROOT")]
+        root: PathBuf,
+        /// Address to listen on.
+        #[arg(long, env = "MODELCACHE_HUB_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: String,
+    },
+    /// Download a repo into the store, verify every file, and print the snapshot directory
+    /// as the last line.
+    Pull {
+        /// Repo id, `org/name`.
+        repo: String,
+        /// Branch, tag or 40-hex commit.
+        #[arg(long, default_value = "main")]
+        revision: String,
+        /// The repo is a dataset.
+        #[arg(long)]
+        dataset: bool,
+        /// Store directory.
+        #[arg(long, env = "MODELCACHE_STORE", default_value = "/var/lib/modelcache")]
+        store: PathBuf,
+        #[command(flatten)]
+        hub: HubArgs,
+    },
+    /// Run the node daemon: serve the agent API on a unix socket.
+    Run {
+        /// Store directory.
+        #[arg(long, env = "MODELCACHE_STORE", default_value = "/var/lib/modelcache")]
+        store: PathBuf,
+        /// Agent API endpoint.
+        #[arg(
+            long,
+            env = "MODELCACHE_AGENT_LISTEN",
+            default_value = "unix:///run/modelcache/agent.sock"
+        )]
+        listen: String,
+        #[command(flatten)]
+        hub: HubArgs,
+    },
+}
+
+fn fetcher(store: &PathBuf, hub: &HubArgs) -> anyhow::Result<Fetcher> {
+    let store = Store::open(store)
+        .with_context(|| format!("cannot open the store at {}", store.display()))?;
+    let client = HubClient::new(&hub.endpoint, hub.token.clone().and_then(Token::new))?;
+    Ok(Fetcher::new(client, Arc::new(store), hub.parallel_files))
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let shutdown = shutdown::on_signals()?;
+    match cli.command {
+        Command::ServeHub { root, listen } => {
+            let catalog = Catalog::load(&root)
+                .with_context(|| format!("cannot load repos from {}", root.display()))?;
+            for r in catalog.repos() {
+                tracing::info!(model.repo = %r.id, model.commit = %r.commit, files = r.files.len(), kind = r.kind.singular(), "serving");
+            }
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            tracing::info!(address = %listener.local_addr()?, "hub listening");
+            server::serve(listener, Arc::new(catalog), shutdown).await?;
+        }
+        Command::Pull {
+            repo,
+            revision,
+            dataset,
+            store,
+            hub,
+        } => {
+            let model = ModelRef {
+                kind: if dataset {
+                    RepoKind::Dataset
+                } else {
+                    RepoKind::Model
+                },
+                repo: RepoId::parse(&repo)?,
+                revision: Revision::parse(&revision)?,
+            };
+            let fetcher = fetcher(&store, &hub)?;
+            let commit = fetcher.resolve(&model, None).await?;
+            let span =
+                tracing::info_span!("pull", model.repo = %model.repo, model.commit = %commit);
+            let _enter = span.enter();
+            let progress = Arc::new(Progress::default());
+            let done = CancellationToken::new();
+            let reporter = tokio::spawn(progress::report(
+                progress.clone(),
+                model.repo.to_string(),
+                done.clone(),
+            ));
+            let result = tokio::select! {
+                r = fetcher.fetch(model.kind, &model.repo, &commit, None, &progress) => r,
+                () = shutdown.cancelled() => anyhow::bail!("interrupted; run the same command again to continue"),
+            };
+            done.cancel();
+            let _ = reporter.await;
+            let snap = result?;
+            let v = progress.view();
+            tracing::info!(files = v.files_total, bytes = v.bytes_total, "verified");
+            println!("{}", snap.path.display());
+        }
+        Command::Run { store, listen, hub } => {
+            let socket = transport::unix_socket_path(&listen).map_err(anyhow::Error::msg)?;
+            let fetcher = fetcher(&store, &hub)?;
+            tracing::info!(store = %fetcher.store().root().display(), endpoint = %hub.endpoint, "agent starting");
+            let api = AgentApi::new(fetcher, shutdown.clone())?;
+            let incoming = transport::bind_unix(&socket)
+                .with_context(|| format!("cannot listen on {}", socket.display()))?;
+            tracing::info!(socket = %socket.display(), "agent API listening");
+            tonic::transport::Server::builder()
+                .add_service(AgentServer::new(api))
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+                .await?;
+            tracing::info!("agent stopped");
+        }
+    }
+    Ok(())
+}

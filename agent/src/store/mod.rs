@@ -1,0 +1,361 @@
+//! The node's model store: one copy of each file, any number of snapshots.
+//!
+//! ```text
+//! STORE/
+//!   blobs/sha256/<hex>                      LFS/Xet files, by sha256 (read-only, 0444)
+//!   blobs/sha1/<hex>                        other files, by git blob id
+//!   snapshots/models--org--name/<commit>/   the repo's files as hardlinks to blobs
+//!   refs/models--org--name/<revision>       the commit a branch or tag last resolved to
+//!   staging/                                downloads and snapshots being built
+//!   pins.json                               which volume uses which snapshot
+//! ```
+//!
+//! Nothing is visible half-written: a blob is written, fsynced and renamed into `blobs/`; a
+//! snapshot is assembled in `staging/` and renamed into `snapshots/` in one step, so a snapshot
+//! directory that exists is complete. `staging/` is emptied on open.
+
+mod pins;
+
+pub use pins::{PinRecord, Pins};
+
+use crate::hash::ContentHash;
+use crate::repo::{RepoId, RepoKind, RepoPath, Revision, is_commit_id};
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// A store operation that failed, with the path involved.
+#[derive(Debug, thiserror::Error)]
+#[error("store: {action} {}: {source}", path.display())]
+pub struct StoreError {
+    action: &'static str,
+    path: PathBuf,
+    #[source]
+    source: io::Error,
+}
+
+impl StoreError {
+    /// Wraps an I/O error on `path`.
+    pub fn from_io(action: &'static str, path: &Path, source: io::Error) -> Self {
+        StoreError {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// The underlying I/O error.
+    pub fn io(&self) -> &io::Error {
+        &self.source
+    }
+}
+
+/// `io::Result` with the path and action attached.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+trait Context<T> {
+    fn ctx(self, action: &'static str, path: &Path) -> Result<T>;
+}
+
+impl<T> Context<T> for io::Result<T> {
+    fn ctx(self, action: &'static str, path: &Path) -> Result<T> {
+        self.map_err(|source| StoreError {
+            action,
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// One file of a snapshot: where it goes and which blob it is.
+#[derive(Debug, Clone)]
+pub struct SnapshotFile {
+    /// Path inside the snapshot.
+    pub path: RepoPath,
+    /// The blob.
+    pub hash: ContentHash,
+}
+
+/// A complete snapshot in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Model or dataset.
+    pub kind: RepoKind,
+    /// `org/name`.
+    pub repo: RepoId,
+    /// The commit.
+    pub commit: String,
+    /// The directory holding its files.
+    pub path: PathBuf,
+}
+
+/// A node's store rooted at a directory.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) a store and clears what an interrupted run left in staging.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let root: PathBuf = root.into();
+        for dir in ["blobs/sha256", "blobs/sha1", "snapshots", "refs", "staging"] {
+            let d = root.join(dir);
+            fs::create_dir_all(&d).ctx("create", &d)?;
+        }
+        let root = fs::canonicalize(&root).ctx("resolve", &root)?;
+        let store = Store { root };
+        store.sweep_staging()?;
+        Ok(store)
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn staging(&self) -> PathBuf {
+        self.root.join("staging")
+    }
+
+    fn sweep_staging(&self) -> Result<()> {
+        let staging = self.staging();
+        for entry in fs::read_dir(&staging).ctx("list", &staging)? {
+            let path = entry.ctx("list", &staging)?.path();
+            let res = if path.is_dir() {
+                make_writable(&path);
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            res.ctx("remove leftover", &path)?;
+        }
+        Ok(())
+    }
+
+    /// Where a blob lives (whether or not it is there).
+    pub fn blob_path(&self, hash: &ContentHash) -> PathBuf {
+        self.root
+            .join("blobs")
+            .join(hash.algo().dir_name())
+            .join(hash.hex())
+    }
+
+    /// True when the blob is in the store.
+    pub fn has_blob(&self, hash: &ContentHash) -> bool {
+        self.blob_path(hash).is_file()
+    }
+
+    /// A new file in staging to download into; removed when dropped unless committed.
+    pub fn staging_file(&self) -> Result<tempfile::NamedTempFile> {
+        let staging = self.staging();
+        tempfile::Builder::new()
+            .prefix("blob-")
+            .tempfile_in(&staging)
+            .ctx("create temp file in", &staging)
+    }
+
+    /// Makes a fully written and verified staging file the blob `hash`: read-only, fsynced,
+    /// renamed into place. If the blob arrived meanwhile, the copy is dropped.
+    pub fn commit_blob(&self, file: tempfile::NamedTempFile, hash: &ContentHash) -> Result<()> {
+        let tmp = file.path().to_path_buf();
+        file.as_file().sync_all().ctx("fsync", &tmp)?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444)).ctx("chmod", &tmp)?;
+        let dest = self.blob_path(hash);
+        file.persist(&dest).map_err(|e| StoreError {
+            action: "rename into",
+            path: dest.clone(),
+            source: e.error,
+        })?;
+        sync_dir(dest.parent().expect("blob has a parent"))
+    }
+
+    fn repo_dir(&self, area: &str, kind: RepoKind, repo: &RepoId) -> PathBuf {
+        self.root
+            .join(area)
+            .join(format!("{}--{}", kind.plural(), repo.flat()))
+    }
+
+    /// Where a snapshot lives (whether or not it is there).
+    pub fn snapshot_path(&self, kind: RepoKind, repo: &RepoId, commit: &str) -> PathBuf {
+        self.repo_dir("snapshots", kind, repo).join(commit)
+    }
+
+    /// The snapshot, if complete in the store.
+    pub fn snapshot(&self, kind: RepoKind, repo: &RepoId, commit: &str) -> Option<Snapshot> {
+        let path = self.snapshot_path(kind, repo, commit);
+        path.is_dir().then(|| Snapshot {
+            kind,
+            repo: repo.clone(),
+            commit: commit.to_owned(),
+            path,
+        })
+    }
+
+    /// Builds a snapshot of hardlinks to blobs (all of which must be present) and makes it
+    /// visible in one rename. Idempotent: an existing snapshot is returned as is.
+    pub fn assemble_snapshot(
+        &self,
+        kind: RepoKind,
+        repo: &RepoId,
+        commit: &str,
+        files: &[SnapshotFile],
+    ) -> Result<Snapshot> {
+        if let Some(s) = self.snapshot(kind, repo, commit) {
+            return Ok(s);
+        }
+        let staging = self.staging();
+        let tmp = tempfile::Builder::new()
+            .prefix("snap-")
+            .tempdir_in(&staging)
+            .ctx("create temp dir in", &staging)?;
+        for f in files {
+            let dest = f.path.under(tmp.path());
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent).ctx("create", parent)?;
+            }
+            let blob = self.blob_path(&f.hash);
+            fs::hard_link(&blob, &dest).ctx("hardlink blob to", &dest)?;
+        }
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))
+            .ctx("chmod", tmp.path())?;
+        let dest = self.snapshot_path(kind, repo, commit);
+        let parent = dest.parent().expect("snapshot has a parent");
+        fs::create_dir_all(parent).ctx("create", parent)?;
+        let tmp_path = tmp.keep();
+        match fs::rename(&tmp_path, &dest) {
+            Ok(()) => {}
+            // Another assembler won the race; theirs is identical.
+            Err(e) if dest.is_dir() => {
+                tracing::debug!(error = %e, "snapshot appeared meanwhile");
+                let _ = fs::remove_dir_all(&tmp_path);
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp_path);
+                return Err(e).ctx("rename snapshot into", &dest);
+            }
+        }
+        sync_dir(parent)?;
+        Ok(Snapshot {
+            kind,
+            repo: repo.clone(),
+            commit: commit.to_owned(),
+            path: dest,
+        })
+    }
+
+    /// Records the commit a branch or tag resolved to, for use when the hub cannot be reached.
+    pub fn write_ref(
+        &self,
+        kind: RepoKind,
+        repo: &RepoId,
+        revision: &Revision,
+        commit: &str,
+    ) -> Result<()> {
+        if revision.is_commit() {
+            return Ok(());
+        }
+        // Revisions are validated: no '..', no leading '/', so this stays below refs/.
+        let path = self.repo_dir("refs", kind, repo).join(revision.as_str());
+        write_atomic(&path, commit.as_bytes())
+    }
+
+    /// The commit a branch or tag last resolved to, if known.
+    pub fn read_ref(&self, kind: RepoKind, repo: &RepoId, revision: &Revision) -> Option<String> {
+        let path = self.repo_dir("refs", kind, repo).join(revision.as_str());
+        let commit = fs::read_to_string(path).ok()?;
+        let commit = commit.trim();
+        is_commit_id(commit).then(|| commit.to_owned())
+    }
+
+    /// Every complete snapshot, sorted.
+    pub fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
+        let dir = self.root.join("snapshots");
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).ctx("list", &dir)? {
+            let repo_dir = entry.ctx("list", &dir)?.path();
+            let name = repo_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let Some((kind, repo)) = parse_repo_dir(&name) else {
+                tracing::warn!(dir = %repo_dir.display(), "unexpected directory in snapshots/");
+                continue;
+            };
+            for snap in fs::read_dir(&repo_dir).ctx("list", &repo_dir)? {
+                let path = snap.ctx("list", &repo_dir)?.path();
+                let commit = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if is_commit_id(&commit) && path.is_dir() {
+                    out.push(Snapshot {
+                        kind,
+                        repo: repo.clone(),
+                        commit,
+                        path,
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.kind, &a.repo, &a.commit).cmp(&(b.kind, &b.repo, &b.commit)));
+        Ok(out)
+    }
+
+    /// Bytes and file count of a snapshot (each file counted once).
+    pub fn snapshot_usage(&self, snap: &Snapshot) -> (u64, u32) {
+        let mut bytes = 0;
+        let mut files = 0;
+        for e in walkdir::WalkDir::new(&snap.path).into_iter().flatten() {
+            if e.file_type().is_file() {
+                bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+                files += 1;
+            }
+        }
+        (bytes, files)
+    }
+}
+
+fn parse_repo_dir(name: &str) -> Option<(RepoKind, RepoId)> {
+    let (plural, rest) = name.split_once("--")?;
+    let kind = match plural {
+        "models" => RepoKind::Model,
+        "datasets" => RepoKind::Dataset,
+        _ => return None,
+    };
+    let repo = RepoId::parse(&rest.replacen("--", "/", 1)).ok()?;
+    Some((kind, repo))
+}
+
+/// Writes a small file so that readers see the old or the new content, never a mix.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().expect("file has a parent");
+    fs::create_dir_all(dir).ctx("create", dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).ctx("create temp file in", dir)?;
+    tmp.write_all(bytes).ctx("write", tmp.path())?;
+    tmp.as_file().sync_all().ctx("fsync", tmp.path())?;
+    tmp.persist(path).map_err(|e| StoreError {
+        action: "rename into",
+        path: path.to_path_buf(),
+        source: e.error,
+    })?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx("fsync", dir)
+}
+
+fn make_writable(dir: &Path) {
+    for e in walkdir::WalkDir::new(dir).into_iter().flatten() {
+        if e.file_type().is_dir() {
+            let _ = fs::set_permissions(e.path(), fs::Permissions::from_mode(0o755));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

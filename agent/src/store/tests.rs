@@ -1,0 +1,155 @@
+use super::*;
+use crate::hash::{Algo, Hasher};
+use std::io::Write;
+
+fn put_blob(store: &Store, bytes: &[u8]) -> ContentHash {
+    let mut h = Hasher::new(Algo::GitSha1, bytes.len() as u64);
+    h.update(bytes);
+    let hash = h.finish();
+    let mut f = store.staging_file().unwrap();
+    f.write_all(bytes).unwrap();
+    store.commit_blob(f, &hash).unwrap();
+    hash
+}
+
+fn repo() -> RepoId {
+    RepoId::parse("org/model").unwrap()
+}
+
+#[test]
+fn snapshots_share_blobs_and_appear_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let a = put_blob(&store, b"shared tokenizer");
+    let b = put_blob(&store, b"weights v1");
+    let c = put_blob(&store, b"weights v2");
+    let file = |p: &str, h: &ContentHash| SnapshotFile {
+        path: RepoPath::parse(p).unwrap(),
+        hash: h.clone(),
+    };
+    let (c1, c2) = ("1".repeat(40), "2".repeat(40));
+    assert!(store.snapshot(RepoKind::Model, &repo(), &c1).is_none());
+    let s1 = store
+        .assemble_snapshot(
+            RepoKind::Model,
+            &repo(),
+            &c1,
+            &[file("tok/t.json", &a), file("w.bin", &b)],
+        )
+        .unwrap();
+    let s2 = store
+        .assemble_snapshot(
+            RepoKind::Model,
+            &repo(),
+            &c2,
+            &[file("tok/t.json", &a), file("w.bin", &c)],
+        )
+        .unwrap();
+    assert_eq!(std::fs::read(s1.path.join("w.bin")).unwrap(), b"weights v1");
+    assert_eq!(std::fs::read(s2.path.join("w.bin")).unwrap(), b"weights v2");
+    // One copy of the shared file: both snapshot entries are the blob's inode.
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    assert_eq!(ino(&s1.path.join("tok/t.json")), ino(&store.blob_path(&a)));
+    assert_eq!(ino(&s2.path.join("tok/t.json")), ino(&store.blob_path(&a)));
+    // Blobs are read-only.
+    let mode = std::fs::metadata(store.blob_path(&a))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o444);
+    // Idempotent.
+    let again = store
+        .assemble_snapshot(RepoKind::Model, &repo(), &c1, &[])
+        .unwrap();
+    assert_eq!(again, s1);
+    assert_eq!(store.list_snapshots().unwrap(), vec![s1, s2]);
+    // Nothing left in staging.
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("staging"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn missing_blob_fails_and_leaves_no_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let absent = ContentHash::new(Algo::GitSha1, &"0".repeat(40)).unwrap();
+    let commit = "3".repeat(40);
+    let err = store
+        .assemble_snapshot(
+            RepoKind::Model,
+            &repo(),
+            &commit,
+            &[SnapshotFile {
+                path: RepoPath::parse("x").unwrap(),
+                hash: absent,
+            }],
+        )
+        .unwrap_err();
+    assert_eq!(err.io().kind(), io::ErrorKind::NotFound);
+    assert!(store.snapshot(RepoKind::Model, &repo(), &commit).is_none());
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("staging"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn open_sweeps_staging_and_refs_roundtrip() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let leftover = store.staging_file().unwrap().keep().unwrap().1;
+    std::fs::create_dir_all(dir.path().join("staging/snap-x/sub")).unwrap();
+    let rev = Revision::parse("refs/pr/1").unwrap();
+    let commit = "a".repeat(40);
+    store
+        .write_ref(RepoKind::Dataset, &repo(), &rev, &commit)
+        .unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert!(!leftover.exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("staging"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(
+        store.read_ref(RepoKind::Dataset, &repo(), &rev),
+        Some(commit)
+    );
+    assert_eq!(store.read_ref(RepoKind::Model, &repo(), &rev), None);
+}
+
+#[test]
+fn pins_survive_reload_and_corruption_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = PinRecord {
+        kind: "model".into(),
+        repo: "org/model".into(),
+        commit: "c".repeat(40),
+        target_path: "/var/lib/kubelet/pods/x/volumes/y/mount".into(),
+    };
+    let mut pins = Pins::load(dir.path()).unwrap();
+    pins.pin("vol-1", rec.clone()).unwrap();
+    pins.pin("vol-2", rec.clone()).unwrap();
+    let mut pins = Pins::load(dir.path()).unwrap();
+    assert_eq!(
+        pins.volumes_of(RepoKind::Model, "org/model", &rec.commit),
+        ["vol-1", "vol-2"]
+    );
+    assert!(pins.unpin("vol-1").unwrap());
+    assert!(!pins.unpin("vol-1").unwrap());
+    let pins = Pins::load(dir.path()).unwrap();
+    assert_eq!(pins.get("vol-2"), Some(&rec));
+    assert!(pins.get("vol-1").is_none());
+    std::fs::write(dir.path().join("pins.json"), b"{not json").unwrap();
+    let err = Pins::load(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("corrupt"), "{err}");
+}

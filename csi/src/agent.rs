@@ -1,0 +1,141 @@
+//! The plugin's view of the node agent: ensure a model, pin and unpin it for a volume. Behind a
+//! trait so the node service's tests run without an agent; [`AgentClient`] is the real one, gRPC
+//! over the agent's unix socket.
+
+use modelcache_agent::api::model_to_proto;
+use modelcache_agent::repo::ModelRef;
+use modelcache_proto::agent_v1 as pb;
+use pb::agent_client::AgentClient as GrpcClient;
+use std::path::PathBuf;
+use std::time::Duration;
+use tonic::Status;
+use tonic::transport::Channel;
+
+/// What the agent says of a model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ensured {
+    /// In the store.
+    Ready {
+        /// The snapshot directory.
+        path: PathBuf,
+        /// The resolved commit.
+        commit: String,
+    },
+    /// Still downloading.
+    Fetching(pb::Fetching),
+}
+
+/// The agent operations the node service uses.
+#[tonic::async_trait]
+pub trait ModelAgent: Send + Sync + 'static {
+    /// Makes the model present, waiting up to `wait`.
+    async fn ensure(
+        &self,
+        model: &ModelRef,
+        token: Option<String>,
+        wait: Duration,
+    ) -> Result<Ensured, Status>;
+    /// Pins the snapshot for a volume.
+    async fn pin(
+        &self,
+        volume_id: &str,
+        model: &ModelRef,
+        commit: &str,
+        target: &str,
+    ) -> Result<(), Status>;
+    /// Releases a volume's pin.
+    async fn unpin(&self, volume_id: &str) -> Result<(), Status>;
+    /// Succeeds when the agent answers.
+    async fn ready(&self) -> Result<(), Status>;
+}
+
+/// The agent over gRPC.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    client: GrpcClient<Channel>,
+}
+
+impl AgentClient {
+    /// A client of the agent at `socket`; connects lazily and reconnects after agent restarts.
+    pub fn new(socket: &std::path::Path) -> Self {
+        AgentClient {
+            client: GrpcClient::new(modelcache_agent::transport::connect_unix(socket)),
+        }
+    }
+}
+
+fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(timeout);
+    req
+}
+
+#[tonic::async_trait]
+impl ModelAgent for AgentClient {
+    async fn ensure(
+        &self,
+        model: &ModelRef,
+        token: Option<String>,
+        wait: Duration,
+    ) -> Result<Ensured, Status> {
+        let req = pb::EnsureRequest {
+            model: Some(model_to_proto(model)),
+            wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
+            token: token.unwrap_or_default(),
+        };
+        // Resolving the revision happens before the wait; give it room.
+        let resp = self
+            .client
+            .clone()
+            .ensure(with_timeout(req, wait + Duration::from_secs(60)))
+            .await?
+            .into_inner();
+        match resp.state {
+            Some(pb::ensure_response::State::Ready(r)) => Ok(Ensured::Ready {
+                path: PathBuf::from(r.snapshot_path),
+                commit: r.commit,
+            }),
+            Some(pb::ensure_response::State::Fetching(f)) => Ok(Ensured::Fetching(f)),
+            None => Err(Status::internal("agent answered Ensure without a state")),
+        }
+    }
+
+    async fn pin(
+        &self,
+        volume_id: &str,
+        model: &ModelRef,
+        commit: &str,
+        target: &str,
+    ) -> Result<(), Status> {
+        let req = pb::PinRequest {
+            volume_id: volume_id.to_owned(),
+            model: Some(model_to_proto(model)),
+            commit: commit.to_owned(),
+            target_path: target.to_owned(),
+        };
+        self.client
+            .clone()
+            .pin(with_timeout(req, Duration::from_secs(30)))
+            .await?;
+        Ok(())
+    }
+
+    async fn unpin(&self, volume_id: &str) -> Result<(), Status> {
+        let req = pb::UnpinRequest {
+            volume_id: volume_id.to_owned(),
+        };
+        self.client
+            .clone()
+            .unpin(with_timeout(req, Duration::from_secs(30)))
+            .await?;
+        Ok(())
+    }
+
+    async fn ready(&self) -> Result<(), Status> {
+        self.client
+            .clone()
+            .list(with_timeout(pb::ListRequest {}, Duration::from_secs(5)))
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,149 @@
+//! Volume attributes: what a pod's inline `volumeAttributes` (or a StorageClass's `parameters`)
+//! may say, validated into a [`ModelRef`]. Unknown keys are refused by name, so a typo is an
+//! error in `kubectl describe pod` instead of a silently ignored setting.
+
+use crate::error::{Error, Result};
+use modelcache_agent::repo::{ModelRef, RepoId, RepoKind, Revision};
+use std::collections::HashMap;
+
+/// Keys a volume may set.
+pub const KNOWN_KEYS: &[&str] = &["model", "dataset", "revision"];
+
+/// Prefix of the keys kubelet adds (pod name, namespace, uid, service account, ephemeral).
+pub const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// A volume's parsed attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeAttributes {
+    /// The repo and revision to mount.
+    pub model: ModelRef,
+    /// `namespace/name` of the pod, when kubelet passes it (podInfoOnMount).
+    pub pod: Option<String>,
+}
+
+fn attr_error(key: &str, msg: impl std::fmt::Display) -> Error {
+    Error::InvalidArgument(format!("volume attribute {key:?}: {msg}"))
+}
+
+impl VolumeAttributes {
+    /// Parses and validates `volume_context`.
+    pub fn parse(ctx: &HashMap<String, String>) -> Result<Self> {
+        for key in ctx.keys() {
+            if !KNOWN_KEYS.contains(&key.as_str()) && !key.starts_with(KUBELET_PREFIX) {
+                return Err(attr_error(
+                    key,
+                    format!("unknown attribute; supported: {}", KNOWN_KEYS.join(", ")),
+                ));
+            }
+        }
+        let (key, kind, value) = match (ctx.get("model"), ctx.get("dataset")) {
+            (Some(m), None) => ("model", RepoKind::Model, m),
+            (None, Some(d)) => ("dataset", RepoKind::Dataset, d),
+            (Some(_), Some(_)) => {
+                return Err(attr_error(
+                    "dataset",
+                    "set either \"model\" or \"dataset\", not both",
+                ));
+            }
+            (None, None) => {
+                return Err(Error::InvalidArgument(
+                    "volume attribute \"model\" is required, e.g. model: Qwen/Qwen3-0.6B".into(),
+                ));
+            }
+        };
+        // `org/name:revision`, as in the HUGGINGFACE_MODEL convention.
+        let (repo, inline_rev) = match value.split_once(':') {
+            Some((r, rev)) => (r, Some(rev)),
+            None => (value.as_str(), None),
+        };
+        let repo = RepoId::parse(repo).map_err(|e| attr_error(key, e))?;
+        let revision = match (inline_rev, ctx.get("revision").map(String::as_str)) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(attr_error(
+                    "revision",
+                    format!("{b:?} contradicts the revision {a:?} given in {key:?}"),
+                ));
+            }
+            (Some(r), _) | (None, Some(r)) => {
+                Revision::parse(r).map_err(|e| attr_error("revision", e))?
+            }
+            (None, None) => Revision::main(),
+        };
+        let pod = match (
+            ctx.get("csi.storage.k8s.io/pod.namespace"),
+            ctx.get("csi.storage.k8s.io/pod.name"),
+        ) {
+            (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
+            _ => None,
+        };
+        Ok(VolumeAttributes {
+            model: ModelRef {
+                kind,
+                repo,
+                revision,
+            },
+            pod,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<VolumeAttributes> {
+        let ctx = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        VolumeAttributes::parse(&ctx)
+    }
+
+    #[test]
+    fn valid_forms() {
+        let a = parse(&[("model", "Qwen/Qwen3-0.6B")]).unwrap();
+        assert_eq!(a.model.revision.as_str(), "main");
+        assert_eq!(a.model.kind, RepoKind::Model);
+        let a = parse(&[("model", "o/r:v1.0")]).unwrap();
+        assert_eq!(a.model.revision.as_str(), "v1.0");
+        let a = parse(&[("model", "o/r:v1.0"), ("revision", "v1.0")]).unwrap();
+        assert_eq!(a.model.revision.as_str(), "v1.0");
+        let a = parse(&[
+            ("dataset", "o/d"),
+            ("revision", "refs/pr/2"),
+            ("csi.storage.k8s.io/pod.name", "p"),
+            ("csi.storage.k8s.io/pod.namespace", "ns"),
+            ("csi.storage.k8s.io/ephemeral", "true"),
+        ])
+        .unwrap();
+        assert_eq!(a.model.kind, RepoKind::Dataset);
+        assert_eq!(a.pod.as_deref(), Some("ns/p"));
+    }
+
+    #[test]
+    fn hostile_or_wrong_attributes_name_the_field() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[], "\"model\" is required"),
+            (
+                &[("model", "o/r"), ("modle", "x")],
+                "\"modle\": unknown attribute",
+            ),
+            (&[("model", "../../etc")], "\"model\""),
+            (&[("model", "o/r"), ("revision", "ma in")], "\"revision\""),
+            (&[("model", "o/r"), ("revision", "../x")], "\"revision\""),
+            (&[("model", "o/r:a"), ("revision", "b")], "contradicts"),
+            (&[("model", "o/r"), ("dataset", "o/d")], "not both"),
+            (&[("model", "o/r\0")], "\"model\""),
+        ];
+        for (pairs, want) in cases {
+            let err = parse(pairs).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{pairs:?}");
+            assert!(err.to_string().contains(want), "{pairs:?}: {err}");
+        }
+        let err = parse(&[("model", "o/r"), ("revision", "ma in")]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"volume attribute "revision": revision "ma in" is not a branch, tag or 40-hex commit"#
+        );
+    }
+}

@@ -1,0 +1,59 @@
+//! CSI Identity: who the plugin is and whether it can serve.
+
+use crate::agent::ModelAgent;
+use modelcache_proto::csi_v1 as csi;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// The driver name kubelet and the CSIDriver object know the plugin by.
+pub const DRIVER_NAME: &str = "csi.modelcache.dev";
+
+/// The Identity service.
+pub struct IdentityService<A> {
+    agent: Arc<A>,
+}
+
+impl<A> IdentityService<A> {
+    /// Identity answering Probe by asking `agent`.
+    pub fn new(agent: Arc<A>) -> Self {
+        IdentityService { agent }
+    }
+}
+
+#[tonic::async_trait]
+impl<A: ModelAgent> csi::identity_server::Identity for IdentityService<A> {
+    async fn get_plugin_info(
+        &self,
+        _req: Request<csi::GetPluginInfoRequest>,
+    ) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
+        Ok(Response::new(csi::GetPluginInfoResponse {
+            name: DRIVER_NAME.to_owned(),
+            vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
+            manifest: Default::default(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _req: Request<csi::GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
+        // Node service only, for now: no controller, no topology constraints.
+        Ok(Response::new(csi::GetPluginCapabilitiesResponse {
+            capabilities: vec![],
+        }))
+    }
+
+    async fn probe(
+        &self,
+        _req: Request<csi::ProbeRequest>,
+    ) -> Result<Response<csi::ProbeResponse>, Status> {
+        let ready = match self.agent.ready().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "probe: the agent does not answer");
+                false
+            }
+        };
+        Ok(Response::new(csi::ProbeResponse { ready: Some(ready) }))
+    }
+}
