@@ -179,10 +179,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let incoming = transport::bind_unix(&socket)
                 .with_context(|| format!("cannot listen on {}", socket.display()))?;
             tracing::info!(socket = %socket.display(), "agent API listening");
-            tonic::transport::Server::builder()
+            let server = tonic::transport::Server::builder()
                 .add_service(AgentServer::new(api))
-                .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
-                .await?;
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled());
+            shutdown::drain(server, &shutdown, shutdown::GRACE).await?;
             tracing::info!("agent stopped");
         }
     }

@@ -19,3 +19,47 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
     });
     Ok(token)
 }
+
+/// How long servers get after the shutdown signal to finish in-flight calls. Clients such as
+/// kubelet keep connections open indefinitely, so waiting for them to close is not an option.
+pub const GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `server` (which starts draining when `token` fires) until it finishes, or until `grace`
+/// has passed since the signal, whichever comes first.
+pub async fn drain<E>(
+    server: impl std::future::Future<Output = Result<(), E>>,
+    token: &CancellationToken,
+    grace: std::time::Duration,
+) -> Result<(), E> {
+    tokio::select! {
+        r = server => r,
+        () = async { token.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "grace period over with connections still open; exiting");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_is_bounded_by_the_grace_period() {
+        let token = CancellationToken::new();
+        token.cancel();
+        let never = std::future::pending::<Result<(), ()>>();
+        let started = tokio::time::Instant::now();
+        drain(never, &token, GRACE).await.unwrap();
+        assert_eq!(started.elapsed(), GRACE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_returns_the_servers_result() {
+        let token = CancellationToken::new();
+        assert_eq!(
+            drain(async { Err::<(), _>(7) }, &token, GRACE).await,
+            Err(7)
+        );
+    }
+}

@@ -71,11 +71,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let incoming = transport::bind_unix(&socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     tracing::info!(socket = %socket.display(), node.id = %cli.node_id, agent = %agent_socket.display(), "CSI node plugin listening");
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService::new(agent)))
         .add_service(NodeServer::new(node))
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
-        .await?;
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled());
+    shutdown::drain(server, &shutdown, shutdown::GRACE).await?;
     tracing::info!("CSI node plugin stopped");
     Ok(())
 }

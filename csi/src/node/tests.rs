@@ -230,42 +230,21 @@ async fn failed_mount_unpins() {
 async fn invalid_requests_name_the_field_and_change_nothing() {
     let f = fixture();
     let base = publish_req(&f, "vol-1", &[("model", "org/m")]);
-    let mut cases: Vec<(csi::NodePublishVolumeRequest, &str)> = Vec::new();
-    cases.push((
-        csi::NodePublishVolumeRequest {
-            volume_id: String::new(),
-            ..base.clone()
-        },
-        "volume_id",
-    ));
-    cases.push((
-        csi::NodePublishVolumeRequest {
-            target_path: String::new(),
-            ..base.clone()
-        },
-        "target_path",
-    ));
-    cases.push((
-        csi::NodePublishVolumeRequest {
-            target_path: "relative/x".into(),
-            ..base.clone()
-        },
-        "target_path",
-    ));
-    cases.push((
-        csi::NodePublishVolumeRequest {
-            target_path: "/var/lib/kubelet/../../etc".into(),
-            ..base.clone()
-        },
-        "target_path",
-    ));
-    cases.push((
-        csi::NodePublishVolumeRequest {
-            volume_capability: None,
-            ..base.clone()
-        },
-        "volume_capability",
-    ));
+    let with = |f: fn(&mut csi::NodePublishVolumeRequest)| {
+        let mut r = base.clone();
+        f(&mut r);
+        r
+    };
+    let mut cases: Vec<(csi::NodePublishVolumeRequest, &str)> = vec![
+        (with(|r| r.volume_id = String::new()), "volume_id"),
+        (with(|r| r.target_path = String::new()), "target_path"),
+        (with(|r| r.target_path = "relative/x".into()), "target_path"),
+        (
+            with(|r| r.target_path = "/var/lib/kubelet/../../etc".into()),
+            "target_path",
+        ),
+        (with(|r| r.volume_capability = None), "volume_capability"),
+    ];
     let mut block = base.clone();
     block.volume_capability.as_mut().unwrap().access_type =
         Some(csi::volume_capability::AccessType::Block(Default::default()));

@@ -1,0 +1,254 @@
+//! `modelcache-agent pull` against real hubs, as separate processes: the project's own
+//! `serve-hub`, and a hostile hub that serves escaping paths, wrong bytes and over-long bodies.
+
+use axum::Router;
+use axum::response::IntoResponse;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_modelcache-agent");
+
+struct Hub(Child);
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve_hub(root: &Path) -> (Hub, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new(BIN)
+        .args([
+            "serve-hub",
+            "--root",
+            root.to_str().unwrap(),
+            "--listen",
+            &addr,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "serve-hub did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Hub(child), format!("http://{addr}"))
+}
+
+fn pull(endpoint: &str, store: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("pull")
+        .args(args)
+        .args(["--store", store.to_str().unwrap(), "--endpoint", endpoint])
+        .env_remove("HF_TOKEN")
+        .output()
+        .unwrap()
+}
+
+fn last_line(out: &Output) -> PathBuf {
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    PathBuf::from(stdout.lines().last().expect("pull printed nothing"))
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn files_below(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<_> = walk(dir)
+        .into_iter()
+        .map(|p| {
+            (
+                p.strip_prefix(dir).unwrap().display().to_string(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn pull_downloads_verifies_and_prints_the_snapshot() {
+    use rand::RngCore;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("hub/models/org/m");
+    std::fs::create_dir_all(repo.join("sub")).unwrap();
+    std::fs::write(repo.join("config.json"), br#"{"a":1}"#).unwrap();
+    std::fs::write(repo.join("sub/empty"), b"").unwrap();
+    let mut big = vec![0u8; 11 << 20]; // above the LFS threshold
+    rand::rng().fill_bytes(&mut big);
+    std::fs::write(repo.join("weights.bin"), &big).unwrap();
+    let (_hub, endpoint) = serve_hub(&dir.path().join("hub"));
+    let store = dir.path().join("store");
+
+    let out = pull(&endpoint, &store, &["org/m"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let snap = last_line(&out);
+    assert!(
+        snap.starts_with(&store),
+        "{} not in the store",
+        snap.display()
+    );
+    assert_eq!(files_below(&snap), files_below(&repo));
+
+    // Again: nothing to do, same answer.
+    let again = pull(&endpoint, &store, &["org/m", "--revision", "main"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(last_line(&again), snap);
+
+    // By commit id, which needs no lookup.
+    let commit = snap.file_name().unwrap().to_str().unwrap().to_owned();
+    let by_commit = pull(&endpoint, &store, &["org/m", "--revision", &commit]);
+    assert_eq!(last_line(&by_commit), snap);
+}
+
+#[test]
+fn pull_errors_say_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("hub/models/org/m")).unwrap();
+    std::fs::write(dir.path().join("hub/models/org/m/f"), b"x").unwrap();
+    let (_hub, endpoint) = serve_hub(&dir.path().join("hub"));
+    let store = dir.path().join("store");
+    let cases: &[(&[&str], &str)] = &[
+        (&["org/absent"], "model repo org/absent was not found"),
+        (
+            &["org/m", "--revision", "v2"],
+            "revision \"v2\" of org/m was not found",
+        ),
+        (
+            &["org/m", "--revision", "ma in"],
+            "revision \"ma in\" is not a branch, tag or 40-hex commit",
+        ),
+        (&["not-a-repo"], "must be org/name"),
+    ];
+    for (args, want) in cases {
+        let out = pull(&endpoint, &store, args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = stderr(&out);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("Stack backtrace"), "{args:?}: {err}");
+    }
+    let out = pull("http://127.0.0.1:9", &store, &["org/m"]);
+    assert!(
+        stderr(&out).contains("cannot reach the hub at http://127.0.0.1:9"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// A hub whose tree and bodies are chosen by the test.
+fn hostile_hub(tree: serde_json::Value, body: &'static [u8]) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let app = Router::new().fallback(move |req: axum::extract::Request| {
+                let tree = tree.clone();
+                async move {
+                    let path = req.uri().path().to_owned();
+                    if path.contains("/revision/") {
+                        axum::Json(serde_json::json!({"id": "evil/m", "sha": "e".repeat(40)}))
+                            .into_response()
+                    } else if path.contains("/tree/") {
+                        axum::Json(tree).into_response()
+                    } else {
+                        body.into_response()
+                    }
+                }
+            });
+            let l = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(l, app).await.unwrap();
+        });
+    });
+    format!("http://{addr}")
+}
+
+fn entry(path: &str, oid: &str, size: u64) -> serde_json::Value {
+    serde_json::json!({"type": "file", "path": path, "oid": oid, "size": size})
+}
+
+#[test]
+fn hostile_hubs_write_nothing() {
+    // git blob id of "hello\n"
+    let hello = "ce013625030ba8dba906f756967f9e9ca394464a";
+    let cases: Vec<(serde_json::Value, &'static [u8], &str)> = vec![
+        (
+            serde_json::json!([entry("../../escape", hello, 6)]),
+            b"hello\n",
+            "unsafe",
+        ),
+        (
+            serde_json::json!([entry("/etc/cron.d/x", hello, 6)]),
+            b"hello\n",
+            "unsafe",
+        ),
+        (
+            serde_json::json!([entry("a", hello, 6), entry("a/b", hello, 6)]),
+            b"hello\n",
+            "both a file and a directory",
+        ),
+        (
+            serde_json::json!([entry("f", hello, 6)]),
+            b"HELLO\n",
+            "do not match",
+        ),
+        (
+            serde_json::json!([entry("f", hello, 6)]),
+            b"hello\nand more",
+            "longer than the 6 bytes announced",
+        ),
+        (
+            serde_json::json!([entry("f", hello, 6)]),
+            b"hel",
+            "3 bytes received, 6 announced",
+        ),
+    ];
+    for (tree, body, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let endpoint = hostile_hub(tree.clone(), body);
+        let store = dir.path().join("store");
+        let out = pull(&endpoint, &store, &["evil/m"]);
+        assert!(!out.status.success(), "{tree}: pull succeeded");
+        assert!(stderr(&out).contains(want), "{tree}: {}", stderr(&out));
+        // Nothing outside the store, and no blob or snapshot inside it.
+        let outside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(outside, ["store"], "{tree}");
+        let kept: Vec<PathBuf> = walk(&store)
+            .into_iter()
+            .filter(|p| !p.ends_with("refs/models--evil--m/main"))
+            .collect();
+        assert!(kept.is_empty(), "{tree}: left {kept:?}");
+    }
+}

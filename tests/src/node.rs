@@ -1,0 +1,249 @@
+//! A local node: a hub (served here, or a remote one), `modelcache-agent run` and
+//! `modelcache-csi` as separate processes, and a client that calls the CSI plugin over its unix
+//! socket the way kubelet does.
+
+use crate::procs::{Proc, bin, free_port, require_root, wait_until};
+use crate::tree::unmount_all_below;
+use modelcache_agent::transport::connect_unix;
+use modelcache_proto::agent_v1::{self as pb, agent_client::AgentClient};
+use modelcache_proto::csi_v1::{
+    self as csi, identity_client::IdentityClient, node_client::NodeClient,
+};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+/// Where the node's models come from.
+pub enum Hub {
+    /// Start `modelcache-agent serve-hub` on this directory of repos.
+    Serve(PathBuf),
+    /// Use a running hub, e.g. `https://huggingface.co`.
+    Remote(String),
+}
+
+/// A running local node. Dropping it stops the processes and detaches any mount left below
+/// its kubelet directory.
+pub struct LocalNode {
+    workdir: PathBuf,
+    /// The hub's base URL.
+    pub hub_endpoint: String,
+    /// The CSI Node client.
+    pub node: NodeClient<Channel>,
+    /// The CSI Identity client.
+    pub identity: IdentityClient<Channel>,
+    /// The agent API client.
+    pub agent: AgentClient<Channel>,
+    // Stopped in this order when dropped: CSI, agent, hub.
+    csi: Proc,
+    agent_proc: Proc,
+    hub: Option<Proc>,
+}
+
+impl LocalNode {
+    /// Starts the processes in `workdir` (logs, sockets, store and kubelet dir all go there).
+    /// `publish_wait_secs` bounds how long one NodePublishVolume waits for a download.
+    pub fn start(workdir: &Path, hub: Hub, publish_wait_secs: u64) -> anyhow::Result<LocalNode> {
+        require_root()?;
+        std::fs::create_dir_all(workdir)?;
+        let agent_bin = bin("modelcache-agent")?;
+        let (hub_proc, hub_endpoint) = match hub {
+            Hub::Serve(root) => {
+                let listen = format!("127.0.0.1:{}", free_port()?);
+                let root = root.to_str().expect("UTF-8 path").to_owned();
+                let mut p = Proc::start(
+                    "hub",
+                    &agent_bin,
+                    &["serve-hub", "--root", &root, "--listen", &listen],
+                    workdir,
+                )?;
+                wait_until("the hub to listen", Duration::from_secs(120), || {
+                    p.check_running()?;
+                    Ok(std::net::TcpStream::connect(&listen).is_ok())
+                })?;
+                (Some(p), format!("http://{listen}"))
+            }
+            Hub::Remote(endpoint) => (None, endpoint),
+        };
+        let agent_sock = workdir.join("agent.sock");
+        let csi_sock = workdir.join("csi.sock");
+        let agent_ep = format!("unix://{}", agent_sock.display());
+        let csi_ep = format!("unix://{}", csi_sock.display());
+        let store = workdir.join("store");
+        let mut agent_proc = Proc::start(
+            "agent",
+            &agent_bin,
+            &[
+                "run",
+                "--store",
+                store.to_str().expect("UTF-8 path"),
+                "--listen",
+                &agent_ep,
+                "--endpoint",
+                &hub_endpoint,
+            ],
+            workdir,
+        )?;
+        let wait = publish_wait_secs.to_string();
+        let mut csi = Proc::start(
+            "csi",
+            &bin("modelcache-csi")?,
+            &[
+                "--endpoint",
+                &csi_ep,
+                "--node-id",
+                "local-node",
+                "--agent",
+                &agent_ep,
+                "--publish-wait-seconds",
+                &wait,
+            ],
+            workdir,
+        )?;
+        wait_until("the agent and CSI sockets", Duration::from_secs(30), || {
+            agent_proc.check_running()?;
+            csi.check_running()?;
+            Ok(agent_sock.exists() && csi_sock.exists())
+        })?;
+        let csi_channel = connect_unix(&csi_sock);
+        Ok(LocalNode {
+            workdir: workdir.to_path_buf(),
+            hub_endpoint,
+            node: NodeClient::new(csi_channel.clone()),
+            identity: IdentityClient::new(csi_channel),
+            agent: AgentClient::new(connect_unix(&agent_sock)),
+            csi,
+            agent_proc,
+            hub: hub_proc,
+        })
+    }
+
+    /// The processes' log files.
+    pub fn logs(&self) -> Vec<&Path> {
+        let mut out = vec![self.csi.log_path(), self.agent_proc.log_path()];
+        out.extend(self.hub.as_ref().map(Proc::log_path));
+        out
+    }
+
+    /// The store directory.
+    pub fn store(&self) -> PathBuf {
+        self.workdir.join("store")
+    }
+
+    /// A target path shaped like kubelet's; like kubelet, creates its parent (the plugin
+    /// creates the target).
+    pub fn target(&self, volume: &str) -> PathBuf {
+        let parent = self
+            .workdir
+            .join("kubelet/pods/0b3c7c4e-uid/volumes/kubernetes.io~csi")
+            .join(volume);
+        std::fs::create_dir_all(&parent).expect("create kubelet volume dir");
+        parent.join("mount")
+    }
+
+    /// Waits until Probe reports ready.
+    pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let probe = self
+                .identity
+                .probe(csi::ProbeRequest {})
+                .await?
+                .into_inner();
+            if probe.ready == Some(true) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("the CSI plugin never reported ready");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// NodePublishVolume as kubelet calls it for an inline volume, retried while the plugin
+    /// answers UNAVAILABLE (still downloading) or ABORTED, as kubelet retries; each such answer
+    /// is passed to `on_retry`.
+    pub async fn publish(
+        &mut self,
+        volume: &str,
+        target: &Path,
+        attrs: &[(&str, &str)],
+        mut on_retry: impl FnMut(&Status),
+    ) -> Result<(), Status> {
+        use csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
+        let mut volume_context: HashMap<String, String> = attrs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        for (k, v) in [
+            ("csi.storage.k8s.io/ephemeral", "true"),
+            ("csi.storage.k8s.io/pod.name", "reader"),
+            ("csi.storage.k8s.io/pod.namespace", "default"),
+        ] {
+            volume_context.insert(k.into(), v.into());
+        }
+        let req = csi::NodePublishVolumeRequest {
+            volume_id: volume.into(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(csi::VolumeCapability {
+                access_type: Some(AccessType::Mount(MountVolume::default())),
+                access_mode: Some(AccessMode {
+                    mode: Mode::SingleNodeReaderOnly as i32,
+                }),
+            }),
+            readonly: true,
+            volume_context,
+            ..Default::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(1800);
+        loop {
+            match self.node.node_publish_volume(req.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(s)
+                    if matches!(s.code(), Code::Unavailable | Code::Aborted)
+                        && Instant::now() < deadline =>
+                {
+                    on_retry(&s);
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(s) => return Err(s),
+            }
+        }
+    }
+
+    /// NodeUnpublishVolume.
+    pub async fn unpublish(&mut self, volume: &str, target: &Path) -> Result<(), Status> {
+        self.node
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: volume.into(),
+                target_path: target.display().to_string(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The agent's snapshots.
+    pub async fn snapshots(&mut self) -> Result<Vec<pb::SnapshotInfo>, Status> {
+        Ok(self
+            .agent
+            .list(pb::ListRequest {})
+            .await?
+            .into_inner()
+            .snapshots)
+    }
+
+    /// Stops the processes now; true when all exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        let csi = self.csi.stop();
+        let agent = self.agent_proc.stop();
+        let hub = self.hub.as_mut().is_none_or(Proc::stop);
+        csi && agent && hub
+    }
+}
+
+impl Drop for LocalNode {
+    fn drop(&mut self) {
+        unmount_all_below(&self.workdir.join("kubelet"));
+    }
+}

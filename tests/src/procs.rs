@@ -1,0 +1,141 @@
+//! Child processes that are stopped when dropped, and the binaries they run.
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The path of a workspace binary. Tests find them in the target directory, where
+/// `cargo test --workspace` builds them (the agent and csi crates have integration tests, so
+/// cargo builds their binaries); the `local-node` program finds them beside itself.
+pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    // target/<profile>/local-node, or target/<profile>/deps/<test>.
+    for dir in exe.ancestors().skip(1).take(2) {
+        let path = dir.join(name);
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
+    bail!(
+        "{name} is not built next to {}: run `cargo build --workspace --bins` (hack/test.sh and hack/local-node.sh do)",
+        exe.display()
+    )
+}
+
+/// Fails unless running as root: mounts need it (CI runs as root).
+pub fn require_root() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("bind mounts need root: run this as root (CI does), e.g. with sudo");
+    }
+    Ok(())
+}
+
+/// A child process that is stopped (SIGTERM, then SIGKILL) when dropped; its output goes to a log
+/// file that is printed when a test panics.
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `program args…`, logging to `dir/name.log`.
+    pub fn start(name: &str, program: &Path, args: &[&str], dir: &Path) -> anyhow::Result<Proc> {
+        let log = dir.join(format!("{name}.log"));
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(program)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                "info,modelcache_agent=debug,modelcache_csi=debug",
+            )
+            .env_remove("HF_ENDPOINT")
+            .env_remove("HF_TOKEN")
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    /// Where the process logs.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The process's output so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fails if the process has exited, with its log.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            bail!("{} exited ({status}):\n{}", self.name, self.log());
+        }
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits up to 15 s; returns whether it exited with success.
+    pub fn stop(&mut self) -> bool {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return status.success();
+        }
+        let pid = Pid::from_raw(self.child.id() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            let mut err = std::io::stderr();
+            let _ = writeln!(err, "----- {} log -----\n{}", self.name, self.log());
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Polls `cond` until it holds, failing after `timeout` (or as soon as `cond` fails).
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !cond()? {
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! The whole path, for real: `serve-hub` → `modelcache-agent run` → store → `modelcache-csi`
+//! NodePublishVolume over its unix socket, as kubelet calls it → a read-only bind mount.
+//! Needs root (CI runs as root); fails, never skips, without it.
+
+use modelcache_proto::csi_v1 as csi;
+use modelcache_tests::models::{generate_model, minilm_dir};
+use modelcache_tests::node::{Hub, LocalNode};
+use modelcache_tests::tree::{assert_same_tree, mount_count, mount_options};
+use std::path::{Path, PathBuf};
+use tonic::{Code, Status};
+
+/// Volume attributes, as pairs.
+type Attrs<'a> = &'a [(&'a str, &'a str)];
+
+const TINY: &str = "modelcache-test/tiny";
+const MINILM: &str = "sentence-transformers/all-MiniLM-L6-v2";
+
+/// A node serving a generated model and the real all-MiniLM-L6-v2. Fields drop in order: the
+/// node (processes, leftover mounts) before the temp dir.
+struct Fixture {
+    node: LocalNode,
+    hub_root: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let hub_root = dir.path().join("hub");
+    generate_model(&hub_root.join("models").join(TINY), 12 << 20).unwrap();
+    let minilm_link = hub_root.join("models").join(MINILM);
+    std::fs::create_dir_all(minilm_link.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(minilm_dir().unwrap(), &minilm_link).unwrap();
+    let node = LocalNode::start(&dir.path().join("node"), Hub::Serve(hub_root.clone()), 5).unwrap();
+    Fixture {
+        node,
+        hub_root,
+        _dir: dir,
+    }
+}
+
+fn log_retry(s: &Status) {
+    eprintln!("publish: {} (retrying as kubelet would)", s.message());
+}
+
+fn errno(r: std::io::Result<impl Sized>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+/// Asserts the mount at `target` is read-only in every way a pod could try to write.
+fn assert_read_only(target: &Path) {
+    const EROFS: i32 = 30;
+    let opts = mount_options(target).expect("target is a mount point");
+    for want in ["ro", "nosuid", "nodev"] {
+        assert!(
+            opts.iter().any(|o| o == want),
+            "mount options {opts:?} lack {want}"
+        );
+    }
+    // Root ignores file modes, so only a read-only mount stops these.
+    assert_eq!(
+        errno(std::fs::write(target.join("new-file"), b"x")),
+        Some(EROFS),
+        "create"
+    );
+    assert_eq!(
+        errno(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(target.join("config.json"))
+        ),
+        Some(EROFS),
+        "open for write"
+    );
+    assert_eq!(
+        errno(std::fs::create_dir(target.join("d"))),
+        Some(EROFS),
+        "mkdir"
+    );
+    assert_eq!(
+        errno(std::fs::remove_file(target.join("config.json"))),
+        Some(EROFS),
+        "unlink"
+    );
+}
+
+async fn pinned_by(node: &mut LocalNode, repo: &str) -> Vec<String> {
+    node.snapshots()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.repo == repo)
+        .flat_map(|s| s.pinned_by)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publish_mounts_a_byte_identical_read_only_copy_and_unpublish_removes_it() {
+    let Fixture {
+        mut node,
+        hub_root,
+        _dir,
+    } = fixture();
+    let info = node
+        .identity
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "csi.modelcache.dev");
+    node.wait_ready().await.unwrap();
+
+    for (volume, repo) in [("vol-tiny", TINY), ("vol-minilm", MINILM)] {
+        let target = node.target(volume);
+        let attrs = [("model", repo), ("revision", "main")];
+        node.publish(volume, &target, &attrs, log_retry)
+            .await
+            .unwrap_or_else(|s| panic!("publish {repo}: {s:?}"));
+        assert_same_tree(&hub_root.join("models").join(repo), &target);
+        assert_read_only(&target);
+
+        // A retry of the same publish succeeds without stacking a second mount.
+        node.publish(volume, &target, &attrs, log_retry)
+            .await
+            .unwrap();
+        assert_eq!(mount_count(&target), 1);
+        assert_eq!(pinned_by(&mut node, repo).await, [volume]);
+
+        node.unpublish(volume, &target).await.unwrap();
+        assert_eq!(
+            mount_count(&target),
+            0,
+            "{} still mounted",
+            target.display()
+        );
+        assert!(!target.exists(), "{} still exists", target.display());
+        assert!(
+            pinned_by(&mut node, repo).await.is_empty(),
+            "unpublish left a pin"
+        );
+        // Unpublish is idempotent.
+        node.unpublish(volume, &target).await.unwrap();
+    }
+    assert!(node.stop(), "a process did not exit cleanly on SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn volumes_of_one_model_share_one_snapshot() {
+    let Fixture {
+        mut node,
+        hub_root,
+        _dir,
+    } = fixture();
+    let (a, b) = (node.target("vol-a"), node.target("vol-b"));
+    node.publish("vol-a", &a, &[("model", TINY)], log_retry)
+        .await
+        .unwrap();
+    let inline_rev = format!("{TINY}:main");
+    node.publish("vol-b", &b, &[("model", &inline_rev)], log_retry)
+        .await
+        .unwrap();
+    let snaps: Vec<_> = node
+        .snapshots()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.repo == TINY)
+        .collect();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0].pinned_by, ["vol-a", "vol-b"]);
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: &Path| {
+        std::fs::metadata(p.join("model.safetensors"))
+            .unwrap()
+            .ino()
+    };
+    assert_eq!(
+        ino(&a),
+        ino(&b),
+        "both volumes show the same file, not a copy"
+    );
+    node.unpublish("vol-a", &a).await.unwrap();
+    // The other volume is untouched.
+    assert_same_tree(&hub_root.join("models").join(TINY), &b);
+    node.unpublish("vol-b", &b).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_clear_errors_and_change_nothing() {
+    let Fixture { mut node, _dir, .. } = fixture();
+    let target = node.target("vol-bad");
+    let cases: &[(Attrs, Code, &str)] = &[
+        (
+            &[("model", "../../etc/passwd")],
+            Code::InvalidArgument,
+            "volume attribute \"model\"",
+        ),
+        (
+            &[("model", TINY), ("revision", "ma in")],
+            Code::InvalidArgument,
+            "is not a branch, tag or 40-hex commit",
+        ),
+        (
+            &[("model", TINY), ("colour", "x")],
+            Code::InvalidArgument,
+            "\"colour\": unknown attribute",
+        ),
+        (
+            &[("model", "modelcache-test/absent")],
+            Code::NotFound,
+            "modelcache-test/absent was not found",
+        ),
+        (
+            &[("model", TINY), ("revision", "v9")],
+            Code::NotFound,
+            "revision \"v9\"",
+        ),
+    ];
+    for (attrs, code, msg) in cases {
+        let err = node
+            .publish("vol-bad", &target, attrs, log_retry)
+            .await
+            .expect_err("bad publish succeeded");
+        assert_eq!(err.code(), *code, "{attrs:?}: {}", err.message());
+        assert!(err.message().contains(msg), "{attrs:?}: {}", err.message());
+        assert!(!target.exists(), "{attrs:?} created the target");
+    }
+    assert!(
+        node.snapshots().await.unwrap().is_empty(),
+        "a refused publish fetched something"
+    );
+}
