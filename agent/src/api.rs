@@ -48,10 +48,10 @@ impl From<FetchError> for ApiError {
 }
 
 fn store_code(e: &StoreError) -> tonic::Code {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
     match e.io().raw_os_error() {
-        Some(libc_enospc) if libc_enospc == 28 || libc_enospc == 122 => {
-            tonic::Code::ResourceExhausted // ENOSPC, EDQUOT
-        }
+        Some(ENOSPC | EDQUOT) => tonic::Code::ResourceExhausted,
         _ => tonic::Code::Internal,
     }
 }

@@ -164,6 +164,15 @@ pub fn plan(
     Ok(files.into_values().collect())
 }
 
+/// The repo at a commit that files are fetched from.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    kind: RepoKind,
+    repo: &'a RepoId,
+    commit: &'a str,
+    token: Option<&'a Token>,
+}
+
 /// Downloads repos into a store.
 #[derive(Debug, Clone)]
 pub struct Fetcher {
@@ -243,11 +252,14 @@ impl Fetcher {
             bytes = progress.view().bytes_total,
             "fetching"
         );
+        let src = Source {
+            kind,
+            repo,
+            commit,
+            token,
+        };
         futures::stream::iter(files.clone())
-            .map(|f| async move {
-                self.fetch_blob(kind, repo, commit, &f, token, progress)
-                    .await
-            })
+            .map(|f| async move { self.fetch_blob(src, &f, progress).await })
             .buffer_unordered(self.files_in_parallel)
             .try_collect::<()>()
             .await?;
@@ -270,11 +282,8 @@ impl Fetcher {
 
     async fn fetch_blob(
         &self,
-        kind: RepoKind,
-        repo: &RepoId,
-        commit: &str,
+        src: Source<'_>,
         file: &PlannedFile,
-        token: Option<&Token>,
         progress: &Progress,
     ) -> Result<(), FetchError> {
         if !self.store.has_blob(&file.hash) {
@@ -283,9 +292,7 @@ impl Fetcher {
             loop {
                 attempt += 1;
                 let mut counted = 0u64;
-                let res = self
-                    .download_once(kind, repo, commit, file, token, progress, &mut counted)
-                    .await;
+                let res = self.download_once(src, file, progress, &mut counted).await;
                 match res {
                     Ok(()) => break,
                     Err(e) => {
@@ -308,20 +315,18 @@ impl Fetcher {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// One download attempt; `counted` holds the bytes it added to `progress`, so a failed
+    /// attempt can take them back.
     async fn download_once(
         &self,
-        kind: RepoKind,
-        repo: &RepoId,
-        commit: &str,
+        src: Source<'_>,
         file: &PlannedFile,
-        token: Option<&Token>,
         progress: &Progress,
         counted: &mut u64,
     ) -> Result<(), FetchError> {
         let resp = self
             .hub
-            .download(kind, repo, commit, &file.path, token)
+            .download(src.kind, src.repo, src.commit, &file.path, src.token)
             .await?;
         let tmp = self.store.staging_file()?;
         let std_file = tmp

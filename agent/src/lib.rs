@@ -8,6 +8,7 @@
 //! CSI plugin: [`transport`], [`shutdown`], [`telemetry`].
 
 pub mod api;
+pub mod cli;
 pub mod fetch;
 pub mod hash;
 pub mod hub;

@@ -107,14 +107,7 @@ fn fetcher(store: &PathBuf, hub: &HubArgs) -> anyhow::Result<Fetcher> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    modelcache_agent::cli::run_main(run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

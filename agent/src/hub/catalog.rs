@@ -9,7 +9,7 @@
 //! (every file's git blob id, sha256 for LFS-style files, and a commit id derived from them) is
 //! computed once when the catalogue is loaded, so requests never hash.
 
-use crate::hash::{Algo, ContentHash, hash_file};
+use crate::hash::{Algo, hash_file};
 use crate::hub::wire::{LfsInfo, TreeEntry};
 use crate::repo::{RepoId, RepoKind, RepoPath};
 use sha1::{Digest, Sha1};
@@ -195,12 +195,6 @@ impl ServedRepo {
         }
         out.sort_by(|a, b| a.path.cmp(&b.path));
         out
-    }
-
-    /// The hash a client should verify the file with.
-    pub fn content_hash(f: &ServedFile) -> ContentHash {
-        ContentHash::for_entry(&f.git_oid, f.lfs_sha256.as_deref())
-            .expect("digests computed here are well-formed")
     }
 }
 

@@ -1,7 +1,5 @@
 //! What can go wrong talking to a hub, in terms a user can act on.
 
-use crate::repo::RepoKind;
-
 /// A failed hub request.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -88,10 +86,5 @@ impl HubError {
             HubError::Status { status, .. } => *status >= 500,
             _ => false,
         }
-    }
-
-    /// Kind label used in messages.
-    pub fn kind_label(kind: RepoKind) -> &'static str {
-        kind.singular()
     }
 }

@@ -102,31 +102,18 @@ async fn handle(State(catalog): State<Arc<Catalog>>, req: Request) -> Response {
                 _ => not_found_route(),
             }
         }
-        ["datasets", org, name, "resolve", rev, path @ ..] if !path.is_empty() => {
-            resolve(
-                &catalog,
-                RepoKind::Dataset,
-                org,
-                name,
-                rev,
-                &path.join("/"),
-                req,
-            )
-            .await
+        _ => {
+            let (kind, rest) = match seg.as_slice() {
+                ["datasets", rest @ ..] => (RepoKind::Dataset, rest),
+                rest => (RepoKind::Model, rest),
+            };
+            match rest {
+                [org, name, "resolve", rev, path @ ..] if !path.is_empty() => {
+                    resolve(&catalog, kind, org, name, rev, &path.join("/"), req).await
+                }
+                _ => not_found_route(),
+            }
         }
-        [org, name, "resolve", rev, path @ ..] if !path.is_empty() => {
-            resolve(
-                &catalog,
-                RepoKind::Model,
-                org,
-                name,
-                rev,
-                &path.join("/"),
-                req,
-            )
-            .await
-        }
-        _ => not_found_route(),
     }
 }
 
