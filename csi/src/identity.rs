@@ -10,12 +10,13 @@ pub const DRIVER_NAME: &str = "csi.modelcache.dev";
 
 /// The Identity service.
 pub struct IdentityService<A> {
-    agent: Arc<A>,
+    agent: Option<Arc<A>>,
 }
 
 impl<A> IdentityService<A> {
-    /// Identity answering Probe by asking `agent`.
-    pub fn new(agent: Arc<A>) -> Self {
+    /// Identity answering Probe by asking `agent` (node mode), or always ready when there is
+    /// none (controller mode, which needs nothing else to serve).
+    pub fn new(agent: Option<Arc<A>>) -> Self {
         IdentityService { agent }
     }
 }
@@ -37,9 +38,14 @@ impl<A: ModelAgent> csi::identity_server::Identity for IdentityService<A> {
         &self,
         _req: Request<csi::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
-        // Node service only, for now: no controller, no topology constraints.
+        // The same answer in every mode: the driver has a controller; no topology constraints.
+        use csi::plugin_capability::{Service, Type, service::Type as ServiceType};
         Ok(Response::new(csi::GetPluginCapabilitiesResponse {
-            capabilities: vec![],
+            capabilities: vec![csi::PluginCapability {
+                r#type: Some(Type::Service(Service {
+                    r#type: ServiceType::ControllerService as i32,
+                })),
+            }],
         }))
     }
 
@@ -47,12 +53,15 @@ impl<A: ModelAgent> csi::identity_server::Identity for IdentityService<A> {
         &self,
         _req: Request<csi::ProbeRequest>,
     ) -> Result<Response<csi::ProbeResponse>, Status> {
-        let ready = match self.agent.ready().await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(error = %e.message(), "probe: the agent does not answer");
-                false
-            }
+        let ready = match &self.agent {
+            None => true,
+            Some(agent) => match agent.ready().await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e.message(), "probe: the agent does not answer");
+                    false
+                }
+            },
         };
         Ok(Response::new(csi::ProbeResponse { ready: Some(ready) }))
     }

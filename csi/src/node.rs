@@ -7,6 +7,7 @@
 
 use crate::agent::{Ensured, ModelAgent};
 use crate::attributes::VolumeAttributes;
+use crate::capability;
 use crate::error::{Error, Result};
 use crate::limiter::VolumeLocks;
 use crate::mounter::Mounter;
@@ -55,40 +56,13 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
         Ok(p.to_path_buf())
     }
 
-    fn check_capability(cap: Option<&csi::VolumeCapability>) -> Result<()> {
-        use csi::volume_capability::AccessType;
-        let cap =
-            cap.ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?;
-        match &cap.access_type {
-            Some(AccessType::Mount(_)) => {}
-            Some(AccessType::Block(_)) => {
-                return Err(Error::InvalidArgument(
-                    "volume_capability: block volumes are not supported; use a filesystem volume"
-                        .into(),
-                ));
-            }
-            None => {
-                return Err(Error::InvalidArgument(
-                    "volume_capability.access_type is required (mount)".into(),
-                ));
-            }
-        }
-        let mode = cap.access_mode.as_ref().map(|m| m.mode).unwrap_or(0);
-        if mode == csi::volume_capability::access_mode::Mode::Unknown as i32 {
-            return Err(Error::InvalidArgument(
-                "volume_capability.access_mode is required".into(),
-            ));
-        }
-        Ok(())
-    }
-
     /// NodePublishVolume's logic.
     pub async fn publish(&self, req: csi::NodePublishVolumeRequest) -> Result<()> {
         if req.volume_id.is_empty() {
             return Err(Error::InvalidArgument("volume_id is required".into()));
         }
         let target = Self::target(&req.target_path)?;
-        Self::check_capability(req.volume_capability.as_ref())?;
+        capability::check("volume_capability", req.volume_capability.as_ref(), false)?;
         let attrs = VolumeAttributes::parse(&req.volume_context)?;
         let token = TOKEN_KEYS
             .iter()
