@@ -62,6 +62,9 @@ enum Command {
         /// Address to listen on.
         #[arg(long, env = "MODELCACHE_HUB_LISTEN", default_value = "127.0.0.1:8080")]
         listen: String,
+        /// Fault injection: serve each file at most this many bytes a second.
+        #[arg(long, value_name = "BYTES")]
+        max_bytes_per_second: Option<std::num::NonZeroU64>,
     },
     /// Download a repo into the store, verify every file, and print the snapshot directory
     /// as the last line.
@@ -113,7 +116,11 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = shutdown::on_signals()?;
     match cli.command {
-        Command::ServeHub { root, listen } => {
+        Command::ServeHub {
+            root,
+            listen,
+            max_bytes_per_second,
+        } => {
             let catalog = Catalog::load(&root)
                 .with_context(|| format!("cannot load repos from {}", root.display()))?;
             for r in catalog.repos() {
@@ -123,7 +130,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             tracing::info!(address = %listener.local_addr()?, "hub listening");
-            server::serve(listener, Arc::new(catalog), shutdown).await?;
+            let faults = server::Faults {
+                max_bytes_per_second,
+            };
+            let hub = server::Hub { catalog, faults };
+            server::serve(listener, Arc::new(hub), shutdown).await?;
         }
         Command::Pull {
             repo,

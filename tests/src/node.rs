@@ -19,6 +19,8 @@ use tonic::{Code, Status};
 pub enum Hub {
     /// Start `modelcache-agent serve-hub` on this directory of repos.
     Serve(PathBuf),
+    /// The same, serving each file at most this many bytes a second (a slow hub).
+    ServeThrottled(PathBuf, u64),
     /// Use a running hub, e.g. `https://huggingface.co`.
     Remote(String),
 }
@@ -48,23 +50,27 @@ impl LocalNode {
         require_root()?;
         std::fs::create_dir_all(workdir)?;
         let agent_bin = bin("modelcache-agent")?;
-        let (hub_proc, hub_endpoint) = match hub {
-            Hub::Serve(root) => {
+        let serve = match hub {
+            Hub::Serve(root) => Ok((root, None)),
+            Hub::ServeThrottled(root, rate) => Ok((root, Some(rate.to_string()))),
+            Hub::Remote(endpoint) => Err(endpoint),
+        };
+        let (hub_proc, hub_endpoint) = match serve {
+            Ok((root, rate)) => {
                 let listen = format!("127.0.0.1:{}", free_port()?);
                 let root = root.to_str().expect("UTF-8 path").to_owned();
-                let mut p = Proc::start(
-                    "hub",
-                    &agent_bin,
-                    &["serve-hub", "--root", &root, "--listen", &listen],
-                    workdir,
-                )?;
+                let mut args = vec!["serve-hub", "--root", &root, "--listen", &listen];
+                if let Some(rate) = &rate {
+                    args.extend(["--max-bytes-per-second", rate]);
+                }
+                let mut p = Proc::start("hub", &agent_bin, &args, workdir)?;
                 wait_until("the hub to listen", Duration::from_secs(120), || {
                     p.check_running()?;
                     Ok(std::net::TcpStream::connect(&listen).is_ok())
                 })?;
                 (Some(p), format!("http://{listen}"))
             }
-            Hub::Remote(endpoint) => (None, endpoint),
+            Err(endpoint) => (None, endpoint),
         };
         let agent_sock = workdir.join("agent.sock");
         let csi_sock = workdir.join("csi.sock");
@@ -119,6 +125,35 @@ impl LocalNode {
         })
     }
 
+    /// Restarts the CSI plugin (SIGTERM, start again) and waits until it answers.
+    pub async fn restart_csi(&mut self) -> anyhow::Result<()> {
+        self.csi.restart()?;
+        self.wait_answering().await
+    }
+
+    /// Restarts the agent and waits until the CSI plugin reports it ready again.
+    pub async fn restart_agent(&mut self) -> anyhow::Result<()> {
+        self.agent_proc.restart()?;
+        self.wait_ready().await
+    }
+
+    async fn wait_answering(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self
+            .identity
+            .get_plugin_info(csi::GetPluginInfoRequest {})
+            .await
+            .is_err()
+        {
+            self.csi.check_running()?;
+            if Instant::now() > deadline {
+                anyhow::bail!("the CSI plugin does not answer after a restart");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     /// The processes' log files.
     pub fn logs(&self) -> Vec<&Path> {
         let mut out = vec![self.csi.log_path(), self.agent_proc.log_path()];
@@ -144,6 +179,7 @@ impl LocalNode {
 
     /// Waits until Probe reports ready.
     pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        self.wait_answering().await?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let probe = self
@@ -161,55 +197,20 @@ impl LocalNode {
         }
     }
 
-    /// NodePublishVolume as kubelet calls it for an inline volume, retried while the plugin
-    /// answers UNAVAILABLE (still downloading) or ABORTED, as kubelet retries; each such answer
-    /// is passed to `on_retry`.
+    /// NodePublishVolume as kubelet calls it for an inline volume; see [`publish`].
     pub async fn publish(
         &mut self,
         volume: &str,
         target: &Path,
         attrs: &[(&str, &str)],
-        mut on_retry: impl FnMut(&Status),
+        on_retry: impl FnMut(&Status),
     ) -> Result<(), Status> {
-        use csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
-        let mut volume_context: HashMap<String, String> = attrs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        for (k, v) in [
-            ("csi.storage.k8s.io/ephemeral", "true"),
-            ("csi.storage.k8s.io/pod.name", "reader"),
-            ("csi.storage.k8s.io/pod.namespace", "default"),
-        ] {
-            volume_context.insert(k.into(), v.into());
-        }
-        let req = csi::NodePublishVolumeRequest {
-            volume_id: volume.into(),
-            target_path: target.display().to_string(),
-            volume_capability: Some(csi::VolumeCapability {
-                access_type: Some(AccessType::Mount(MountVolume::default())),
-                access_mode: Some(AccessMode {
-                    mode: Mode::SingleNodeReaderOnly as i32,
-                }),
-            }),
-            readonly: true,
-            volume_context,
-            ..Default::default()
-        };
-        let deadline = Instant::now() + Duration::from_secs(1800);
-        loop {
-            match self.node.node_publish_volume(req.clone()).await {
-                Ok(_) => return Ok(()),
-                Err(s)
-                    if matches!(s.code(), Code::Unavailable | Code::Aborted)
-                        && Instant::now() < deadline =>
-                {
-                    on_retry(&s);
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Err(s) => return Err(s),
-            }
-        }
+        publish(&mut self.node, volume, target, attrs, on_retry).await
+    }
+
+    /// The agent's log so far.
+    pub fn agent_log(&self) -> String {
+        self.agent_proc.log()
     }
 
     /// NodeUnpublishVolume.
@@ -245,5 +246,56 @@ impl LocalNode {
 impl Drop for LocalNode {
     fn drop(&mut self) {
         unmount_all_below(&self.workdir.join("kubelet"));
+    }
+}
+
+/// NodePublishVolume as kubelet calls it for an inline volume, retried while the plugin
+/// answers UNAVAILABLE (still downloading) or ABORTED, as kubelet retries; each such answer
+/// is passed to `on_retry`.
+pub async fn publish(
+    node: &mut NodeClient<Channel>,
+    volume: &str,
+    target: &Path,
+    attrs: &[(&str, &str)],
+    mut on_retry: impl FnMut(&Status),
+) -> Result<(), Status> {
+    use csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
+    let mut volume_context: HashMap<String, String> = attrs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    for (k, v) in [
+        ("csi.storage.k8s.io/ephemeral", "true"),
+        ("csi.storage.k8s.io/pod.name", "reader"),
+        ("csi.storage.k8s.io/pod.namespace", "default"),
+    ] {
+        volume_context.insert(k.into(), v.into());
+    }
+    let req = csi::NodePublishVolumeRequest {
+        volume_id: volume.into(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(csi::VolumeCapability {
+            access_type: Some(AccessType::Mount(MountVolume::default())),
+            access_mode: Some(AccessMode {
+                mode: Mode::SingleNodeReaderOnly as i32,
+            }),
+        }),
+        readonly: true,
+        volume_context,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        match node.node_publish_volume(req.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(s)
+                if matches!(s.code(), Code::Unavailable | Code::Aborted)
+                    && Instant::now() < deadline =>
+            {
+                on_retry(&s);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(s) => return Err(s),
+        }
     }
 }

@@ -40,33 +40,30 @@ pub struct Proc {
     name: String,
     child: Child,
     log: PathBuf,
+    program: PathBuf,
+    args: Vec<String>,
 }
 
 impl Proc {
     /// Starts `program args…`, logging to `dir/name.log`.
     pub fn start(name: &str, program: &Path, args: &[&str], dir: &Path) -> anyhow::Result<Proc> {
         let log = dir.join(format!("{name}.log"));
-        let out =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(program)
-            .args(args)
-            .env(
-                "RUST_LOG",
-                "info,modelcache_agent=debug,modelcache_csi=debug",
-            )
-            .env_remove("HF_ENDPOINT")
-            .env_remove("HF_TOKEN")
-            .env_remove("RUST_BACKTRACE")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {}", program.display()))?;
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let child = spawn(program, &args, &log)?;
         Ok(Proc {
             name: name.to_owned(),
             child,
             log,
+            program: program.to_path_buf(),
+            args,
         })
+    }
+
+    /// Stops the process (SIGTERM) and starts it again with the same arguments; the log goes on.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.child = spawn(&self.program, &self.args, &self.log)?;
+        Ok(())
     }
 
     /// Where the process logs.
@@ -115,6 +112,29 @@ impl Drop for Proc {
             let _ = writeln!(err, "----- {} log -----\n{}", self.name, self.log());
         }
     }
+}
+
+/// Starts `program args…` with stdout and stderr appended to `log`.
+fn spawn(program: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    Command::new(program)
+        .args(args)
+        .env(
+            "RUST_LOG",
+            "info,modelcache_agent=debug,modelcache_csi=debug",
+        )
+        .env_remove("HF_ENDPOINT")
+        .env_remove("HF_TOKEN")
+        .env_remove("RUST_BACKTRACE")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))
 }
 
 /// A free TCP port on 127.0.0.1.

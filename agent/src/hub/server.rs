@@ -25,21 +25,37 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tower_http::services::ServeFile;
 
-/// The hub's routes over a catalogue.
-pub fn router(catalog: Arc<Catalog>) -> Router {
+/// Deliberate misbehaviour, for tests of what a slow or faulty hub does to clients.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// Serve each file body at most this fast (per request).
+    pub max_bytes_per_second: Option<std::num::NonZeroU64>,
+}
+
+/// What the server serves, and how.
+#[derive(Debug)]
+pub struct Hub {
+    /// The repos.
+    pub catalog: Catalog,
+    /// Faults to inject.
+    pub faults: Faults,
+}
+
+/// The hub's routes.
+pub fn router(hub: Arc<Hub>) -> Router {
     Router::new()
         .fallback(handle)
-        .with_state(catalog)
+        .with_state(hub)
         .layer(tower_http::trace::TraceLayer::new_for_http())
 }
 
 /// Serves the catalogue on `listener` until `shutdown` fires.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    catalog: Arc<Catalog>,
+    hub: Arc<Hub>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(catalog))
+    axum::serve(listener, router(hub))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
@@ -66,7 +82,8 @@ fn not_found_route() -> Response {
     )
 }
 
-async fn handle(State(catalog): State<Arc<Catalog>>, req: Request) -> Response {
+async fn handle(State(hub): State<Arc<Hub>>, req: Request) -> Response {
+    let catalog = &hub.catalog;
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -91,7 +108,7 @@ async fn handle(State(catalog): State<Arc<Catalog>>, req: Request) -> Response {
             let Some(kind) = kind_of(plural) else {
                 return not_found_route();
             };
-            let repo = match find_repo(&catalog, kind, org, name) {
+            let repo = match find_repo(catalog, kind, org, name) {
                 Ok(r) => r,
                 Err(resp) => return *resp,
             };
@@ -109,7 +126,8 @@ async fn handle(State(catalog): State<Arc<Catalog>>, req: Request) -> Response {
             };
             match rest {
                 [org, name, "resolve", rev, path @ ..] if !path.is_empty() => {
-                    resolve(&catalog, kind, org, name, rev, &path.join("/"), req).await
+                    let file = (*org, *name, *rev, path.join("/"));
+                    resolve(&hub, kind, file, req).await
                 }
                 _ => not_found_route(),
             }
@@ -188,15 +206,13 @@ fn tree(repo: &ServedRepo, rev: &str, path: &str, recursive: bool) -> Response {
 }
 
 async fn resolve(
-    catalog: &Catalog,
+    hub: &Hub,
     kind: RepoKind,
-    org: &str,
-    name: &str,
-    rev: &str,
-    path: &str,
+    (org, name, rev, path): (&str, &str, &str, String),
     req: Request,
 ) -> Response {
-    let repo = match find_repo(catalog, kind, org, name) {
+    let path = path.as_str();
+    let repo = match find_repo(&hub.catalog, kind, org, name) {
         Ok(r) => r,
         Err(resp) => return *resp,
     };
@@ -236,5 +252,36 @@ async fn resolve(
             h.insert(header::ETAG, etag(&file.git_oid));
         }
     }
-    Response::from_parts(parts, Body::new(body))
+    let body = Body::new(body);
+    let body = match hub.faults.max_bytes_per_second {
+        Some(rate) => throttle(body, rate.get()),
+        None => body,
+    };
+    Response::from_parts(parts, body)
+}
+
+/// A body that yields at most `rate` bytes a second, in slices of at most 64 KiB.
+fn throttle(body: Body, rate: u64) -> Body {
+    use futures::StreamExt;
+    const SLICE: usize = 64 * 1024;
+    let slices = body.into_data_stream().flat_map(|chunk| {
+        let pieces: Vec<Result<bytes::Bytes, axum::Error>> = match chunk {
+            Ok(mut b) => {
+                let mut out = Vec::new();
+                while !b.is_empty() {
+                    out.push(Ok(b.split_to(b.len().min(SLICE))));
+                }
+                out
+            }
+            Err(e) => vec![Err(e)],
+        };
+        futures::stream::iter(pieces)
+    });
+    Body::from_stream(slices.then(move |piece| async move {
+        if let Ok(b) = &piece {
+            let secs = b.len() as f64 / rate as f64;
+            tokio::time::sleep(std::time::Duration::from_secs_f64(secs)).await;
+        }
+        piece
+    }))
 }
