@@ -77,7 +77,9 @@ impl From<ApiError> for Status {
                 FetchError::Store(s) => store_code(s),
                 FetchError::UnsafeTree { .. } => Code::FailedPrecondition,
                 FetchError::Integrity { .. } => Code::DataLoss,
-                FetchError::Interrupted { .. } => Code::Unavailable,
+                FetchError::Interrupted { .. } | FetchError::AccessUnverifiable { .. } => {
+                    Code::Unavailable
+                }
             },
         };
         Status::new(code, e.to_string())

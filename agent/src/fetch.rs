@@ -3,6 +3,7 @@
 //! the blob becomes visible; a tree that names a path that could escape the snapshot, or two
 //! entries that collide, is refused before anything is written.
 
+use crate::access::AccessCache;
 use crate::hash::{BadDigest, ContentHash, Hasher};
 use crate::hub::wire::TreeEntry;
 use crate::hub::{HubClient, HubError, client::Token};
@@ -12,6 +13,7 @@ use futures::{StreamExt, TryStreamExt};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
 /// Why a fetch failed.
@@ -32,6 +34,17 @@ pub enum FetchError {
         commit: String,
         /// What was wrong.
         reason: String,
+    },
+    /// The repo is private or gated and the hub cannot be asked whether this token may read it.
+    #[error(
+        "cannot check access to {repo}, which is private or gated: the hub is unreachable ({source}); retry when it is back"
+    )]
+    AccessUnverifiable {
+        /// `org/name`.
+        repo: String,
+        /// Why the hub could not answer.
+        #[source]
+        source: HubError,
     },
     /// Downloaded bytes did not match the hub's hash or size, twice.
     #[error(
@@ -179,7 +192,11 @@ pub struct Fetcher {
     hub: HubClient,
     store: Arc<Store>,
     files_in_parallel: usize,
+    access: Arc<AccessCache>,
 }
+
+/// How long the hub's "yes" to a (repo, revision, token) is trusted by default.
+pub const DEFAULT_ACCESS_TTL: Duration = Duration::from_secs(30);
 
 impl Fetcher {
     /// A fetcher downloading up to `files_in_parallel` files at once.
@@ -188,7 +205,14 @@ impl Fetcher {
             hub,
             store,
             files_in_parallel: files_in_parallel.max(1),
+            access: Arc::new(AccessCache::new(DEFAULT_ACCESS_TTL)),
         }
+    }
+
+    /// Trusts the hub's answers on access and revisions for `ttl` (zero: ask every time).
+    pub fn with_access_ttl(mut self, ttl: Duration) -> Self {
+        self.access = Arc::new(AccessCache::new(ttl));
+        self
     }
 
     /// The store filled.
@@ -196,25 +220,43 @@ impl Fetcher {
         &self.store
     }
 
-    /// The commit `model.revision` points to now. When the hub cannot be reached (network error,
-    /// 5xx after retries), the commit the revision last resolved to on this node is used, so a
-    /// node keeps serving what it holds through a hub outage.
+    /// The commit `model.revision` points to now, asked of the hub with `token` (which also
+    /// checks that the token may read the repo), or taken from a recent answer to the same
+    /// question. When the hub cannot be reached (network error, 5xx after retries), a public
+    /// repo falls back to the commit the revision last resolved to on this node, so a node keeps
+    /// serving what it holds through a hub outage; a private or gated one is refused, because
+    /// access cannot be checked.
     pub async fn resolve(
         &self,
         model: &ModelRef,
         token: Option<&Token>,
     ) -> Result<String, FetchError> {
+        if let Some(commit) = self.access.get(model, token, Instant::now()) {
+            return Ok(commit);
+        }
+        let (kind, repo) = (model.kind, &model.repo);
         match self.hub.resolve_revision(model, token).await {
-            Ok(commit) => {
+            Ok(resolved) => {
+                self.store.set_restricted(kind, repo, resolved.restricted)?;
                 self.store
-                    .write_ref(model.kind, &model.repo, &model.revision, &commit)?;
-                Ok(commit)
+                    .write_ref(kind, repo, &model.revision, &resolved.commit)?;
+                self.access
+                    .grant(model, token, &resolved.commit, Instant::now());
+                Ok(resolved.commit)
+            }
+            Err(e) if e.is_transient() && self.store.is_restricted(kind, repo) => {
+                Err(FetchError::AccessUnverifiable {
+                    repo: repo.to_string(),
+                    source: e,
+                })
             }
             Err(e) if e.is_transient() => {
-                match self
-                    .store
-                    .read_ref(model.kind, &model.repo, &model.revision)
-                {
+                let known = if model.revision.is_commit() {
+                    Some(model.revision.to_string())
+                } else {
+                    self.store.read_ref(kind, repo, &model.revision)
+                };
+                match known {
                     Some(commit) => {
                         tracing::warn!(error = %e, model.commit = %commit, "hub unreachable; using the commit this revision last resolved to");
                         Ok(commit)

@@ -7,6 +7,7 @@
 //! [`fetch`] (hub → store), [`api`] (the gRPC service), and the runtime pieces shared with the
 //! CSI plugin: [`transport`], [`shutdown`], [`telemetry`].
 
+pub mod access;
 pub mod api;
 pub mod cli;
 pub mod fetch;

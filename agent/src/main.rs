@@ -44,6 +44,10 @@ struct HubArgs {
     /// Hub token for gated and private repos (read from HF_TOKEN; never logged).
     #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Seconds the hub's answer on a revision (and on a token's access to it) is reused before
+    /// asking again.
+    #[arg(long, env = "MODELCACHE_ACCESS_CACHE_SECONDS", default_value_t = 30)]
+    access_cache_seconds: u64,
     /// Files downloaded at once.
     #[arg(long, env = "MODELCACHE_PARALLEL_FILES", default_value_t = 8)]
     parallel_files: usize,
@@ -62,6 +66,9 @@ enum Command {
         /// Address to listen on.
         #[arg(long, env = "MODELCACHE_HUB_LISTEN", default_value = "127.0.0.1:8080")]
         listen: String,
+        /// Gate a repo: only requests with one of these tokens may read it (repeatable).
+        #[arg(long, value_name = "ORG/NAME=TOKEN[,TOKEN...]", value_parser = parse_gated)]
+        gated: Vec<(RepoId, Vec<String>)>,
         /// Fault injection: serve each file at most this many bytes a second.
         #[arg(long, value_name = "BYTES")]
         max_bytes_per_second: Option<std::num::NonZeroU64>,
@@ -100,11 +107,29 @@ enum Command {
     },
 }
 
+fn parse_gated(s: &str) -> Result<(RepoId, Vec<String>), String> {
+    let (repo, tokens) = s
+        .split_once('=')
+        .ok_or("write it as org/name=token[,token...]")?;
+    let repo = RepoId::parse(repo).map_err(|e| e.to_string())?;
+    let tokens: Vec<String> = tokens
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if tokens.is_empty() {
+        return Err("a gated repo needs at least one token".into());
+    }
+    Ok((repo, tokens))
+}
+
 fn fetcher(store: &PathBuf, hub: &HubArgs) -> anyhow::Result<Fetcher> {
     let store = Store::open(store)
         .with_context(|| format!("cannot open the store at {}", store.display()))?;
     let client = HubClient::new(&hub.endpoint, hub.token.clone().and_then(Token::new))?;
-    Ok(Fetcher::new(client, Arc::new(store), hub.parallel_files))
+    Ok(Fetcher::new(client, Arc::new(store), hub.parallel_files)
+        .with_access_ttl(std::time::Duration::from_secs(hub.access_cache_seconds)))
 }
 
 fn main() -> std::process::ExitCode {
@@ -120,6 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             root,
             listen,
             max_bytes_per_second,
+            gated,
         } => {
             let catalog = Catalog::load(&root)
                 .with_context(|| format!("cannot load repos from {}", root.display()))?;
@@ -133,7 +159,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let faults = server::Faults {
                 max_bytes_per_second,
             };
-            let hub = server::Hub { catalog, faults };
+            let hub = server::Hub {
+                catalog,
+                gated: gated.into_iter().collect(),
+                faults,
+            };
             server::serve(listener, Arc::new(hub), shutdown).await?;
         }
         Command::Pull {

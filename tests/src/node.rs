@@ -17,10 +17,9 @@ use tonic::{Code, Status};
 
 /// Where the node's models come from.
 pub enum Hub {
-    /// Start `modelcache-agent serve-hub` on this directory of repos.
-    Serve(PathBuf),
-    /// The same, serving each file at most this many bytes a second (a slow hub).
-    ServeThrottled(PathBuf, u64),
+    /// Start `modelcache-agent serve-hub` on this directory of repos, with extra flags
+    /// (`--gated …`, `--max-bytes-per-second …`).
+    Serve(PathBuf, Vec<String>),
     /// Use a running hub, e.g. `https://huggingface.co`.
     Remote(String),
 }
@@ -50,19 +49,12 @@ impl LocalNode {
         require_root()?;
         std::fs::create_dir_all(workdir)?;
         let agent_bin = bin("modelcache-agent")?;
-        let serve = match hub {
-            Hub::Serve(root) => Ok((root, None)),
-            Hub::ServeThrottled(root, rate) => Ok((root, Some(rate.to_string()))),
-            Hub::Remote(endpoint) => Err(endpoint),
-        };
-        let (hub_proc, hub_endpoint) = match serve {
-            Ok((root, rate)) => {
+        let (hub_proc, hub_endpoint) = match hub {
+            Hub::Serve(root, extra) => {
                 let listen = format!("127.0.0.1:{}", free_port()?);
                 let root = root.to_str().expect("UTF-8 path").to_owned();
                 let mut args = vec!["serve-hub", "--root", &root, "--listen", &listen];
-                if let Some(rate) = &rate {
-                    args.extend(["--max-bytes-per-second", rate]);
-                }
+                args.extend(extra.iter().map(String::as_str));
                 let mut p = Proc::start("hub", &agent_bin, &args, workdir)?;
                 wait_until("the hub to listen", Duration::from_secs(120), || {
                     p.check_running()?;
@@ -70,7 +62,7 @@ impl LocalNode {
                 })?;
                 (Some(p), format!("http://{listen}"))
             }
-            Err(endpoint) => (None, endpoint),
+            Hub::Remote(endpoint) => (None, endpoint),
         };
         let agent_sock = workdir.join("agent.sock");
         let csi_sock = workdir.join("csi.sock");
@@ -208,6 +200,13 @@ impl LocalNode {
         publish(&mut self.node, volume, target, attrs, on_retry).await
     }
 
+    /// Stops the hub, as an outage would.
+    pub fn stop_hub(&mut self) {
+        if let Some(h) = self.hub.as_mut() {
+            h.stop();
+        }
+    }
+
     /// The agent's log so far.
     pub fn agent_log(&self) -> String {
         self.agent_proc.log()
@@ -249,16 +248,14 @@ impl Drop for LocalNode {
     }
 }
 
-/// NodePublishVolume as kubelet calls it for an inline volume, retried while the plugin
-/// answers UNAVAILABLE (still downloading) or ABORTED, as kubelet retries; each such answer
-/// is passed to `on_retry`.
-pub async fn publish(
-    node: &mut NodeClient<Channel>,
+/// The NodePublishVolumeRequest kubelet sends for an inline volume with these attributes and
+/// secrets (from `nodePublishSecretRef`).
+pub fn publish_request(
     volume: &str,
     target: &Path,
     attrs: &[(&str, &str)],
-    mut on_retry: impl FnMut(&Status),
-) -> Result<(), Status> {
+    secrets: &[(&str, &str)],
+) -> csi::NodePublishVolumeRequest {
     use csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
     let mut volume_context: HashMap<String, String> = attrs
         .iter()
@@ -271,7 +268,7 @@ pub async fn publish(
     ] {
         volume_context.insert(k.into(), v.into());
     }
-    let req = csi::NodePublishVolumeRequest {
+    csi::NodePublishVolumeRequest {
         volume_id: volume.into(),
         target_path: target.display().to_string(),
         volume_capability: Some(csi::VolumeCapability {
@@ -282,8 +279,34 @@ pub async fn publish(
         }),
         readonly: true,
         volume_context,
+        secrets: secrets
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
         ..Default::default()
-    };
+    }
+}
+
+/// NodePublishVolume as kubelet calls it for an inline volume, retried while the plugin answers
+/// UNAVAILABLE (still downloading) or ABORTED, as kubelet retries; each such answer is passed to
+/// `on_retry`.
+pub async fn publish(
+    node: &mut NodeClient<Channel>,
+    volume: &str,
+    target: &Path,
+    attrs: &[(&str, &str)],
+    on_retry: impl FnMut(&Status),
+) -> Result<(), Status> {
+    let req = publish_request(volume, target, attrs, &[]);
+    publish_until_done(node, req, on_retry).await
+}
+
+/// Sends `req` until it succeeds or fails with a code kubelet would not retry.
+pub async fn publish_until_done(
+    node: &mut NodeClient<Channel>,
+    req: csi::NodePublishVolumeRequest,
+    mut on_retry: impl FnMut(&Status),
+) -> Result<(), Status> {
     let deadline = Instant::now() + Duration::from_secs(1800);
     loop {
         match node.node_publish_volume(req.clone()).await {

@@ -22,8 +22,11 @@ fn fixture(weights: usize, throttle: Option<u64>, publish_wait_secs: u64) -> Fix
     let repo_dir = hub_root.join("models").join(TINY);
     generate_model(&repo_dir, weights).unwrap();
     let hub = match throttle {
-        Some(rate) => Hub::ServeThrottled(hub_root, rate),
-        None => Hub::Serve(hub_root),
+        Some(rate) => Hub::Serve(
+            hub_root,
+            vec!["--max-bytes-per-second".into(), rate.to_string()],
+        ),
+        None => Hub::Serve(hub_root, vec![]),
     };
     let node = LocalNode::start(&dir.path().join("node"), hub, publish_wait_secs).unwrap();
     Fixture {

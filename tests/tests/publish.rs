@@ -30,7 +30,12 @@ fn fixture() -> Fixture {
     let minilm_link = hub_root.join("models").join(MINILM);
     std::fs::create_dir_all(minilm_link.parent().unwrap()).unwrap();
     std::os::unix::fs::symlink(minilm_dir().unwrap(), &minilm_link).unwrap();
-    let node = LocalNode::start(&dir.path().join("node"), Hub::Serve(hub_root.clone()), 5).unwrap();
+    let node = LocalNode::start(
+        &dir.path().join("node"),
+        Hub::Serve(hub_root.clone(), vec![]),
+        5,
+    )
+    .unwrap();
     Fixture {
         node,
         hub_root,

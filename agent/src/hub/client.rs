@@ -25,6 +25,12 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
 pub struct Token(String);
 
 impl Token {
+    /// A stable, irreversible name for the token (sha256), to key caches by without keeping it.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(self.0.as_bytes()))
+    }
+
     /// Wraps a token; an empty string is no token.
     pub fn new(s: impl Into<String>) -> Option<Self> {
         let s = s.into();
@@ -41,6 +47,15 @@ impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Token(***)")
     }
+}
+
+/// What the hub says of a revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The commit.
+    pub commit: String,
+    /// Whether the repo is private or gated.
+    pub restricted: bool,
 }
 
 /// A client of one hub endpoint.
@@ -92,15 +107,14 @@ impl HubClient {
         format!("{}/api/{}/{}", self.endpoint, kind.plural(), repo)
     }
 
-    /// The commit a revision points to; a 40-hex revision is returned as is, without a request.
+    /// The commit a revision points to, and whether the repo is restricted, as seen with
+    /// `token`. Asked of the hub even for a 40-hex revision: the answer also says whether this
+    /// token may read the repo.
     pub async fn resolve_revision(
         &self,
         model: &ModelRef,
         token: Option<&Token>,
-    ) -> Result<String, HubError> {
-        if model.revision.is_commit() {
-            return Ok(model.revision.as_str().to_owned());
-        }
+    ) -> Result<Resolved, HubError> {
         let url = format!(
             "{}/revision/{}",
             self.api_url(model.kind, &model.repo),
@@ -114,7 +128,16 @@ impl HubClient {
                 reason: format!("`sha` {:?} is not a 40-hex commit", info.sha),
             });
         }
-        Ok(info.sha)
+        if model.revision.is_commit() && info.sha != model.revision.as_str() {
+            return Err(HubError::Protocol {
+                url,
+                reason: format!("asked for commit {} and got {}", model.revision, info.sha),
+            });
+        }
+        Ok(Resolved {
+            restricted: info.restricted(),
+            commit: info.sha,
+        })
     }
 
     /// Every entry of the repo at `commit`, recursively, across all pages.

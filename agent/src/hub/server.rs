@@ -7,19 +7,21 @@
 //! | `GET /api/{models,datasets}/{org}/{name}/tree/{rev}[/{path}][?recursive=true]` | tree entries |
 //! | `GET,HEAD /[datasets/]{org}/{name}/resolve/{rev}/{path}` | the file, with Range support and `X-Repo-Commit`, `ETag`, `X-Linked-Etag`, `X-Linked-Size` |
 //!
-//! Errors carry `X-Error-Code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`) as the Hub's do.
+//! Errors carry `X-Error-Code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`, `GatedRepo`)
+//! as the Hub's do. Gated repos need `Authorization: Bearer` with one of their tokens.
 
 use crate::hub::catalog::{Catalog, ServedRepo};
 use crate::hub::wire::{
     RepoInfo, Sibling, X_ERROR_CODE, X_ERROR_MESSAGE, X_LINKED_ETAG, X_LINKED_SIZE, X_REPO_COMMIT,
 };
-use crate::repo::{RepoKind, RepoPath};
+use crate::repo::{RepoId, RepoKind, RepoPath};
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use percent_encoding::percent_decode_str;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -33,12 +35,54 @@ pub struct Faults {
 }
 
 /// What the server serves, and how.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Hub {
     /// The repos.
     pub catalog: Catalog,
+    /// Gated repos and the tokens that may read them; every other repo is public.
+    pub gated: BTreeMap<RepoId, Vec<String>>,
     /// Faults to inject.
     pub faults: Faults,
+}
+
+impl Hub {
+    /// The repo, if it exists and the request may read it: a gated repo answers 401 without a
+    /// token and 403 with one that has no access, with `X-Error-Code: GatedRepo`, as the Hub does.
+    fn repo(
+        &self,
+        kind: RepoKind,
+        org: &str,
+        name: &str,
+        headers: &HeaderMap,
+    ) -> Result<&ServedRepo, Box<Response>> {
+        let repo = find_repo(&self.catalog, kind, org, name)?;
+        let Some(allowed) = self.gated.get(&repo.id) else {
+            return Ok(repo);
+        };
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match bearer {
+            Some(t) if allowed.iter().any(|a| a == t) => Ok(repo),
+            Some(_) => Err(Box::new(error(
+                StatusCode::FORBIDDEN,
+                "GatedRepo",
+                format!(
+                    "Access to model {} is restricted and your token is not in the authorized list",
+                    repo.id
+                ),
+            ))),
+            None => Err(Box::new(error(
+                StatusCode::UNAUTHORIZED,
+                "GatedRepo",
+                format!(
+                    "Access to model {} is restricted. You must have access to it and be authenticated to access it.",
+                    repo.id
+                ),
+            ))),
+        }
+    }
 }
 
 /// The hub's routes.
@@ -83,7 +127,6 @@ fn not_found_route() -> Response {
 }
 
 async fn handle(State(hub): State<Arc<Hub>>, req: Request) -> Response {
-    let catalog = &hub.catalog;
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -108,13 +151,14 @@ async fn handle(State(hub): State<Arc<Hub>>, req: Request) -> Response {
             let Some(kind) = kind_of(plural) else {
                 return not_found_route();
             };
-            let repo = match find_repo(catalog, kind, org, name) {
+            let repo = match hub.repo(kind, org, name, req.headers()) {
                 Ok(r) => r,
                 Err(resp) => return *resp,
             };
+            let gated = hub.gated.contains_key(&repo.id);
             match rest {
-                [] => repo_info(repo, "main"),
-                ["revision", rev] => repo_info(repo, rev),
+                [] => repo_info(repo, "main", gated),
+                ["revision", rev] => repo_info(repo, rev, gated),
                 ["tree", rev, path @ ..] => tree(repo, rev, &path.join("/"), recursive),
                 _ => not_found_route(),
             }
@@ -171,7 +215,7 @@ fn check_revision(repo: &ServedRepo, rev: &str) -> Result<(), Box<Response>> {
     }
 }
 
-fn repo_info(repo: &ServedRepo, rev: &str) -> Response {
+fn repo_info(repo: &ServedRepo, rev: &str, gated: bool) -> Response {
     if let Err(resp) = check_revision(repo, rev) {
         return *resp;
     }
@@ -186,6 +230,11 @@ fn repo_info(repo: &ServedRepo, rev: &str) -> Response {
             })
             .collect(),
         private: false,
+        gated: if gated {
+            serde_json::Value::from("manual")
+        } else {
+            serde_json::Value::from(false)
+        },
     })
     .into_response()
 }
@@ -212,7 +261,7 @@ async fn resolve(
     req: Request,
 ) -> Response {
     let path = path.as_str();
-    let repo = match find_repo(&hub.catalog, kind, org, name) {
+    let repo = match hub.repo(kind, org, name, req.headers()) {
         Ok(r) => r,
         Err(resp) => return *resp,
     };

@@ -27,6 +27,20 @@ pub struct RepoInfo {
     /// Whether the repo is private.
     #[serde(default)]
     pub private: bool,
+    /// `false`, or how access is granted (`"auto"`, `"manual"`) for a gated repo.
+    #[serde(default)]
+    pub gated: serde_json::Value,
+}
+
+impl RepoInfo {
+    /// True when not everyone may read the repo: private or gated.
+    pub fn restricted(&self) -> bool {
+        self.private
+            || !matches!(
+                self.gated,
+                serde_json::Value::Bool(false) | serde_json::Value::Null
+            )
+    }
 }
 
 /// A file in [`RepoInfo::siblings`].

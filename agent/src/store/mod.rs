@@ -100,7 +100,14 @@ impl Store {
     /// Opens (creating if needed) a store and clears what an interrupted run left in staging.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root: PathBuf = root.into();
-        for dir in ["blobs/sha256", "blobs/sha1", "snapshots", "refs", "staging"] {
+        for dir in [
+            "blobs/sha256",
+            "blobs/sha1",
+            "snapshots",
+            "refs",
+            "repos",
+            "staging",
+        ] {
             let d = root.join(dir);
             fs::create_dir_all(&d).ctx("create", &d)?;
         }
@@ -267,6 +274,24 @@ impl Store {
         let commit = fs::read_to_string(path).ok()?;
         let commit = commit.trim();
         is_commit_id(commit).then(|| commit.to_owned())
+    }
+
+    /// Records whether a repo is private or gated, so that access to it is never granted
+    /// without asking the hub.
+    pub fn set_restricted(&self, kind: RepoKind, repo: &RepoId, restricted: bool) -> Result<()> {
+        let path = self.repo_dir("repos", kind, repo).join("restricted");
+        match (restricted, path.exists()) {
+            (true, false) => write_atomic(&path, b"private or gated on the hub\n"),
+            (false, true) => fs::remove_file(&path).ctx("remove", &path),
+            _ => Ok(()),
+        }
+    }
+
+    /// True when the repo was private or gated when last seen.
+    pub fn is_restricted(&self, kind: RepoKind, repo: &RepoId) -> bool {
+        self.repo_dir("repos", kind, repo)
+            .join("restricted")
+            .exists()
     }
 
     /// Every complete snapshot, sorted.

@@ -85,7 +85,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ));
                 }
             }
-            Hub::Serve(work.join("hub"))
+            Hub::Serve(work.join("hub"), vec![])
         }
     };
     let mut node = LocalNode::start(&work.join("node"), hub, 30)?;
