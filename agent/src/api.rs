@@ -5,6 +5,7 @@
 //! The fetch goes on after the caller gives up, so kubelet's retry finds it further along.
 
 use crate::fetch::{FetchError, Fetcher, Progress};
+use crate::filter::FileFilter;
 use crate::hub::HubError;
 use crate::hub::client::Token;
 use crate::repo::{InvalidInput, ModelRef, RepoId, RepoKind, Revision, is_commit_id};
@@ -75,7 +76,9 @@ impl From<ApiError> for Status {
                     HubError::Status { .. } | HubError::Protocol { .. } => Code::FailedPrecondition,
                 },
                 FetchError::Store(s) => store_code(s),
-                FetchError::UnsafeTree { .. } => Code::FailedPrecondition,
+                FetchError::UnsafeTree { .. } | FetchError::NothingMatches { .. } => {
+                    Code::FailedPrecondition
+                }
                 FetchError::Integrity { .. } => Code::DataLoss,
                 FetchError::Interrupted { .. } | FetchError::AccessUnverifiable { .. } => {
                     Code::Unavailable
@@ -93,7 +96,7 @@ struct Flight {
     done: watch::Receiver<FlightResult>,
 }
 
-type FlightKey = (RepoKind, RepoId, String);
+type FlightKey = (RepoKind, RepoId, String, FileFilter);
 
 /// The answer of [`AgentApi::ensure`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,16 +137,18 @@ impl AgentApi {
     pub async fn ensure(
         &self,
         model: &ModelRef,
+        filter: &FileFilter,
         token: Option<Token>,
         wait: Duration,
     ) -> Result<Ensured, ApiError> {
         let commit = self.fetcher.resolve(model, token.as_ref()).await?;
         tracing::Span::current().record("model.commit", commit.as_str());
         let store = self.fetcher.store();
-        if let Some(s) = store.snapshot(model.kind, &model.repo, &commit) {
+        let key = filter.key();
+        if let Some(s) = store.snapshot(model.kind, &model.repo, &commit, key.as_deref()) {
             return Ok(Ensured::Ready(s));
         }
-        let flight = self.join_or_start(model, &commit, token)?;
+        let flight = self.join_or_start(model, filter, &commit, token)?;
         let mut done = flight.done.clone();
         let finished = tokio::time::timeout(wait, done.wait_for(Option::is_some)).await;
         match finished {
@@ -163,13 +168,19 @@ impl AgentApi {
     fn join_or_start(
         &self,
         model: &ModelRef,
+        filter: &FileFilter,
         commit: &str,
         token: Option<Token>,
     ) -> Result<Arc<Flight>, ApiError> {
         if self.shutdown.is_cancelled() {
             return Err(ApiError::ShuttingDown);
         }
-        let key: FlightKey = (model.kind, model.repo.clone(), commit.to_owned());
+        let key: FlightKey = (
+            model.kind,
+            model.repo.clone(),
+            commit.to_owned(),
+            filter.clone(),
+        );
         let mut flights = self.flights.lock().expect("flights lock");
         if let Some(f) = flights.get(&key) {
             return Ok(f.clone());
@@ -194,10 +205,10 @@ impl AgentApi {
         let flights = self.flights.clone();
         tokio::spawn(
             async move {
-                let (kind, repo, commit) = &key;
+                let (kind, repo, commit, filter) = &key;
                 let started = Instant::now();
                 let result = tokio::select! {
-                    r = fetcher.fetch(*kind, repo, commit, token.as_ref(), &progress) => r,
+                    r = fetcher.fetch(*kind, repo, commit, filter, token.as_ref(), &progress) => r,
                     () = shutdown.cancelled() => {
                         tracing::info!("fetch stopped by shutdown");
                         return;
@@ -232,7 +243,7 @@ impl AgentApi {
         if self
             .fetcher
             .store()
-            .snapshot(snap.kind, &snap.repo, &snap.commit)
+            .snapshot(snap.kind, &snap.repo, &snap.commit, snap.filter.as_deref())
             .is_none()
         {
             return Err(ApiError::NotPresent(format!(
@@ -245,6 +256,7 @@ impl AgentApi {
             repo: snap.repo.to_string(),
             commit: snap.commit.clone(),
             target_path: target_path.to_owned(),
+            filter: snap.filter.clone(),
         };
         self.pins
             .lock()
@@ -271,7 +283,8 @@ impl AgentApi {
             out.push(pb::SnapshotInfo {
                 kind: kind_to_proto(s.kind) as i32,
                 repo: s.repo.to_string(),
-                pinned_by: pins.volumes_of(s.kind, s.repo.as_str(), &s.commit),
+                pinned_by: pins.volumes_of(&s),
+                filter: s.filter.clone().unwrap_or_default(),
                 commit: s.commit,
                 path: s.path.display().to_string(),
                 bytes,
@@ -283,7 +296,7 @@ impl AgentApi {
 }
 
 /// Converts the wire model reference, validating every field.
-pub fn model_from_proto(m: Option<pb::ModelRef>) -> Result<ModelRef, ApiError> {
+pub fn model_from_proto(m: Option<pb::ModelRef>) -> Result<(ModelRef, FileFilter), ApiError> {
     let m = m.ok_or(ApiError::Missing("model"))?;
     let kind = match pb::RepoKind::try_from(m.kind) {
         Ok(pb::RepoKind::Dataset) => RepoKind::Dataset,
@@ -294,19 +307,23 @@ pub fn model_from_proto(m: Option<pb::ModelRef>) -> Result<ModelRef, ApiError> {
     } else {
         Revision::parse(&m.revision)?
     };
-    Ok(ModelRef {
+    let filter = FileFilter::new(&m.include, &m.exclude)?;
+    let model = ModelRef {
         kind,
         repo: RepoId::parse(&m.repo)?,
         revision,
-    })
+    };
+    Ok((model, filter))
 }
 
-/// The wire form of a model reference.
-pub fn model_to_proto(m: &ModelRef) -> pb::ModelRef {
+/// The wire form of a model reference and file filter.
+pub fn model_to_proto(m: &ModelRef, filter: &FileFilter) -> pb::ModelRef {
     pb::ModelRef {
         kind: kind_to_proto(m.kind) as i32,
         repo: m.repo.to_string(),
         revision: m.revision.to_string(),
+        include: filter.include().to_vec(),
+        exclude: filter.exclude().to_vec(),
     }
 }
 
@@ -324,7 +341,7 @@ impl pb::agent_server::Agent for AgentApi {
         req: Request<pb::EnsureRequest>,
     ) -> Result<Response<pb::EnsureResponse>, Status> {
         let req = req.into_inner();
-        let model = model_from_proto(req.model)?;
+        let (model, filter) = model_from_proto(req.model)?;
         let span = tracing::info_span!(
             "ensure",
             model.repo = %model.repo,
@@ -333,7 +350,7 @@ impl pb::agent_server::Agent for AgentApi {
         );
         let wait = Duration::from_millis(req.wait_ms.into());
         let state = self
-            .ensure(&model, Token::new(req.token), wait)
+            .ensure(&model, &filter, Token::new(req.token), wait)
             .instrument(span)
             .await?;
         let state = match state {
@@ -361,21 +378,25 @@ impl pb::agent_server::Agent for AgentApi {
 
     async fn pin(&self, req: Request<pb::PinRequest>) -> Result<Response<pb::PinResponse>, Status> {
         let req = req.into_inner();
-        let model = model_from_proto(req.model)?;
+        let (model, filter) = model_from_proto(req.model)?;
         if !is_commit_id(&req.commit) {
             return Err(Status::invalid_argument(format!(
                 "commit {:?} is not a 40-hex commit",
                 req.commit
             )));
         }
+        let key = filter.key();
         let snap = Snapshot {
-            path: self
-                .fetcher
-                .store()
-                .snapshot_path(model.kind, &model.repo, &req.commit),
+            path: self.fetcher.store().snapshot_path(
+                model.kind,
+                &model.repo,
+                &req.commit,
+                key.as_deref(),
+            ),
             kind: model.kind,
             repo: model.repo,
             commit: req.commit,
+            filter: key,
         };
         self.pin(&req.volume_id, &snap, &req.target_path)?;
         tracing::info!(volume.id = %req.volume_id, model.repo = %snap.repo, model.commit = %snap.commit, "pinned");
@@ -468,13 +489,23 @@ mod tests {
                 kind: pb::RepoKind::Dataset as i32,
                 repo: repo.into(),
                 revision: rev.into(),
+                ..Default::default()
             }))
         };
-        let ok = m("o/r", "").unwrap();
+        let (ok, all) = m("o/r", "").unwrap();
         assert_eq!((ok.kind, ok.revision.as_str()), (RepoKind::Dataset, "main"));
+        assert!(all.is_all());
         assert!(m("o/../r", "main").is_err());
         assert!(m("o/r", "../x").is_err());
         assert!(model_from_proto(None).is_err());
-        assert_eq!(model_from_proto(Some(model_to_proto(&ok))).unwrap(), ok);
+        let filter = FileFilter::from_lists("*.json", "tok*").unwrap();
+        let back = model_from_proto(Some(model_to_proto(&ok, &filter))).unwrap();
+        assert_eq!(back, (ok, filter));
+        let mut bad = model_to_proto(&back.0, &back.1);
+        bad.include = vec!["[x".into()];
+        assert_eq!(
+            Status::from(model_from_proto(Some(bad)).unwrap_err()).code(),
+            tonic::Code::InvalidArgument
+        );
     }
 }

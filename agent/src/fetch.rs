@@ -4,6 +4,7 @@
 //! entries that collide, is refused before anything is written.
 
 use crate::access::AccessCache;
+use crate::filter::FileFilter;
 use crate::hash::{BadDigest, ContentHash, Hasher};
 use crate::hub::wire::TreeEntry;
 use crate::hub::{HubClient, HubError, client::Token};
@@ -45,6 +46,20 @@ pub enum FetchError {
         /// Why the hub could not answer.
         #[source]
         source: HubError,
+    },
+    /// The include/exclude patterns take no file of the repo.
+    #[error(
+        "no file of {repo}@{commit} matches include {include:?} minus exclude {exclude:?}: check the patterns against the repo's file names"
+    )]
+    NothingMatches {
+        /// `org/name`.
+        repo: String,
+        /// The commit.
+        commit: String,
+        /// Include patterns.
+        include: String,
+        /// Exclude patterns.
+        exclude: String,
     },
     /// Downloaded bytes did not match the hub's hash or size, twice.
     #[error(
@@ -268,21 +283,32 @@ impl Fetcher {
         }
     }
 
-    /// Makes the snapshot of `repo` at `commit` complete in the store, downloading what is
-    /// missing; `progress` is updated as files arrive.
+    /// Makes the snapshot of `repo` at `commit`, holding the files `filter` takes, complete in
+    /// the store, downloading what is missing; `progress` is updated as files arrive.
     pub async fn fetch(
         &self,
         kind: RepoKind,
         repo: &RepoId,
         commit: &str,
+        filter: &FileFilter,
         token: Option<&Token>,
         progress: &Progress,
     ) -> Result<Snapshot, FetchError> {
-        if let Some(s) = self.store.snapshot(kind, repo, commit) {
+        let key = filter.key();
+        if let Some(s) = self.store.snapshot(kind, repo, commit, key.as_deref()) {
             return Ok(s);
         }
         let tree = self.hub.list_tree(kind, repo, commit, token).await?;
-        let files = plan(repo, commit, &tree)?;
+        let mut files = plan(repo, commit, &tree)?;
+        files.retain(|f| filter.admits(f.path.as_str()));
+        if files.is_empty() && !filter.is_all() {
+            return Err(FetchError::NothingMatches {
+                repo: repo.to_string(),
+                commit: commit.to_owned(),
+                include: filter.include().join(","),
+                exclude: filter.exclude().join(","),
+            });
+        }
         progress
             .bytes_total
             .store(files.iter().map(|f| f.size).sum(), Ordering::Relaxed);
@@ -315,7 +341,7 @@ impl Fetcher {
         let store = self.store.clone();
         let (repo, commit) = (repo.clone(), commit.to_owned());
         let snap = tokio::task::spawn_blocking(move || {
-            store.assemble_snapshot(kind, &repo, &commit, &links)
+            store.assemble_snapshot(kind, &repo, &commit, key.as_deref(), &links)
         })
         .await
         .expect("assemble task does not panic")?;

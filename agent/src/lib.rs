@@ -11,6 +11,7 @@ pub mod access;
 pub mod api;
 pub mod cli;
 pub mod fetch;
+pub mod filter;
 pub mod hash;
 pub mod hub;
 pub mod progress;

@@ -5,6 +5,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use modelcache_agent::api::AgentApi;
 use modelcache_agent::fetch::{Fetcher, Progress};
+use modelcache_agent::filter::FileFilter;
 use modelcache_agent::hub::catalog::Catalog;
 use modelcache_agent::hub::client::{DEFAULT_ENDPOINT, Token};
 use modelcache_agent::hub::{HubClient, server};
@@ -84,6 +85,13 @@ enum Command {
         /// The repo is a dataset.
         #[arg(long)]
         dataset: bool,
+        /// Only files matching these globs (comma-separated or repeated), as huggingface_hub's
+        /// allow_patterns.
+        #[arg(long, value_delimiter = ',')]
+        include: Vec<String>,
+        /// Minus files matching these globs, as huggingface_hub's ignore_patterns.
+        #[arg(long, value_delimiter = ',')]
+        exclude: Vec<String>,
         /// Store directory.
         #[arg(long, env = "MODELCACHE_STORE", default_value = "/var/lib/modelcache")]
         store: PathBuf,
@@ -170,6 +178,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             repo,
             revision,
             dataset,
+            include,
+            exclude,
             store,
             hub,
         } => {
@@ -194,8 +204,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 model.repo.to_string(),
                 done.clone(),
             ));
+            let filter = FileFilter::new(&include, &exclude)?;
             let result = tokio::select! {
-                r = fetcher.fetch(model.kind, &model.repo, &commit, None, &progress) => r,
+                r = fetcher.fetch(model.kind, &model.repo, &commit, &filter, None, &progress) => r,
                 () = shutdown.cancelled() => anyhow::bail!("interrupted; run the same command again to continue"),
             };
             done.cancel();

@@ -3,6 +3,7 @@
 //! over the agent's unix socket.
 
 use modelcache_agent::api::model_to_proto;
+use modelcache_agent::filter::FileFilter;
 use modelcache_agent::repo::ModelRef;
 use modelcache_proto::agent_v1 as pb;
 use pb::agent_client::AgentClient as GrpcClient;
@@ -32,6 +33,7 @@ pub trait ModelAgent: Send + Sync + 'static {
     async fn ensure(
         &self,
         model: &ModelRef,
+        filter: &FileFilter,
         token: Option<String>,
         wait: Duration,
     ) -> Result<Ensured, Status>;
@@ -40,6 +42,7 @@ pub trait ModelAgent: Send + Sync + 'static {
         &self,
         volume_id: &str,
         model: &ModelRef,
+        filter: &FileFilter,
         commit: &str,
         target: &str,
     ) -> Result<(), Status>;
@@ -75,11 +78,12 @@ impl ModelAgent for AgentClient {
     async fn ensure(
         &self,
         model: &ModelRef,
+        filter: &FileFilter,
         token: Option<String>,
         wait: Duration,
     ) -> Result<Ensured, Status> {
         let req = pb::EnsureRequest {
-            model: Some(model_to_proto(model)),
+            model: Some(model_to_proto(model, filter)),
             wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
             token: token.unwrap_or_default(),
         };
@@ -104,12 +108,13 @@ impl ModelAgent for AgentClient {
         &self,
         volume_id: &str,
         model: &ModelRef,
+        filter: &FileFilter,
         commit: &str,
         target: &str,
     ) -> Result<(), Status> {
         let req = pb::PinRequest {
             volume_id: volume_id.to_owned(),
-            model: Some(model_to_proto(model)),
+            model: Some(model_to_proto(model, filter)),
             commit: commit.to_owned(),
             target_path: target.to_owned(),
         };

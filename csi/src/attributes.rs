@@ -3,11 +3,12 @@
 //! error in `kubectl describe pod` instead of a silently ignored setting.
 
 use crate::error::{Error, Result};
+use modelcache_agent::filter::FileFilter;
 use modelcache_agent::repo::{ModelRef, RepoId, RepoKind, Revision};
 use std::collections::HashMap;
 
 /// Keys a volume may set.
-pub const KNOWN_KEYS: &[&str] = &["model", "dataset", "revision"];
+pub const KNOWN_KEYS: &[&str] = &["model", "dataset", "revision", "include", "exclude"];
 
 /// Prefix of the keys kubelet adds (pod name, namespace, uid, service account, ephemeral).
 pub const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
@@ -17,6 +18,8 @@ pub const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
 pub struct VolumeAttributes {
     /// The repo and revision to mount.
     pub model: ModelRef,
+    /// Which of its files (`include`, `exclude`: comma-separated globs).
+    pub filter: FileFilter,
     /// `namespace/name` of the pod, when kubelet passes it (podInfoOnMount).
     pub pod: Option<String>,
 }
@@ -69,6 +72,10 @@ impl VolumeAttributes {
             }
             (None, None) => Revision::main(),
         };
+        let filter = FileFilter::new(&split_list(ctx.get("include")), &[])
+            .map_err(|e| attr_error("include", e))?;
+        let filter = FileFilter::new(filter.include(), &split_list(ctx.get("exclude")))
+            .map_err(|e| attr_error("exclude", e))?;
         let pod = match (
             ctx.get("csi.storage.k8s.io/pod.namespace"),
             ctx.get("csi.storage.k8s.io/pod.name"),
@@ -82,9 +89,16 @@ impl VolumeAttributes {
                 repo,
                 revision,
             },
+            filter,
             pod,
         })
     }
+}
+
+fn split_list(value: Option<&String>) -> Vec<String> {
+    value
+        .map(|v| v.split(',').map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -118,6 +132,16 @@ mod tests {
         .unwrap();
         assert_eq!(a.model.kind, RepoKind::Dataset);
         assert_eq!(a.pod.as_deref(), Some("ns/p"));
+        assert!(a.filter.is_all());
+        let a = parse(&[
+            ("model", "o/r"),
+            ("include", "*.json, *.safetensors"),
+            ("exclude", "onnx/"),
+        ])
+        .unwrap();
+        assert_eq!(a.filter.include(), ["*.json", "*.safetensors"]);
+        assert_eq!(a.filter.exclude(), ["onnx/*"]);
+        assert!(a.filter.admits("model.safetensors") && !a.filter.admits("onnx/model.json"));
     }
 
     #[test]
@@ -134,6 +158,14 @@ mod tests {
             (&[("model", "o/r:a"), ("revision", "b")], "contradicts"),
             (&[("model", "o/r"), ("dataset", "o/d")], "not both"),
             (&[("model", "o/r\0")], "\"model\""),
+            (
+                &[("model", "o/r"), ("include", "[oops")],
+                "\"include\": include pattern",
+            ),
+            (
+                &[("model", "o/r"), ("exclude", "a{b")],
+                "\"exclude\": exclude pattern",
+            ),
         ];
         for (pairs, want) in cases {
             let err = parse(pairs).unwrap_err();

@@ -79,7 +79,7 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
         let model = &attrs.model;
         let (snapshot, commit) = match self
             .agent
-            .ensure(model, token, self.publish_wait)
+            .ensure(model, &attrs.filter, token, self.publish_wait)
             .await
             .map_err(|status| Error::Agent {
                 action: "ensure",
@@ -93,7 +93,7 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
         if self.is_mounted(&target)? {
             if self.mounter.shows(&snapshot, &target) {
                 // A retry of a publish that succeeded: make sure the pin is there, and succeed.
-                self.pin(&req.volume_id, model, &commit, &req.target_path)
+                self.pin(&req.volume_id, &attrs, &commit, &req.target_path)
                     .await?;
                 tracing::info!("already published");
                 return Ok(());
@@ -103,7 +103,7 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
                 target.display()
             )));
         }
-        self.pin(&req.volume_id, model, &commit, &req.target_path)
+        self.pin(&req.volume_id, &attrs, &commit, &req.target_path)
             .await?;
         if let Err(e) = self.mount(&snapshot, &target) {
             if let Err(u) = self.agent.unpin(&req.volume_id).await {
@@ -118,12 +118,12 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
     async fn pin(
         &self,
         volume_id: &str,
-        model: &modelcache_agent::repo::ModelRef,
+        attrs: &VolumeAttributes,
         commit: &str,
         target: &str,
     ) -> Result<()> {
         self.agent
-            .pin(volume_id, model, commit, target)
+            .pin(volume_id, &attrs.model, &attrs.filter, commit, target)
             .await
             .map_err(|status| Error::Agent {
                 action: "pin",

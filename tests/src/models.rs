@@ -35,9 +35,17 @@ pub fn generate_model(dir: &Path, weights_bytes: usize) -> anyhow::Result<()> {
         std::fs::create_dir_all(p.parent().expect("has a parent"))?;
         std::fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?;
     }
-    let mut weights = vec![0u8; weights_bytes];
-    rand::rng().fill_bytes(&mut weights);
-    std::fs::write(dir.join("model.safetensors"), weights)?;
+    // Written in chunks, so a multi-GiB model does not need its size in memory.
+    let mut out = std::io::BufWriter::new(std::fs::File::create(dir.join("model.safetensors"))?);
+    let mut chunk = vec![0u8; 8 << 20];
+    let mut left = weights_bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        rand::rng().fill_bytes(&mut chunk[..n]);
+        std::io::Write::write_all(&mut out, &chunk[..n])?;
+        left -= n;
+    }
+    std::io::Write::flush(&mut out)?;
     Ok(())
 }
 

@@ -234,3 +234,87 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         "a refused publish fetched something"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn include_and_exclude_mount_only_the_chosen_files() {
+    let Fixture {
+        mut node,
+        hub_root,
+        _dir,
+    } = fixture();
+    let target = node.target("vol-json");
+    let attrs = [
+        ("model", TINY),
+        ("include", "*.json,*.md"),
+        ("exclude", "tokenizer*"),
+    ];
+    node.publish("vol-json", &target, &attrs, log_retry)
+        .await
+        .unwrap();
+    let got: Vec<String> = modelcache_tests::tree::read_tree(&target)
+        .into_keys()
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "1_Pooling/config.json",
+            "config.json",
+            "notes with space.md"
+        ]
+    );
+    let src = hub_root.join("models").join(TINY);
+    for f in &got {
+        assert_eq!(
+            std::fs::read(target.join(f)).unwrap(),
+            std::fs::read(src.join(f)).unwrap()
+        );
+    }
+    assert_read_only(&target);
+
+    // The whole repo at the same commit is another snapshot; both are listed and pinned apart.
+    let full = node.target("vol-full");
+    node.publish("vol-full", &full, &[("model", TINY)], log_retry)
+        .await
+        .unwrap();
+    assert_same_tree(&src, &full);
+    let snaps: Vec<_> = node
+        .snapshots()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.repo == TINY)
+        .collect();
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    assert_eq!(snaps[0].commit, snaps[1].commit);
+    let by_filter: Vec<(bool, u32, Vec<String>)> = snaps
+        .iter()
+        .map(|s| (s.filter.is_empty(), s.files, s.pinned_by.clone()))
+        .collect();
+    assert!(
+        by_filter.contains(&(false, 3, vec!["vol-json".into()])),
+        "{by_filter:?}"
+    );
+    assert!(
+        by_filter.contains(&(true, 8, vec!["vol-full".into()])),
+        "{by_filter:?}"
+    );
+
+    // Patterns that take nothing are an error the user can act on.
+    let none = node.target("vol-none");
+    let err = node
+        .publish(
+            "vol-none",
+            &none,
+            &[("model", TINY), ("include", "*.gguf")],
+            log_retry,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(
+        err.message().contains("matches include"),
+        "{}",
+        err.message()
+    );
+    assert!(!none.exists());
+}

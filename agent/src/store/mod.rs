@@ -86,6 +86,8 @@ pub struct Snapshot {
     pub repo: RepoId,
     /// The commit.
     pub commit: String,
+    /// The key of the include/exclude filter ([`crate::filter::FileFilter::key`]); None: all files.
+    pub filter: Option<String>,
     /// The directory holding its files.
     pub path: PathBuf,
 }
@@ -184,18 +186,36 @@ impl Store {
             .join(format!("{}--{}", kind.plural(), repo.flat()))
     }
 
-    /// Where a snapshot lives (whether or not it is there).
-    pub fn snapshot_path(&self, kind: RepoKind, repo: &RepoId, commit: &str) -> PathBuf {
-        self.repo_dir("snapshots", kind, repo).join(commit)
+    /// Where a snapshot lives (whether or not it is there): `<commit>` for every file,
+    /// `<commit>+<filter key>` for a filtered one.
+    pub fn snapshot_path(
+        &self,
+        kind: RepoKind,
+        repo: &RepoId,
+        commit: &str,
+        filter: Option<&str>,
+    ) -> PathBuf {
+        let name = match filter {
+            Some(key) => format!("{commit}+{key}"),
+            None => commit.to_owned(),
+        };
+        self.repo_dir("snapshots", kind, repo).join(name)
     }
 
     /// The snapshot, if complete in the store.
-    pub fn snapshot(&self, kind: RepoKind, repo: &RepoId, commit: &str) -> Option<Snapshot> {
-        let path = self.snapshot_path(kind, repo, commit);
+    pub fn snapshot(
+        &self,
+        kind: RepoKind,
+        repo: &RepoId,
+        commit: &str,
+        filter: Option<&str>,
+    ) -> Option<Snapshot> {
+        let path = self.snapshot_path(kind, repo, commit, filter);
         path.is_dir().then(|| Snapshot {
             kind,
             repo: repo.clone(),
             commit: commit.to_owned(),
+            filter: filter.map(str::to_owned),
             path,
         })
     }
@@ -207,9 +227,10 @@ impl Store {
         kind: RepoKind,
         repo: &RepoId,
         commit: &str,
+        filter: Option<&str>,
         files: &[SnapshotFile],
     ) -> Result<Snapshot> {
-        if let Some(s) = self.snapshot(kind, repo, commit) {
+        if let Some(s) = self.snapshot(kind, repo, commit, filter) {
             return Ok(s);
         }
         let staging = self.staging();
@@ -227,7 +248,7 @@ impl Store {
         }
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))
             .ctx("chmod", tmp.path())?;
-        let dest = self.snapshot_path(kind, repo, commit);
+        let dest = self.snapshot_path(kind, repo, commit, filter);
         let parent = dest.parent().expect("snapshot has a parent");
         fs::create_dir_all(parent).ctx("create", parent)?;
         let tmp_path = tmp.keep();
@@ -248,6 +269,7 @@ impl Store {
             kind,
             repo: repo.clone(),
             commit: commit.to_owned(),
+            filter: filter.map(str::to_owned),
             path: dest,
         })
     }
@@ -310,21 +332,28 @@ impl Store {
             };
             for snap in fs::read_dir(&repo_dir).ctx("list", &repo_dir)? {
                 let path = snap.ctx("list", &repo_dir)?.path();
-                let commit = path
+                let name = path
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
+                let (commit, filter) = match name.split_once('+') {
+                    Some((c, f)) => (c.to_owned(), Some(f.to_owned())),
+                    None => (name, None),
+                };
                 if is_commit_id(&commit) && path.is_dir() {
                     out.push(Snapshot {
                         kind,
                         repo: repo.clone(),
                         commit,
+                        filter,
                         path,
                     });
                 }
             }
         }
-        out.sort_by(|a, b| (a.kind, &a.repo, &a.commit).cmp(&(b.kind, &b.repo, &b.commit)));
+        out.sort_by(|a, b| {
+            (a.kind, &a.repo, &a.commit, &a.filter).cmp(&(b.kind, &b.repo, &b.commit, &b.filter))
+        });
         Ok(out)
     }
 

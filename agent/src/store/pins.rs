@@ -2,7 +2,6 @@
 //! no pin. Written atomically after every change.
 
 use super::{Result, write_atomic};
-use crate::repo::RepoKind;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,12 +17,18 @@ pub struct PinRecord {
     pub commit: String,
     /// Where the volume is mounted.
     pub target_path: String,
+    /// The snapshot's filter key, when it holds only some files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
 }
 
 impl PinRecord {
     /// True when this pin holds the given snapshot.
-    pub fn holds(&self, kind: RepoKind, repo: &str, commit: &str) -> bool {
-        self.kind == kind.singular() && self.repo == repo && self.commit == commit
+    pub fn holds(&self, snap: &super::Snapshot) -> bool {
+        self.kind == snap.kind.singular()
+            && self.repo == snap.repo.as_str()
+            && self.commit == snap.commit
+            && self.filter == snap.filter
     }
 }
 
@@ -71,10 +76,10 @@ impl Pins {
     }
 
     /// Volume ids pinning a snapshot.
-    pub fn volumes_of(&self, kind: RepoKind, repo: &str, commit: &str) -> Vec<String> {
+    pub fn volumes_of(&self, snap: &super::Snapshot) -> Vec<String> {
         self.by_volume
             .iter()
-            .filter(|(_, r)| r.holds(kind, repo, commit))
+            .filter(|(_, r)| r.holds(snap))
             .map(|(v, _)| v.clone())
             .collect()
     }

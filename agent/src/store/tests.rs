@@ -28,12 +28,17 @@ fn snapshots_share_blobs_and_appear_whole() {
         hash: h.clone(),
     };
     let (c1, c2) = ("1".repeat(40), "2".repeat(40));
-    assert!(store.snapshot(RepoKind::Model, &repo(), &c1).is_none());
+    assert!(
+        store
+            .snapshot(RepoKind::Model, &repo(), &c1, None)
+            .is_none()
+    );
     let s1 = store
         .assemble_snapshot(
             RepoKind::Model,
             &repo(),
             &c1,
+            None,
             &[file("tok/t.json", &a), file("w.bin", &b)],
         )
         .unwrap();
@@ -42,6 +47,7 @@ fn snapshots_share_blobs_and_appear_whole() {
             RepoKind::Model,
             &repo(),
             &c2,
+            None,
             &[file("tok/t.json", &a), file("w.bin", &c)],
         )
         .unwrap();
@@ -60,7 +66,7 @@ fn snapshots_share_blobs_and_appear_whole() {
     assert_eq!(mode & 0o777, 0o444);
     // Idempotent.
     let again = store
-        .assemble_snapshot(RepoKind::Model, &repo(), &c1, &[])
+        .assemble_snapshot(RepoKind::Model, &repo(), &c1, None, &[])
         .unwrap();
     assert_eq!(again, s1);
     assert_eq!(store.list_snapshots().unwrap(), vec![s1, s2]);
@@ -84,6 +90,7 @@ fn missing_blob_fails_and_leaves_no_snapshot() {
             RepoKind::Model,
             &repo(),
             &commit,
+            None,
             &[SnapshotFile {
                 path: RepoPath::parse("x").unwrap(),
                 hash: absent,
@@ -91,7 +98,11 @@ fn missing_blob_fails_and_leaves_no_snapshot() {
         )
         .unwrap_err();
     assert_eq!(err.io().kind(), io::ErrorKind::NotFound);
-    assert!(store.snapshot(RepoKind::Model, &repo(), &commit).is_none());
+    assert!(
+        store
+            .snapshot(RepoKind::Model, &repo(), &commit, None)
+            .is_none()
+    );
     assert_eq!(
         std::fs::read_dir(dir.path().join("staging"))
             .unwrap()
@@ -135,14 +146,27 @@ fn pins_survive_reload_and_corruption_is_an_error() {
         repo: "org/model".into(),
         commit: "c".repeat(40),
         target_path: "/var/lib/kubelet/pods/x/volumes/y/mount".into(),
+        filter: None,
     };
     let mut pins = Pins::load(dir.path()).unwrap();
     pins.pin("vol-1", rec.clone()).unwrap();
     pins.pin("vol-2", rec.clone()).unwrap();
     let mut pins = Pins::load(dir.path()).unwrap();
-    assert_eq!(
-        pins.volumes_of(RepoKind::Model, "org/model", &rec.commit),
-        ["vol-1", "vol-2"]
+    let snap = Snapshot {
+        kind: RepoKind::Model,
+        repo: repo(),
+        commit: rec.commit.clone(),
+        filter: None,
+        path: PathBuf::new(),
+    };
+    assert_eq!(pins.volumes_of(&snap), ["vol-1", "vol-2"]);
+    let filtered = Snapshot {
+        filter: Some("f".repeat(16)),
+        ..snap
+    };
+    assert!(
+        pins.volumes_of(&filtered).is_empty(),
+        "another filter is another snapshot"
     );
     assert!(pins.unpin("vol-1").unwrap());
     assert!(!pins.unpin("vol-1").unwrap());
@@ -152,4 +176,44 @@ fn pins_survive_reload_and_corruption_is_an_error() {
     std::fs::write(dir.path().join("pins.json"), b"{not json").unwrap();
     let err = Pins::load(dir.path()).unwrap_err();
     assert!(err.to_string().contains("corrupt"), "{err}");
+}
+
+#[test]
+fn a_filtered_snapshot_is_its_own_directory_sharing_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let a = put_blob(&store, b"config");
+    let b = put_blob(&store, b"weights");
+    let file = |p: &str, h: &ContentHash| SnapshotFile {
+        path: RepoPath::parse(p).unwrap(),
+        hash: h.clone(),
+    };
+    let c = "4".repeat(40);
+    let key = "0123456789abcdef";
+    let all = store
+        .assemble_snapshot(
+            RepoKind::Model,
+            &repo(),
+            &c,
+            None,
+            &[file("c.json", &a), file("w.bin", &b)],
+        )
+        .unwrap();
+    let some = store
+        .assemble_snapshot(
+            RepoKind::Model,
+            &repo(),
+            &c,
+            Some(key),
+            &[file("c.json", &a)],
+        )
+        .unwrap();
+    assert_ne!(all.path, some.path);
+    assert!(some.path.ends_with(format!("{c}+{key}")));
+    assert!(!some.path.join("w.bin").exists());
+    assert_eq!(
+        store.snapshot(RepoKind::Model, &repo(), &c, Some(key)),
+        Some(some.clone())
+    );
+    assert_eq!(store.list_snapshots().unwrap(), vec![all, some]);
 }

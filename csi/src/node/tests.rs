@@ -1,5 +1,6 @@
 use super::*;
 use crate::mounter::FakeMounter;
+use modelcache_agent::filter::FileFilter;
 use modelcache_agent::repo::ModelRef;
 use modelcache_proto::agent_v1 as pb;
 use std::collections::HashMap;
@@ -24,6 +25,7 @@ impl ModelAgent for FakeAgent {
     async fn ensure(
         &self,
         model: &ModelRef,
+        _filter: &FileFilter,
         token: Option<String>,
         _wait: Duration,
     ) -> std::result::Result<Ensured, Status> {
@@ -53,6 +55,7 @@ impl ModelAgent for FakeAgent {
         &self,
         volume_id: &str,
         model: &ModelRef,
+        _filter: &FileFilter,
         commit: &str,
         _target: &str,
     ) -> std::result::Result<(), Status> {

@@ -1,0 +1,283 @@
+//! `bench-publish`: warm NodePublishVolume latency, measured through the real plugin and agent,
+//! for a small model and a large one, against two peers on the same snapshot in the same run:
+//! the bare syscalls of a read-only bind mount (the floor any CSI driver pays), and copying the
+//! model into the pod's directory (what a per-pod copy, e.g. an init container, pays even with
+//! the bytes already on the node). Prints a Markdown table with ratios and writes an SVG chart.
+//! Needs root. Run it with `sudo hack/bench.sh`.
+
+use anyhow::Context;
+use clap::Parser;
+use modelcache_tests::models::generate_model;
+use modelcache_tests::node::{Hub, LocalNode, publish_request};
+use modelcache_tests::tree::unmount_all_below;
+use nix::mount::{MntFlags, MsFlags};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Benchmark warm NodePublishVolume against bare bind mounts and copies.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Publishes per model.
+    #[arg(long, default_value_t = 1000)]
+    iterations: usize,
+    /// Weights of the small model, in MiB.
+    #[arg(long, default_value_t = 1)]
+    small_mib: usize,
+    /// Weights of the large model, in MiB.
+    #[arg(long, default_value_t = 2048)]
+    large_mib: usize,
+    /// Copies of the large model timed (each writes its whole size).
+    #[arg(long, default_value_t = 3)]
+    large_copies: usize,
+    /// Working directory (emptied first).
+    #[arg(long, default_value = "/tmp/modelcache-bench")]
+    workdir: PathBuf,
+    /// Where to write the SVG chart.
+    #[arg(long, default_value = "docs/bench/warm-publish.svg")]
+    svg: PathBuf,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    modelcache_agent::cli::run_main(run(cli))
+}
+
+/// Latencies of one way of giving a pod a model.
+struct Series {
+    samples: Vec<Duration>,
+}
+
+impl Series {
+    fn pct(&self, p: f64) -> Duration {
+        let mut s = self.samples.clone();
+        s.sort();
+        let i = ((s.len() as f64 * p).ceil() as usize).clamp(1, s.len()) - 1;
+        s[i]
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+struct Case {
+    label: String,
+    publish: Series,
+    bind: Series,
+    copy: Series,
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let work = &cli.workdir;
+    if work.exists() {
+        unmount_all_below(work);
+        std::fs::remove_dir_all(work)?;
+    }
+    let hub_root = work.join("hub");
+    let models = [
+        ("bench/small", cli.small_mib, cli.iterations.min(200)),
+        ("bench/large", cli.large_mib, cli.large_copies),
+    ];
+    for (repo, mib, _) in &models {
+        println!("==> generating {repo} ({mib} MiB)");
+        generate_model(&hub_root.join("models").join(repo), mib << 20)?;
+    }
+    let mut node = LocalNode::start(&work.join("node"), Hub::Serve(hub_root, vec![]), 600)?;
+    node.wait_ready().await?;
+    let mut cases = Vec::new();
+    for (repo, mib, copies) in models {
+        println!(
+            "==> {repo}: cold publish (download), then {} warm publishes",
+            cli.iterations
+        );
+        let cold = node.target("cold");
+        let started = Instant::now();
+        node.publish("cold", &cold, &[("model", repo)], |_| {})
+            .await
+            .map_err(|s| anyhow::anyhow!("cold publish of {repo}: {}", s.message()))?;
+        println!("    cold: {:.1} s", started.elapsed().as_secs_f64());
+        let snapshot = PathBuf::from(
+            node.snapshots()
+                .await?
+                .into_iter()
+                .find(|s| s.repo == repo)
+                .context("no snapshot after publish")?
+                .path,
+        );
+        node.unpublish("cold", &cold).await?;
+
+        // Measure a warm node, not the writeback of the data the setup just wrote.
+        nix::unistd::sync();
+        let mut publish = Vec::with_capacity(cli.iterations);
+        for i in 0..cli.iterations {
+            let vol = format!("warm-{i}");
+            let target = node.target(&vol);
+            let req = publish_request(&vol, &target, &[("model", repo)], &[]);
+            let t = Instant::now();
+            node.node
+                .node_publish_volume(req)
+                .await
+                .map_err(|s| anyhow::anyhow!("warm publish {i} of {repo}: {}", s.message()))?;
+            publish.push(t.elapsed());
+            node.unpublish(&vol, &target).await?;
+        }
+
+        let peers = work.join("peers");
+        nix::unistd::sync();
+        let mut bind = Vec::with_capacity(cli.iterations);
+        for i in 0..cli.iterations {
+            let target = peers.join(format!("bind-{i}"));
+            let t = Instant::now();
+            std::fs::create_dir_all(&target)?;
+            bind_read_only(&snapshot, &target)?;
+            bind.push(t.elapsed());
+            nix::mount::umount2(&target, MntFlags::empty())?;
+            std::fs::remove_dir(&target)?;
+        }
+        let mut copy = Vec::with_capacity(copies);
+        for i in 0..copies {
+            let target = peers.join(format!("copy-{i}"));
+            let t = Instant::now();
+            copy_tree(&snapshot, &target)?;
+            copy.push(t.elapsed());
+            std::fs::remove_dir_all(&target)?;
+        }
+        cases.push(Case {
+            label: format!("{repo} ({mib} MiB)"),
+            publish: Series { samples: publish },
+            bind: Series { samples: bind },
+            copy: Series { samples: copy },
+        });
+    }
+    let clean = node.stop();
+    anyhow::ensure!(clean, "a process did not stop cleanly");
+
+    println!();
+    println!(
+        "| model | modelcache warm publish p50 / p99 | bare bind+remount p50 / p99 | copy into pod dir p50 | copy ÷ publish (p50) | publish ÷ bare mount (p50) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for c in &cases {
+        println!(
+            "| {} | {:.2} / {:.2} ms | {:.3} / {:.3} ms | {:.1} ms | {:.0}× | {:.1}× |",
+            c.label,
+            ms(c.publish.pct(0.5)),
+            ms(c.publish.pct(0.99)),
+            ms(c.bind.pct(0.5)),
+            ms(c.bind.pct(0.99)),
+            ms(c.copy.pct(0.5)),
+            ms(c.copy.pct(0.5)) / ms(c.publish.pct(0.5)),
+            ms(c.publish.pct(0.5)) / ms(c.bind.pct(0.5)),
+        );
+    }
+    let (small, large) = (&cases[0], &cases[1]);
+    println!(
+        "\nlarge ÷ small warm publish: p50 {:.2}×, p99 {:.2}× ({} publishes each)",
+        ms(large.publish.pct(0.5)) / ms(small.publish.pct(0.5)),
+        ms(large.publish.pct(0.99)) / ms(small.publish.pct(0.99)),
+        cli.iterations
+    );
+    if let Some(dir) = cli.svg.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&cli.svg, chart(&cases))?;
+    println!("chart: {}", cli.svg.display());
+    Ok(())
+}
+
+fn bind_read_only(source: &Path, target: &Path) -> anyhow::Result<()> {
+    nix::mount::mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )?;
+    let ro = MsFlags::MS_BIND
+        | MsFlags::MS_REMOUNT
+        | MsFlags::MS_RDONLY
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV;
+    nix::mount::mount(None::<&str>, target, None::<&str>, ro, None::<&str>)?;
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    for e in walkdir::WalkDir::new(from) {
+        let e = e?;
+        let dest = to.join(e.path().strip_prefix(from)?);
+        if e.file_type().is_dir() {
+            std::fs::create_dir_all(&dest)?;
+        } else {
+            std::fs::copy(e.path(), &dest)?;
+        }
+    }
+    // Like a pod's copy, the data must reach the disk to survive.
+    nix::unistd::sync();
+    Ok(())
+}
+
+/// A horizontal bar chart of p50 latency, log scale, one group of bars per model. A dozen SVG
+/// elements: simpler than a plotting crate's font setup.
+fn chart(cases: &[Case]) -> String {
+    let rows: Vec<(String, &'static str, f64)> = cases
+        .iter()
+        .flat_map(|c| {
+            [
+                (
+                    format!("{} — bare bind+remount", c.label),
+                    "#9e9e9e",
+                    ms(c.bind.pct(0.5)),
+                ),
+                (
+                    format!("{} — modelcache publish", c.label),
+                    "#1f77b4",
+                    ms(c.publish.pct(0.5)),
+                ),
+                (
+                    format!("{} — copy into pod dir", c.label),
+                    "#d62728",
+                    ms(c.copy.pct(0.5)),
+                ),
+            ]
+        })
+        .collect();
+    let (left, width, bar, gap) = (330.0, 420.0, 18.0, 8.0);
+    let (lo, hi) = (0.01f64.log10(), 100_000f64.log10());
+    let x = |v: f64| left + (v.max(0.01).log10() - lo) / (hi - lo) * width;
+    let height = 50.0 + rows.len() as f64 * (bar + gap) + 30.0;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"22\" font-size=\"14\" font-weight=\"bold\">Giving a pod a model already on the node: p50 latency (ms, log scale)</text>\n",
+        w = left + width + 90.0
+    );
+    let axis_y = height - 30.0;
+    for decade in -2..=5 {
+        let v = 10f64.powi(decade);
+        let gx = x(v);
+        svg += &format!(
+            "<line x1=\"{gx:.1}\" y1=\"40\" x2=\"{gx:.1}\" y2=\"{axis_y}\" stroke=\"#ddd\"/>\n<text x=\"{gx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
+            axis_y + 16.0,
+            if decade < 0 {
+                format!("{v}")
+            } else {
+                format!("{}", v as u64)
+            }
+        );
+    }
+    for (i, (label, color, v)) in rows.iter().enumerate() {
+        let y = 45.0 + i as f64 * (bar + gap);
+        svg += &format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{label}</text>\n<rect x=\"{left}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{bar}\" fill=\"{color}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\">{v:.2}</text>\n",
+            left - 6.0,
+            y + 13.0,
+            (x(*v) - left).max(1.0),
+            x(*v) + 4.0,
+            y + 13.0,
+        );
+    }
+    svg += "</svg>\n";
+    svg
+}
