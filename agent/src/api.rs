@@ -9,7 +9,7 @@ use crate::filter::FileFilter;
 use crate::hub::HubError;
 use crate::hub::client::Token;
 use crate::repo::{InvalidInput, ModelRef, RepoId, RepoKind, Revision, is_commit_id};
-use crate::store::{PinRecord, Pins, Snapshot, StoreError};
+use crate::store::{Layout, PinRecord, Pins, Snapshot, StoreError};
 use modelcache_proto::agent_v1 as pb;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -349,15 +349,31 @@ impl pb::agent_server::Agent for AgentApi {
             model.commit = tracing::field::Empty
         );
         let wait = Duration::from_millis(req.wait_ms.into());
+        let layout = match pb::Layout::try_from(req.layout) {
+            Ok(pb::Layout::HfCache) => Layout::HfCache,
+            Ok(pb::Layout::Snapshot) => Layout::Snapshot,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown layout {}",
+                    req.layout
+                )));
+            }
+        };
         let state = self
             .ensure(&model, &filter, Token::new(req.token), wait)
             .instrument(span)
             .await?;
         let state = match state {
             Ensured::Ready(s) => {
+                let store = self.fetcher.store().clone();
+                let (snap, rev) = (s.clone(), model.revision.clone());
+                let path = tokio::task::spawn_blocking(move || store.view(&snap, layout, &rev))
+                    .await
+                    .expect("view task does not panic")
+                    .map_err(ApiError::from)?;
                 let (bytes, files) = self.fetcher.store().snapshot_usage(&s);
                 pb::ensure_response::State::Ready(pb::Ready {
-                    snapshot_path: s.path.display().to_string(),
+                    snapshot_path: path.display().to_string(),
                     commit: s.commit,
                     bytes,
                     files,

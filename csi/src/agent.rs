@@ -2,9 +2,9 @@
 //! trait so the node service's tests run without an agent; [`AgentClient`] is the real one, gRPC
 //! over the agent's unix socket.
 
+use crate::attributes::VolumeAttributes;
 use modelcache_agent::api::model_to_proto;
-use modelcache_agent::filter::FileFilter;
-use modelcache_agent::repo::ModelRef;
+use modelcache_agent::store::Layout;
 use modelcache_proto::agent_v1 as pb;
 use pb::agent_client::AgentClient as GrpcClient;
 use std::path::PathBuf;
@@ -29,20 +29,18 @@ pub enum Ensured {
 /// The agent operations the node service uses.
 #[tonic::async_trait]
 pub trait ModelAgent: Send + Sync + 'static {
-    /// Makes the model present, waiting up to `wait`.
+    /// Makes the volume's model present in its layout, waiting up to `wait`.
     async fn ensure(
         &self,
-        model: &ModelRef,
-        filter: &FileFilter,
+        volume: &VolumeAttributes,
         token: Option<String>,
         wait: Duration,
     ) -> Result<Ensured, Status>;
-    /// Pins the snapshot for a volume.
+    /// Pins the volume's snapshot at `commit`.
     async fn pin(
         &self,
         volume_id: &str,
-        model: &ModelRef,
-        filter: &FileFilter,
+        volume: &VolumeAttributes,
         commit: &str,
         target: &str,
     ) -> Result<(), Status>;
@@ -77,13 +75,17 @@ fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
 impl ModelAgent for AgentClient {
     async fn ensure(
         &self,
-        model: &ModelRef,
-        filter: &FileFilter,
+        volume: &VolumeAttributes,
         token: Option<String>,
         wait: Duration,
     ) -> Result<Ensured, Status> {
+        let layout = match volume.layout {
+            Layout::Snapshot => pb::Layout::Snapshot,
+            Layout::HfCache => pb::Layout::HfCache,
+        };
         let req = pb::EnsureRequest {
-            model: Some(model_to_proto(model, filter)),
+            model: Some(model_to_proto(&volume.model, &volume.filter)),
+            layout: layout as i32,
             wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
             token: token.unwrap_or_default(),
         };
@@ -107,14 +109,13 @@ impl ModelAgent for AgentClient {
     async fn pin(
         &self,
         volume_id: &str,
-        model: &ModelRef,
-        filter: &FileFilter,
+        volume: &VolumeAttributes,
         commit: &str,
         target: &str,
     ) -> Result<(), Status> {
         let req = pb::PinRequest {
             volume_id: volume_id.to_owned(),
-            model: Some(model_to_proto(model, filter)),
+            model: Some(model_to_proto(&volume.model, &volume.filter)),
             commit: commit.to_owned(),
             target_path: target.to_owned(),
         };

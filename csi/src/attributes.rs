@@ -5,10 +5,13 @@
 use crate::error::{Error, Result};
 use modelcache_agent::filter::FileFilter;
 use modelcache_agent::repo::{ModelRef, RepoId, RepoKind, Revision};
+use modelcache_agent::store::Layout;
 use std::collections::HashMap;
 
 /// Keys a volume may set.
-pub const KNOWN_KEYS: &[&str] = &["model", "dataset", "revision", "include", "exclude"];
+pub const KNOWN_KEYS: &[&str] = &[
+    "model", "dataset", "revision", "include", "exclude", "layout",
+];
 
 /// Prefix of the keys kubelet adds (pod name, namespace, uid, service account, ephemeral).
 pub const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
@@ -20,6 +23,8 @@ pub struct VolumeAttributes {
     pub model: ModelRef,
     /// Which of its files (`include`, `exclude`: comma-separated globs).
     pub filter: FileFilter,
+    /// How the files are shown (`layout`: `snapshot` or `hf-cache`).
+    pub layout: Layout,
     /// `namespace/name` of the pod, when kubelet passes it (podInfoOnMount).
     pub pod: Option<String>,
 }
@@ -76,6 +81,15 @@ impl VolumeAttributes {
             .map_err(|e| attr_error("include", e))?;
         let filter = FileFilter::new(filter.include(), &split_list(ctx.get("exclude")))
             .map_err(|e| attr_error("exclude", e))?;
+        let layout = match ctx.get("layout") {
+            None => Layout::Snapshot,
+            Some(v) => Layout::parse(v).ok_or_else(|| {
+                attr_error(
+                    "layout",
+                    format!("{v:?} is not \"snapshot\" or \"hf-cache\""),
+                )
+            })?,
+        };
         let pod = match (
             ctx.get("csi.storage.k8s.io/pod.namespace"),
             ctx.get("csi.storage.k8s.io/pod.name"),
@@ -90,6 +104,7 @@ impl VolumeAttributes {
                 revision,
             },
             filter,
+            layout,
             pod,
         })
     }
@@ -133,6 +148,9 @@ mod tests {
         assert_eq!(a.model.kind, RepoKind::Dataset);
         assert_eq!(a.pod.as_deref(), Some("ns/p"));
         assert!(a.filter.is_all());
+        assert_eq!(a.layout, Layout::Snapshot);
+        let a = parse(&[("model", "o/r"), ("layout", "hf-cache")]).unwrap();
+        assert_eq!(a.layout, Layout::HfCache);
         let a = parse(&[
             ("model", "o/r"),
             ("include", "*.json, *.safetensors"),
@@ -165,6 +183,10 @@ mod tests {
             (
                 &[("model", "o/r"), ("exclude", "a{b")],
                 "\"exclude\": exclude pattern",
+            ),
+            (
+                &[("model", "o/r"), ("layout", "flat")],
+                "\"layout\": \"flat\" is not",
             ),
         ];
         for (pairs, want) in cases {

@@ -79,7 +79,7 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
         let model = &attrs.model;
         let (snapshot, commit) = match self
             .agent
-            .ensure(model, &attrs.filter, token, self.publish_wait)
+            .ensure(&attrs, token, self.publish_wait)
             .await
             .map_err(|status| Error::Agent {
                 action: "ensure",
@@ -123,7 +123,7 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
         target: &str,
     ) -> Result<()> {
         self.agent
-            .pin(volume_id, &attrs.model, &attrs.filter, commit, target)
+            .pin(volume_id, attrs, commit, target)
             .await
             .map_err(|status| Error::Agent {
                 action: "pin",

@@ -70,3 +70,24 @@ pub fn minilm_dir() -> anyhow::Result<PathBuf> {
     }
     Ok(dir)
 }
+
+/// Runs a Python script with extra environment variables and returns its stdout; fails with the
+/// script's stderr, and says what to install when a module is missing.
+pub fn run_python(script: &str, env: &[(&str, &Path)]) -> anyhow::Result<String> {
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", script]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().context("python3 is needed by this test")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        if stderr.contains("ModuleNotFoundError") {
+            bail!(
+                "a Python package is missing: `pip install -r tests/requirements.txt` (hack/test.sh does):\n{stderr}"
+            );
+        }
+        bail!("python3 failed:\n{stderr}");
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}

@@ -3,7 +3,7 @@
 //! Needs root (CI runs as root); fails, never skips, without it.
 
 use modelcache_proto::csi_v1 as csi;
-use modelcache_tests::models::{generate_model, minilm_dir};
+use modelcache_tests::models::{generate_model, minilm_dir, run_python};
 use modelcache_tests::node::{Hub, LocalNode};
 use modelcache_tests::tree::{assert_same_tree, mount_count, mount_options};
 use std::path::{Path, PathBuf};
@@ -317,4 +317,76 @@ async fn include_and_exclude_mount_only_the_chosen_files() {
         err.message()
     );
     assert!(!none.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hf_cache_layout_is_an_hf_hub_cache_that_huggingface_hub_reads_offline() {
+    let Fixture {
+        mut node,
+        hub_root,
+        _dir,
+    } = fixture();
+    let target = node.target("vol-hf");
+    let attrs = [("model", MINILM), ("layout", "hf-cache")];
+    node.publish("vol-hf", &target, &attrs, log_retry)
+        .await
+        .unwrap();
+    let opts = mount_options(&target).expect("mounted");
+    assert!(opts.iter().any(|o| o == "ro"), "{opts:?}");
+    let commit = node
+        .snapshots()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.repo == MINILM)
+        .unwrap()
+        .commit;
+    let script = format!(
+        "from huggingface_hub import snapshot_download, hf_hub_download\n\
+         print(snapshot_download('{MINILM}'))\n\
+         print(hf_hub_download('{MINILM}', 'config.json'))\n\
+         print(snapshot_download('{MINILM}', revision='{commit}'))\n"
+    );
+    let out = run_python(
+        &script,
+        &[
+            ("HF_HUB_CACHE", &target),
+            ("HF_HUB_OFFLINE", Path::new("1")),
+        ],
+    )
+    .unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    let snapshot_dir = target
+        .join("models--sentence-transformers--all-MiniLM-L6-v2/snapshots")
+        .join(&commit);
+    assert_eq!(
+        lines,
+        [
+            snapshot_dir.display().to_string(),
+            snapshot_dir.join("config.json").display().to_string(),
+            snapshot_dir.display().to_string(),
+        ]
+    );
+    assert_same_tree(&hub_root.join("models").join(MINILM), &snapshot_dir);
+    assert_eq!(
+        std::fs::read_to_string(
+            target.join("models--sentence-transformers--all-MiniLM-L6-v2/refs/main")
+        )
+        .unwrap(),
+        commit
+    );
+    const EROFS: i32 = 30;
+    assert_eq!(errno(std::fs::write(target.join("x"), b"x")), Some(EROFS));
+
+    // The plain layout of the same model is another mount of the same bytes.
+    let plain = node.target("vol-plain");
+    node.publish("vol-plain", &plain, &[("model", MINILM)], log_retry)
+        .await
+        .unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    assert_eq!(
+        ino(&plain.join("model.safetensors")),
+        ino(&snapshot_dir.join("model.safetensors"))
+    );
 }

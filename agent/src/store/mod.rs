@@ -6,6 +6,7 @@
 //!   blobs/sha1/<hex>                        other files, by git blob id
 //!   snapshots/models--org--name/<commit>/   the repo's files as hardlinks to blobs
 //!   refs/models--org--name/<revision>       the commit a branch or tag last resolved to
+//!   views/hf-cache/…                        snapshots shaped as an HF_HUB_CACHE (see `views`)
 //!   staging/                                downloads and snapshots being built
 //!   pins.json                               which volume uses which snapshot
 //! ```
@@ -15,8 +16,10 @@
 //! directory that exists is complete. `staging/` is emptied on open.
 
 mod pins;
+mod views;
 
 pub use pins::{PinRecord, Pins};
+pub use views::Layout;
 
 use crate::hash::ContentHash;
 use crate::repo::{RepoId, RepoKind, RepoPath, Revision, is_commit_id};

@@ -1,7 +1,6 @@
 use super::*;
+use crate::attributes::VolumeAttributes;
 use crate::mounter::FakeMounter;
-use modelcache_agent::filter::FileFilter;
-use modelcache_agent::repo::ModelRef;
 use modelcache_proto::agent_v1 as pb;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -24,15 +23,15 @@ const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 impl ModelAgent for FakeAgent {
     async fn ensure(
         &self,
-        model: &ModelRef,
-        _filter: &FileFilter,
+        volume: &VolumeAttributes,
         token: Option<String>,
         _wait: Duration,
     ) -> std::result::Result<Ensured, Status> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(format!("ensure {model} token={}", token.is_some()));
+        self.calls.lock().unwrap().push(format!(
+            "ensure {} token={}",
+            volume.model,
+            token.is_some()
+        ));
         let _g = self.gate.lock().await;
         if let Some(s) = self.ensure_error.lock().unwrap().clone() {
             return Err(s);
@@ -54,15 +53,14 @@ impl ModelAgent for FakeAgent {
     async fn pin(
         &self,
         volume_id: &str,
-        model: &ModelRef,
-        _filter: &FileFilter,
+        volume: &VolumeAttributes,
         commit: &str,
         _target: &str,
     ) -> std::result::Result<(), Status> {
         self.calls
             .lock()
             .unwrap()
-            .push(format!("pin {volume_id} {} {commit}", model.repo));
+            .push(format!("pin {volume_id} {} {commit}", volume.model.repo));
         Ok(())
     }
     async fn unpin(&self, volume_id: &str) -> std::result::Result<(), Status> {

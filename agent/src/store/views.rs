@@ -1,0 +1,174 @@
+//! Other shapes of a snapshot, for volumes that ask for them. `hf-cache` presents a snapshot as
+//! an `HF_HUB_CACHE`, so `HF_HUB_CACHE=/mnt HF_HUB_OFFLINE=1` and `from_pretrained("org/name")`
+//! find it:
+//!
+//! ```text
+//! views/hf-cache/models--org--name/<snapshot dir>/<revision key>/
+//!   models--org--name/
+//!     refs/<revision>          the commit, as huggingface_hub writes it (absent for a commit)
+//!     snapshots/<commit>/…     the files: hardlinks to the same blobs
+//!     blobs/                   empty: huggingface_hub reads snapshots/ offline
+//! ```
+//!
+//! Like a snapshot, a view is built in staging and renamed into place, so it is whole or absent.
+
+use super::{Context, Result, Snapshot, Store, sync_dir};
+use crate::repo::Revision;
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::path::PathBuf;
+
+/// How a volume shows its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Layout {
+    /// The repo's files at the mount's root (for `vllm serve /models/x`).
+    #[default]
+    Snapshot,
+    /// An `HF_HUB_CACHE` holding the repo at its commit.
+    HfCache,
+}
+
+impl Layout {
+    /// Parses the volume attribute value.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "snapshot" => Some(Layout::Snapshot),
+            "hf-cache" => Some(Layout::HfCache),
+            _ => None,
+        }
+    }
+}
+
+impl Store {
+    /// The directory to mount for `snap` in `layout`; for `hf-cache`, built on first use. The
+    /// revision the volume named goes into `refs/`, so huggingface_hub resolves it offline.
+    pub fn view(&self, snap: &Snapshot, layout: Layout, revision: &Revision) -> Result<PathBuf> {
+        if layout == Layout::Snapshot {
+            return Ok(snap.path.clone());
+        }
+        let cache_name = format!("{}--{}", snap.kind.plural(), snap.repo.flat());
+        let rev_key = if revision.is_commit() {
+            "commit".to_owned()
+        } else {
+            hex::encode(&Sha256::digest(revision.as_str().as_bytes())[..8])
+        };
+        let snap_dir = snap.path.file_name().expect("snapshot dir has a name");
+        let dest = self
+            .root
+            .join("views/hf-cache")
+            .join(&cache_name)
+            .join(snap_dir)
+            .join(rev_key);
+        if dest.is_dir() {
+            return Ok(dest);
+        }
+        let staging = self.staging();
+        let tmp = tempfile::Builder::new()
+            .prefix("view-")
+            .tempdir_in(&staging)
+            .ctx("create temp dir in", &staging)?;
+        let repo_dir = tmp.path().join(&cache_name);
+        let files_dir = repo_dir.join("snapshots").join(&snap.commit);
+        fs::create_dir_all(repo_dir.join("blobs")).ctx("create", &repo_dir)?;
+        for entry in walkdir::WalkDir::new(&snap.path).min_depth(1) {
+            let entry = entry.map_err(|e| {
+                let path = e.path().unwrap_or(&snap.path).to_path_buf();
+                super::StoreError::from_io("walk", &path, e.into())
+            })?;
+            let rel = entry
+                .path()
+                .strip_prefix(&snap.path)
+                .expect("below snapshot");
+            let out = files_dir.join(rel);
+            if entry.file_type().is_dir() {
+                fs::create_dir_all(&out).ctx("create", &out)?;
+            } else {
+                if let Some(parent) = out.parent() {
+                    fs::create_dir_all(parent).ctx("create", parent)?;
+                }
+                fs::hard_link(entry.path(), &out).ctx("hardlink", &out)?;
+            }
+        }
+        fs::create_dir_all(&files_dir).ctx("create", &files_dir)?;
+        if !revision.is_commit() {
+            // Revisions are validated (no '..', no leading '/'): this stays below refs/.
+            let r = repo_dir.join("refs").join(revision.as_str());
+            fs::create_dir_all(r.parent().expect("ref has a parent")).ctx("create", &r)?;
+            fs::write(&r, &snap.commit).ctx("write", &r)?;
+        }
+        let parent = dest.parent().expect("view has a parent");
+        fs::create_dir_all(parent).ctx("create", parent)?;
+        let tmp_path = tmp.keep();
+        if let Err(e) = fs::rename(&tmp_path, &dest) {
+            let _ = fs::remove_dir_all(&tmp_path);
+            if !dest.is_dir() {
+                return Err(e).ctx("rename view into", &dest);
+            }
+        }
+        sync_dir(parent)?;
+        Ok(dest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::{Algo, Hasher};
+    use crate::repo::{RepoId, RepoKind, RepoPath};
+    use crate::store::SnapshotFile;
+    use std::io::Write;
+
+    #[test]
+    fn hf_cache_view_has_refs_and_shares_inodes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let bytes = b"{\"a\":1}";
+        let mut h = Hasher::new(Algo::GitSha1, bytes.len() as u64);
+        h.update(bytes);
+        let hash = h.finish();
+        let mut f = store.staging_file().unwrap();
+        f.write_all(bytes).unwrap();
+        store.commit_blob(f, &hash).unwrap();
+        let repo = RepoId::parse("org/m").unwrap();
+        let commit = "5".repeat(40);
+        let files = [SnapshotFile {
+            path: RepoPath::parse("sub/config.json").unwrap(),
+            hash: hash.clone(),
+        }];
+        let snap = store
+            .assemble_snapshot(RepoKind::Model, &repo, &commit, None, &files)
+            .unwrap();
+        assert_eq!(
+            store
+                .view(&snap, Layout::Snapshot, &Revision::main())
+                .unwrap(),
+            snap.path
+        );
+        let rev = Revision::parse("refs/pr/7").unwrap();
+        let view = store.view(&snap, Layout::HfCache, &rev).unwrap();
+        let cache = view.join("models--org--m");
+        assert_eq!(
+            fs::read_to_string(cache.join("refs/refs/pr/7")).unwrap(),
+            commit
+        );
+        let file = cache
+            .join("snapshots")
+            .join(&commit)
+            .join("sub/config.json");
+        assert_eq!(fs::read(&file).unwrap(), bytes);
+        let ino = |p: &std::path::Path| fs::metadata(p).unwrap().ino();
+        assert_eq!(ino(&file), ino(&store.blob_path(&hash)));
+        assert_eq!(
+            store.view(&snap, Layout::HfCache, &rev).unwrap(),
+            view,
+            "reused"
+        );
+        let by_commit = store
+            .view(&snap, Layout::HfCache, &Revision::parse(&commit).unwrap())
+            .unwrap();
+        assert_ne!(by_commit, view);
+        assert!(!by_commit.join("models--org--m/refs").exists());
+        assert_eq!(fs::read_dir(dir.path().join("staging")).unwrap().count(), 0);
+    }
+}
