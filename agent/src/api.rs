@@ -236,7 +236,13 @@ impl AgentApi {
 
 impl AgentApi {
     /// Pins a snapshot in the store for a volume.
-    pub fn pin(&self, volume_id: &str, snap: &Snapshot, target_path: &str) -> Result<(), ApiError> {
+    pub fn pin(
+        &self,
+        volume_id: &str,
+        snap: &Snapshot,
+        target_path: &str,
+        pod: Option<&str>,
+    ) -> Result<(), ApiError> {
         if volume_id.is_empty() {
             return Err(ApiError::Missing("volume_id"));
         }
@@ -256,6 +262,7 @@ impl AgentApi {
             repo: snap.repo.to_string(),
             commit: snap.commit.clone(),
             target_path: target_path.to_owned(),
+            pod: pod.map(str::to_owned),
             filter: snap.filter.clone(),
         };
         self.pins
@@ -414,8 +421,9 @@ impl pb::agent_server::Agent for AgentApi {
             commit: req.commit,
             filter: key,
         };
-        self.pin(&req.volume_id, &snap, &req.target_path)?;
-        tracing::info!(volume.id = %req.volume_id, model.repo = %snap.repo, model.commit = %snap.commit, "pinned");
+        let pod = Some(req.pod.as_str()).filter(|p| !p.is_empty());
+        self.pin(&req.volume_id, &snap, &req.target_path, pod)?;
+        tracing::info!(volume.id = %req.volume_id, model.repo = %snap.repo, model.commit = %snap.commit, pod = pod.unwrap_or(""), "pinned");
         Ok(Response::new(pb::PinResponse {}))
     }
 

@@ -117,6 +117,7 @@ impl ModelAgent for AgentClient {
             volume_id: volume_id.to_owned(),
             model: Some(model_to_proto(&volume.model, &volume.filter)),
             commit: commit.to_owned(),
+            pod: volume.pod.clone().unwrap_or_default(),
             target_path: target.to_owned(),
         };
         self.client

@@ -172,6 +172,13 @@ async fn volumes_of_one_model_share_one_snapshot() {
         .collect();
     assert_eq!(snaps.len(), 1, "{snaps:?}");
     assert_eq!(snaps[0].pinned_by, ["vol-a", "vol-b"]);
+    // Each pin records the pod kubelet named in the volume context.
+    let pins = std::fs::read_to_string(node.store().join("pins.json")).unwrap();
+    assert_eq!(
+        pins.matches("\"pod\": \"default/reader\"").count(),
+        2,
+        "{pins}"
+    );
     use std::os::unix::fs::MetadataExt;
     let ino = |p: &Path| {
         std::fs::metadata(p.join("model.safetensors"))

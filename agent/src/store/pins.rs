@@ -17,6 +17,9 @@ pub struct PinRecord {
     pub commit: String,
     /// Where the volume is mounted.
     pub target_path: String,
+    /// `namespace/name` of the pod the volume belongs to, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     /// The snapshot's filter key, when it holds only some files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<String>,

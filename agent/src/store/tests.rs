@@ -146,6 +146,7 @@ fn pins_survive_reload_and_corruption_is_an_error() {
         repo: "org/model".into(),
         commit: "c".repeat(40),
         target_path: "/var/lib/kubelet/pods/x/volumes/y/mount".into(),
+        pod: Some("team-a/vllm-0".into()),
         filter: None,
     };
     let mut pins = Pins::load(dir.path()).unwrap();
