@@ -233,6 +233,13 @@ impl LocalNode {
             .snapshots)
     }
 
+    /// The agent's snapshots of one repo.
+    pub async fn snapshots_of(&mut self, repo: &str) -> Result<Vec<pb::SnapshotInfo>, Status> {
+        let mut all = self.snapshots().await?;
+        all.retain(|s| s.repo == repo);
+        Ok(all)
+    }
+
     /// Stops the processes now; true when all exited cleanly.
     pub fn stop(&mut self) -> bool {
         let csi = self.csi.stop();

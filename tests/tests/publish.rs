@@ -89,11 +89,10 @@ fn assert_read_only(target: &Path) {
 }
 
 async fn pinned_by(node: &mut LocalNode, repo: &str) -> Vec<String> {
-    node.snapshots()
+    node.snapshots_of(repo)
         .await
         .unwrap()
         .into_iter()
-        .filter(|s| s.repo == repo)
         .flat_map(|s| s.pinned_by)
         .collect()
 }
@@ -163,13 +162,7 @@ async fn volumes_of_one_model_share_one_snapshot() {
     node.publish("vol-b", &b, &[("model", &inline_rev)], log_retry)
         .await
         .unwrap();
-    let snaps: Vec<_> = node
-        .snapshots()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|s| s.repo == TINY)
-        .collect();
+    let snaps = node.snapshots_of(TINY).await.unwrap();
     assert_eq!(snaps.len(), 1, "{snaps:?}");
     assert_eq!(snaps[0].pinned_by, ["vol-a", "vol-b"]);
     // Each pin records the pod kubelet named in the volume context.
@@ -284,13 +277,7 @@ async fn include_and_exclude_mount_only_the_chosen_files() {
         .await
         .unwrap();
     assert_same_tree(&src, &full);
-    let snaps: Vec<_> = node
-        .snapshots()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|s| s.repo == TINY)
-        .collect();
+    let snaps = node.snapshots_of(TINY).await.unwrap();
     assert_eq!(snaps.len(), 2, "{snaps:?}");
     assert_eq!(snaps[0].commit, snaps[1].commit);
     let by_filter: Vec<(bool, u32, Vec<String>)> = snaps
@@ -341,11 +328,11 @@ async fn hf_cache_layout_is_an_hf_hub_cache_that_huggingface_hub_reads_offline()
     let opts = mount_options(&target).expect("mounted");
     assert!(opts.iter().any(|o| o == "ro"), "{opts:?}");
     let commit = node
-        .snapshots()
+        .snapshots_of(MINILM)
         .await
         .unwrap()
         .into_iter()
-        .find(|s| s.repo == MINILM)
+        .next()
         .unwrap()
         .commit;
     let script = format!(

@@ -59,11 +59,11 @@ async fn a_gated_model_reaches_only_volumes_whose_token_has_access() {
     .unwrap();
     assert_same_tree(&hub_root.join("models").join(GATED), &node.target("vol-a"));
     let commit = node
-        .snapshots()
+        .snapshots_of(GATED)
         .await
         .unwrap()
         .into_iter()
-        .find(|s| s.repo == GATED)
+        .next()
         .unwrap()
         .commit;
 
@@ -135,11 +135,10 @@ async fn a_gated_model_reaches_only_volumes_whose_token_has_access() {
         .unwrap();
 
     let pinned: Vec<String> = node
-        .snapshots()
+        .snapshots_of(GATED)
         .await
         .unwrap()
         .into_iter()
-        .filter(|s| s.repo == GATED)
         .flat_map(|s| s.pinned_by)
         .collect();
     assert_eq!(

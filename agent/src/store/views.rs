@@ -113,10 +113,9 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hash::{Algo, Hasher};
     use crate::repo::{RepoId, RepoKind, RepoPath};
     use crate::store::SnapshotFile;
-    use std::io::Write;
+    use crate::store::tests::put_blob;
 
     #[test]
     fn hf_cache_view_has_refs_and_shares_inodes() {
@@ -124,12 +123,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let bytes = b"{\"a\":1}";
-        let mut h = Hasher::new(Algo::GitSha1, bytes.len() as u64);
-        h.update(bytes);
-        let hash = h.finish();
-        let mut f = store.staging_file().unwrap();
-        f.write_all(bytes).unwrap();
-        store.commit_blob(f, &hash).unwrap();
+        let hash = put_blob(&store, bytes);
         let repo = RepoId::parse("org/m").unwrap();
         let commit = "5".repeat(40);
         let files = [SnapshotFile {

@@ -7,10 +7,11 @@
 
 use anyhow::Context;
 use clap::Parser;
+use modelcache_csi::mounter::{LinuxMounter, Mounter};
 use modelcache_tests::models::generate_model;
 use modelcache_tests::node::{Hub, LocalNode, publish_request};
 use modelcache_tests::tree::unmount_all_below;
-use nix::mount::{MntFlags, MsFlags};
+use nix::mount::MntFlags;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -98,10 +99,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(|s| anyhow::anyhow!("cold publish of {repo}: {}", s.message()))?;
         println!("    cold: {:.1} s", started.elapsed().as_secs_f64());
         let snapshot = PathBuf::from(
-            node.snapshots()
+            node.snapshots_of(repo)
                 .await?
                 .into_iter()
-                .find(|s| s.repo == repo)
+                .next()
                 .context("no snapshot after publish")?
                 .path,
         );
@@ -187,20 +188,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn bind_read_only(source: &Path, target: &Path) -> anyhow::Result<()> {
-    nix::mount::mount(
-        Some(source),
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )?;
-    let ro = MsFlags::MS_BIND
-        | MsFlags::MS_REMOUNT
-        | MsFlags::MS_RDONLY
-        | MsFlags::MS_NOSUID
-        | MsFlags::MS_NODEV;
-    nix::mount::mount(None::<&str>, target, None::<&str>, ro, None::<&str>)?;
-    Ok(())
+    Ok(LinuxMounter.bind_read_only(source, target)?)
 }
 
 fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {

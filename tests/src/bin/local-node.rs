@@ -125,10 +125,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 
     let snap = node
-        .snapshots()
+        .snapshots_of(&cli.model)
         .await?
         .into_iter()
-        .find(|s| s.repo == cli.model)
+        .next()
         .context("the agent lists no snapshot of the model")?;
     let (_, target) = &targets[1];
     println!();
