@@ -12,6 +12,9 @@ use std::time::Duration;
 use tonic::Status;
 use tonic::transport::Channel;
 
+/// Time an Ensure call may take beyond the wait it asks for (resolving the revision first).
+pub const ENSURE_MARGIN: Duration = Duration::from_secs(15);
+
 /// What the agent says of a model.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Ensured {
@@ -89,11 +92,13 @@ impl ModelAgent for AgentClient {
             wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
             token: token.unwrap_or_default(),
         };
-        // Resolving the revision happens before the wait; give it room.
+        // Resolving the revision happens before the wait; give it some room, but keep the whole
+        // call well inside kubelet's 2-minute operation timeout: past the deadline the call fails
+        // with DEADLINE_EXCEEDED, which kubelet retries, and a fetch already started goes on.
         let resp = self
             .client
             .clone()
-            .ensure(with_timeout(req, wait + Duration::from_secs(60)))
+            .ensure(with_timeout(req, wait + ENSURE_MARGIN))
             .await?
             .into_inner();
         match resp.state {

@@ -38,8 +38,8 @@ struct Cli {
         default_value = "unix:///run/modelcache/agent.sock"
     )]
     agent: String,
-    /// Seconds NodePublishVolume waits for a model before answering UNAVAILABLE with progress;
-    /// keep it under kubelet's 2-minute operation timeout.
+    /// Seconds NodePublishVolume waits for a model before answering UNAVAILABLE with progress.
+    /// A publish answers within this plus 15 s; keep the sum under kubelet's 2-minute timeout.
     #[arg(long, env = "MODELCACHE_PUBLISH_WAIT_SECONDS", default_value_t = 60)]
     publish_wait_seconds: u64,
     /// Log format.
@@ -68,6 +68,11 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        cli.publish_wait_seconds <= 100,
+        "--publish-wait-seconds {} is too long: with the 15 s margin a publish would outlast kubelet's 2-minute timeout; use at most 100",
+        cli.publish_wait_seconds
+    );
     let shutdown = shutdown::on_signals()?;
     let socket = transport::unix_socket_path(&cli.endpoint).map_err(anyhow::Error::msg)?;
     let mut server = tonic::transport::Server::builder();

@@ -202,3 +202,32 @@ async fn controller_mode_creates_validates_and_deletes() {
     drop((identity, ctl, channel));
     assert!(plugin.stop().success());
 }
+
+#[tokio::test]
+async fn a_publish_wait_beyond_kubelets_timeout_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_modelcache-csi"))
+        .args([
+            "--endpoint",
+            "unix:///tmp/unused-wait.sock",
+            "--node-id",
+            "n",
+        ])
+        .args([
+            "--agent",
+            "unix:///tmp/unused-agent.sock",
+            "--publish-wait-seconds",
+            "300",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--publish-wait-seconds 300 is too long"),
+        "{err}"
+    );
+    assert!(
+        !std::path::Path::new("/tmp/unused-wait.sock").exists(),
+        "it must not start serving"
+    );
+}
