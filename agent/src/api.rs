@@ -117,6 +117,8 @@ pub struct AgentApi {
     fetcher: Fetcher,
     pins: Mutex<Pins>,
     flights: Arc<Mutex<HashMap<FlightKey, Arc<Flight>>>>,
+    /// Bytes and files of each snapshot seen, computed once: snapshots never change.
+    usage: Mutex<HashMap<std::path::PathBuf, (u64, u32)>>,
     shutdown: CancellationToken,
 }
 
@@ -128,6 +130,7 @@ impl AgentApi {
             fetcher,
             pins: Mutex::new(pins),
             flights: Arc::default(),
+            usage: Mutex::default(),
             shutdown,
         })
     }
@@ -272,6 +275,19 @@ impl AgentApi {
         Ok(())
     }
 
+    /// Bytes and files of a snapshot, walked once per snapshot rather than on every publish.
+    fn usage(&self, snap: &Snapshot) -> (u64, u32) {
+        if let Some(u) = self.usage.lock().expect("usage lock").get(&snap.path) {
+            return *u;
+        }
+        let u = self.fetcher.store().snapshot_usage(snap);
+        self.usage
+            .lock()
+            .expect("usage lock")
+            .insert(snap.path.clone(), u);
+        u
+    }
+
     /// Removes a volume's pin; unknown volumes are fine.
     pub fn unpin(&self, volume_id: &str) -> Result<bool, ApiError> {
         if volume_id.is_empty() {
@@ -286,7 +302,7 @@ impl AgentApi {
         let pins = self.pins.lock().expect("pins lock");
         let mut out = Vec::new();
         for s in store.list_snapshots()? {
-            let (bytes, files) = store.snapshot_usage(&s);
+            let (bytes, files) = self.usage(&s);
             out.push(pb::SnapshotInfo {
                 kind: kind_to_proto(s.kind) as i32,
                 repo: s.repo.to_string(),
@@ -378,7 +394,7 @@ impl pb::agent_server::Agent for AgentApi {
                     .await
                     .expect("view task does not panic")
                     .map_err(ApiError::from)?;
-                let (bytes, files) = self.fetcher.store().snapshot_usage(&s);
+                let (bytes, files) = self.usage(&s);
                 pb::ensure_response::State::Ready(pb::Ready {
                     snapshot_path: path.display().to_string(),
                     commit: s.commit,
