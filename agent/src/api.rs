@@ -238,28 +238,14 @@ impl AgentApi {
 }
 
 impl AgentApi {
-    /// Pins a snapshot in the store for a volume.
-    pub fn pin(
+    /// Pins a snapshot, as the store returned it, for a volume.
+    fn pin(
         &self,
         volume_id: &str,
         snap: &Snapshot,
         target_path: &str,
         pod: Option<&str>,
     ) -> Result<(), ApiError> {
-        if volume_id.is_empty() {
-            return Err(ApiError::Missing("volume_id"));
-        }
-        if self
-            .fetcher
-            .store()
-            .snapshot(snap.kind, &snap.repo, &snap.commit, snap.filter.as_deref())
-            .is_none()
-        {
-            return Err(ApiError::NotPresent(format!(
-                "{}@{}",
-                snap.repo, snap.commit
-            )));
-        }
         let record = PinRecord {
             kind: snap.kind.singular().to_owned(),
             repo: snap.repo.to_string(),
@@ -424,19 +410,15 @@ impl pb::agent_server::Agent for AgentApi {
                 req.commit
             )));
         }
+        if req.volume_id.is_empty() {
+            return Err(ApiError::Missing("volume_id").into());
+        }
         let key = filter.key();
-        let snap = Snapshot {
-            path: self.fetcher.store().snapshot_path(
-                model.kind,
-                &model.repo,
-                &req.commit,
-                key.as_deref(),
-            ),
-            kind: model.kind,
-            repo: model.repo,
-            commit: req.commit,
-            filter: key,
-        };
+        let snap = self
+            .fetcher
+            .store()
+            .snapshot(model.kind, &model.repo, &req.commit, key.as_deref())
+            .ok_or_else(|| ApiError::NotPresent(format!("{}@{}", model.repo, req.commit)))?;
         let pod = Some(req.pod.as_str()).filter(|p| !p.is_empty());
         self.pin(&req.volume_id, &snap, &req.target_path, pod)?;
         tracing::info!(volume.id = %req.volume_id, model.repo = %snap.repo, model.commit = %snap.commit, pod = pod.unwrap_or(""), "pinned");
@@ -520,6 +502,36 @@ mod tests {
         );
         assert_eq!(code(ApiError::Store(enospc)), Code::ResourceExhausted);
         assert_eq!(code(ApiError::ShuttingDown), Code::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn pin_refuses_a_missing_volume_id_or_snapshot() {
+        use pb::agent_server::Agent;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::Store::open(dir.path()).unwrap());
+        let hub = crate::hub::HubClient::new("http://127.0.0.1:9", None).unwrap();
+        let api = AgentApi::new(Fetcher::new(hub, store, 1), CancellationToken::new()).unwrap();
+        let req = |volume_id: &str| pb::PinRequest {
+            volume_id: volume_id.into(),
+            model: Some(pb::ModelRef {
+                repo: "o/r".into(),
+                ..Default::default()
+            }),
+            commit: "a".repeat(40),
+            target_path: "/t".into(),
+            pod: String::new(),
+        };
+        let code = |r: Result<Response<pb::PinResponse>, Status>| r.unwrap_err().code();
+        assert_eq!(
+            code(Agent::pin(&api, Request::new(req(""))).await),
+            tonic::Code::InvalidArgument
+        );
+        let absent = Agent::pin(&api, Request::new(req("vol-1"))).await;
+        assert_eq!(code(absent), tonic::Code::FailedPrecondition);
+        assert!(
+            !dir.path().join("pins.json").exists(),
+            "a refused pin wrote nothing"
+        );
     }
 
     #[test]
