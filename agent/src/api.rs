@@ -477,14 +477,18 @@ mod tests {
             Code::PermissionDenied
         );
         assert_eq!(
-            code(hub(HubError::RateLimited { repo: repo() })),
+            code(hub(HubError::RateLimited {
+                repo: repo(),
+                retry_after: None
+            })),
             Code::Unavailable
         );
         assert_eq!(
             code(hub(HubError::Status {
                 url: "u".into(),
                 status: 503,
-                message: String::new()
+                message: String::new(),
+                retry_after: None
             })),
             Code::Unavailable
         );
@@ -510,7 +514,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(crate::store::Store::open(dir.path()).unwrap());
         let hub = crate::hub::HubClient::new("http://127.0.0.1:9", None).unwrap();
-        let api = AgentApi::new(Fetcher::new(hub, store, 1), CancellationToken::new()).unwrap();
+        let api = AgentApi::new(
+            Fetcher::new(hub, store, Default::default()),
+            CancellationToken::new(),
+        ).unwrap();
         let req = |volume_id: &str| pb::PinRequest {
             volume_id: volume_id.into(),
             model: Some(pb::ModelRef {

@@ -86,6 +86,20 @@ impl ContentHash {
     pub fn hex(&self) -> &str {
         &self.hex
     }
+
+    /// `<algo>-<hex>`: a file name for things kept per blob.
+    pub fn file_name(&self) -> String {
+        format!("{}-{}", self.algo.dir_name(), self.hex)
+    }
+
+    /// Parses [`ContentHash::file_name`].
+    pub fn from_file_name(name: &str) -> Option<Self> {
+        let (algo, hex) = name.split_once('-')?;
+        let algo = [Algo::Sha256, Algo::GitSha1]
+            .into_iter()
+            .find(|a| a.dir_name() == algo)?;
+        ContentHash::new(algo, hex).ok()
+    }
 }
 
 impl fmt::Display for ContentHash {

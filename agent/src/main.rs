@@ -4,7 +4,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use modelcache_agent::api::AgentApi;
-use modelcache_agent::fetch::{Fetcher, Progress};
+use modelcache_agent::fetch::{Fetcher, Progress, Tuning};
 use modelcache_agent::filter::FileFilter;
 use modelcache_agent::hub::catalog::Catalog;
 use modelcache_agent::hub::client::{DEFAULT_ENDPOINT, Token};
@@ -50,8 +50,16 @@ struct HubArgs {
     #[arg(long, env = "MODELCACHE_ACCESS_CACHE_SECONDS", default_value_t = 30)]
     access_cache_seconds: u64,
     /// Files downloaded at once.
-    #[arg(long, env = "MODELCACHE_PARALLEL_FILES", default_value_t = 8)]
+    #[arg(long, env = "MODELCACHE_PARALLEL_FILES", default_value_t = Tuning::default().files)]
     parallel_files: usize,
+    /// HTTP requests in flight at once, over all files (large files use several).
+    #[arg(long, env = "MODELCACHE_CONNECTIONS", default_value_t = Tuning::default().connections)]
+    connections: usize,
+    /// Files larger than this many MiB are fetched in ranges of this size, in parallel and
+    /// resumably.
+    #[arg(long, env = "MODELCACHE_CHUNK_MIB", default_value_t = Tuning::default().chunk_size >> 20,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    chunk_mib: u64,
 }
 
 #[derive(Subcommand)]
@@ -136,7 +144,12 @@ fn fetcher(store: &PathBuf, hub: &HubArgs) -> anyhow::Result<Fetcher> {
     let store = Store::open(store)
         .with_context(|| format!("cannot open the store at {}", store.display()))?;
     let client = HubClient::new(&hub.endpoint, hub.token.clone().and_then(Token::new))?;
-    Ok(Fetcher::new(client, Arc::new(store), hub.parallel_files)
+    let tuning = Tuning {
+        files: hub.parallel_files,
+        connections: hub.connections,
+        chunk_size: hub.chunk_mib << 20,
+    };
+    Ok(Fetcher::new(client, Arc::new(store), tuning)
         .with_access_ttl(std::time::Duration::from_secs(hub.access_cache_seconds)))
 }
 

@@ -94,11 +94,15 @@ impl HubClient {
         &self.endpoint
     }
 
+    /// A GET of `url`. The token goes only to the hub's own origin: a CDN URL that a redirect
+    /// named is presigned, and must not see it.
     fn get(&self, url: &str, token: Option<&Token>) -> reqwest::RequestBuilder {
         let req = self.http.get(url);
         match token.or(self.default_token.as_ref()) {
-            Some(t) => req.header(reqwest::header::AUTHORIZATION, t.bearer()),
-            None => req,
+            Some(t) if same_origin(url, &self.endpoint) => {
+                req.header(reqwest::header::AUTHORIZATION, t.bearer())
+            }
+            _ => req,
         }
     }
 
@@ -156,7 +160,7 @@ impl HubClient {
         );
         let mut out = Vec::new();
         for _page in 0..10_000 {
-            let resp = self.send_retrying(&url, token, &ctx).await?;
+            let resp = self.send_retrying(&url, token, &ctx, None).await?;
             let next = next_link(resp.headers());
             let page: Vec<TreeEntry> = resp.json().await.map_err(|e| HubError::Protocol {
                 url: url.clone(),
@@ -174,30 +178,42 @@ impl HubClient {
         })
     }
 
-    /// Starts downloading a file; the caller streams the body.
-    pub async fn download(
-        &self,
-        kind: RepoKind,
-        repo: &RepoId,
-        commit: &str,
-        path: &RepoPath,
-        token: Option<&Token>,
-    ) -> Result<reqwest::Response, HubError> {
-        let encoded: Vec<String> = path
+    /// The `resolve` URL of a file, which a hub answers with the bytes or a redirect to them.
+    pub fn file_url(&self, file: &FileSource<'_>) -> String {
+        let encoded: Vec<String> = file
+            .path
             .as_str()
             .split('/')
             .map(|s| utf8_percent_encode(s, SEGMENT).to_string())
             .collect();
-        let url = format!(
+        format!(
             "{}/{}{}/resolve/{}/{}",
             self.endpoint,
-            kind.url_prefix(),
-            repo,
-            commit,
+            file.kind.url_prefix(),
+            file.repo,
+            file.commit,
             encoded.join("/")
-        );
-        let ctx = Ctx::new(kind, repo).revision(commit).path(path.as_str());
-        self.send_retrying(&url, token, &ctx).await
+        )
+    }
+
+    /// Starts downloading `file` (the caller streams the body) from its `resolve` URL, or from
+    /// `url` where an earlier request was redirected, with `Range` when `range` is given.
+    pub async fn download(
+        &self,
+        file: &FileSource<'_>,
+        url: Option<&str>,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<reqwest::Response, HubError> {
+        let url = match url {
+            Some(u) => u.to_owned(),
+            None => self.file_url(file),
+        };
+        let ctx = Ctx::new(file.kind, file.repo)
+            .revision(file.commit)
+            .path(file.path.as_str());
+        let range = range.map(|r| format!("bytes={}-{}", r.start, r.end.saturating_sub(1)));
+        self.send_retrying(&url, file.token, &ctx, range.as_deref())
+            .await
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(
@@ -206,42 +222,116 @@ impl HubClient {
         token: Option<&Token>,
         ctx: &Ctx<'_>,
     ) -> Result<T, HubError> {
-        let resp = self.send_retrying(url, token, ctx).await?;
+        let resp = self.send_retrying(url, token, ctx, None).await?;
         resp.json().await.map_err(|e| HubError::Protocol {
             url: url.to_owned(),
             reason: format!("not the JSON expected: {e}"),
         })
     }
 
-    /// GET with capped exponential backoff for transient failures (5xx, 429, network).
+    /// GET with capped exponential backoff and jitter for transient failures (5xx, 429,
+    /// network); a `Retry-After` or `RateLimit` reset from the hub replaces the backoff's delay.
     async fn send_retrying(
         &self,
         url: &str,
         token: Option<&Token>,
         ctx: &Ctx<'_>,
+        range: Option<&str>,
     ) -> Result<reqwest::Response, HubError> {
         let once = || async {
-            let resp = self
-                .get(url, token)
-                .send()
-                .await
-                .map_err(|source| HubError::Network {
-                    url: url.to_owned(),
-                    source,
-                })?;
+            let mut req = self.get(url, token);
+            if let Some(r) = range {
+                req = req.header(reqwest::header::RANGE, r);
+            }
+            let resp = req.send().await.map_err(|source| HubError::Network {
+                url: url.to_owned(),
+                source,
+            })?;
             classify(resp, url, ctx, &self.endpoint)
         };
-        once.retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(10))
-                .with_max_times(4)
-                .with_jitter(),
-        )
-        .when(HubError::is_transient)
-        .notify(|e, after| tracing::warn!(error = %e, retry_in = ?after, "hub request failed; retrying"))
-        .await
+        once.retry(retry_policy())
+            .when(HubError::is_transient)
+            .adjust(|e: &HubError, backoff| match e.retry_after() {
+                Some(wait) => Some(jittered(wait.min(MAX_RETRY_AFTER))),
+                None => backoff,
+            })
+            .notify(|e, after| tracing::warn!(error = %e, retry_in = ?after, "hub request failed; retrying"))
+            .await
     }
+}
+
+/// The longest wait a hub's `Retry-After` is honoured for; beyond it the request fails.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// Capped exponential backoff with jitter, five tries in all.
+pub fn retry_policy() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_max_times(4)
+        .with_jitter()
+}
+
+/// `wait` plus up to 20% more, so that clients told the same time do not return together.
+fn jittered(wait: Duration) -> Duration {
+    wait + wait.mul_f64(rand::random::<f64>() * 0.2)
+}
+
+/// True when `url` has the scheme, host and port of `endpoint`.
+fn same_origin(url: &str, endpoint: &str) -> bool {
+    match (reqwest::Url::parse(url), reqwest::Url::parse(endpoint)) {
+        (Ok(a), Ok(b)) => a.origin() == b.origin(),
+        _ => false,
+    }
+}
+
+/// How long a hub asks a client to wait: `Retry-After` (seconds or an HTTP date), else the reset
+/// of an exhausted `RateLimit` (`"api";r=0;t=55`, as the Hub sends) or `RateLimit-Reset`.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(v) = get("retry-after") {
+        let v = v.trim();
+        if let Ok(secs) = v.parse::<u64>() {
+            return Some(Duration::from_secs(secs));
+        }
+        if let Ok(when) = httpdate::parse_http_date(v) {
+            return Some(
+                when.duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    if let Some(v) = get("ratelimit") {
+        let param = |key: &str| {
+            v.split(';')
+                .filter_map(|p| p.trim().split_once('='))
+                .find(|(k, _)| *k == key)
+                .and_then(|(_, n)| n.trim().parse::<u64>().ok())
+        };
+        if param("r") == Some(0)
+            && let Some(t) = param("t")
+        {
+            return Some(Duration::from_secs(t));
+        }
+    }
+    get("ratelimit-reset")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+/// A file of a repo at a commit, and the token to ask for it with.
+#[derive(Debug, Clone, Copy)]
+pub struct FileSource<'a> {
+    /// Model or dataset.
+    pub kind: RepoKind,
+    /// `org/name`.
+    pub repo: &'a RepoId,
+    /// The commit.
+    pub commit: &'a str,
+    /// The file.
+    pub path: &'a RepoPath,
+    /// The volume's token, if any (else the client's default).
+    pub token: Option<&'a Token>,
 }
 
 /// What a request was about, for error messages.
@@ -291,6 +381,7 @@ fn classify(
     };
     let code = header(X_ERROR_CODE);
     let repo = ctx.repo.to_string();
+    let wait = retry_after(resp.headers());
     Err(match (code.as_str(), status) {
         ("RepoNotFound", _) => HubError::RepoNotFound {
             kind: ctx.kind.singular(),
@@ -312,7 +403,10 @@ fn classify(
                 status: status.as_u16(),
             }
         }
-        (_, StatusCode::TOO_MANY_REQUESTS) => HubError::RateLimited { repo },
+        (_, StatusCode::TOO_MANY_REQUESTS) => HubError::RateLimited {
+            repo,
+            retry_after: wait,
+        },
         (_, StatusCode::NOT_FOUND) if ctx.path.is_none() => HubError::RepoNotFound {
             kind: ctx.kind.singular(),
             repo,
@@ -322,6 +416,7 @@ fn classify(
             url: url.to_owned(),
             status: status.as_u16(),
             message: header(X_ERROR_MESSAGE),
+            retry_after: wait,
         },
     })
 }
@@ -374,6 +469,38 @@ mod tests {
             r#"<https://x>; rel="prev""#.parse().unwrap(),
         );
         assert_eq!(next_link(&h), None);
+    }
+
+    #[test]
+    fn retry_after_headers() {
+        let h = |pairs: &[(&'static str, &str)]| {
+            let mut m = reqwest::header::HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, v.parse().unwrap());
+            }
+            retry_after(&m)
+        };
+        assert_eq!(h(&[("retry-after", "7")]), Some(Duration::from_secs(7)));
+        let soon = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(30));
+        let got = h(&[("retry-after", &soon)]).unwrap();
+        assert!(got > Duration::from_secs(25) && got <= Duration::from_secs(30), "{got:?}");
+        assert_eq!(
+            h(&[("ratelimit", r#""api";r=0;t=55"#)]),
+            Some(Duration::from_secs(55))
+        );
+        // Requests left: no wait from RateLimit.
+        assert_eq!(h(&[("ratelimit", r#""api";r=3;t=55"#)]), None);
+        assert_eq!(h(&[("ratelimit-reset", "4")]), Some(Duration::from_secs(4)));
+        assert_eq!(h(&[]), None);
+    }
+
+    #[test]
+    fn token_goes_only_to_the_hub_origin() {
+        let hub = "http://127.0.0.1:8080";
+        assert!(same_origin("http://127.0.0.1:8080/a/b/resolve/c/d", hub));
+        assert!(!same_origin("http://localhost:8080/cdn/x", hub));
+        assert!(!same_origin("http://127.0.0.1:9090/cdn/x", hub));
+        assert!(!same_origin("https://127.0.0.1:8080/x", hub));
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub enum HubError {
     RateLimited {
         /// `org/name`.
         repo: String,
+        /// How long the hub asked to wait, if it said.
+        retry_after: Option<std::time::Duration>,
     },
     /// Any other unexpected HTTP status.
     #[error("{url} answered HTTP {status}: {message}")]
@@ -58,6 +60,8 @@ pub enum HubError {
         status: u16,
         /// The hub's message, if any.
         message: String,
+        /// How long the hub asked to wait (`Retry-After` on a 503), if it said.
+        retry_after: Option<std::time::Duration>,
     },
     /// The hub could not be reached or the connection broke.
     #[error("cannot reach the hub at {url}: {source}")]
@@ -85,6 +89,16 @@ impl HubError {
             HubError::RateLimited { .. } | HubError::Network { .. } => true,
             HubError::Status { status, .. } => *status >= 500,
             _ => false,
+        }
+    }
+
+    /// How long the hub asked to wait before the next try, if it said.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            HubError::RateLimited { retry_after, .. } | HubError::Status { retry_after, .. } => {
+                *retry_after
+            }
+            _ => None,
         }
     }
 }

@@ -8,16 +8,20 @@
 //!   refs/models--org--name/<revision>       the commit a branch or tag last resolved to
 //!   views/hf-cache/…                        snapshots shaped as an HF_HUB_CACHE (see `views`)
 //!   staging/                                downloads and snapshots being built
+//!   partial/                                large downloads that resume after a restart
 //!   pins.json                               which volume uses which snapshot
 //! ```
 //!
 //! Nothing is visible half-written: a blob is written, fsynced and renamed into `blobs/`; a
 //! snapshot is assembled in `staging/` and renamed into `snapshots/` in one step, so a snapshot
-//! directory that exists is complete. `staging/` is emptied on open.
+//! directory that exists is complete. `staging/` is emptied on open; `partial/` keeps what a
+//! later pull can resume (see `partial`) and loses what is stale.
 
+mod partial;
 mod pins;
 mod views;
 
+pub use partial::Partial;
 pub use pins::{PinRecord, Pins};
 pub use views::Layout;
 
@@ -95,6 +99,9 @@ pub struct Snapshot {
     pub path: PathBuf,
 }
 
+/// How long an untouched partial download is kept for a later pull to resume.
+pub const PARTIAL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// A node's store rooted at a directory.
 #[derive(Debug)]
 pub struct Store {
@@ -112,6 +119,7 @@ impl Store {
             "refs",
             "repos",
             "staging",
+            "partial",
         ] {
             let d = root.join(dir);
             fs::create_dir_all(&d).ctx("create", &d)?;
@@ -119,6 +127,7 @@ impl Store {
         let root = fs::canonicalize(&root).ctx("resolve", &root)?;
         let store = Store { root };
         store.sweep_staging()?;
+        store.sweep_partial()?;
         Ok(store)
     }
 
@@ -144,6 +153,44 @@ impl Store {
             res.ctx("remove leftover", &path)?;
         }
         Ok(())
+    }
+
+    /// Drops partial downloads nobody resumed for [`PARTIAL_MAX_AGE`], and those whose blob
+    /// is complete.
+    fn sweep_partial(&self) -> Result<()> {
+        let dir = self.root.join("partial");
+        for entry in fs::read_dir(&dir).ctx("list", &dir)? {
+            let path = entry.ctx("list", &dir)?.path();
+            let age = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            let name = path.file_stem().unwrap_or_default().to_string_lossy();
+            let done = ContentHash::from_file_name(&name).is_some_and(|h| self.has_blob(&h));
+            if age > PARTIAL_MAX_AGE || done {
+                fs::remove_file(&path).ctx("remove stale partial download", &path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The partial download of `hash`, resumed if an earlier run left one with the same chunk
+    /// size. The caller must be the only one downloading `hash`.
+    pub fn open_partial(&self, hash: &ContentHash, size: u64, chunk: u64) -> Result<Partial> {
+        let path = self.root.join("partial").join(hash.file_name());
+        Partial::open(path, size, chunk)
+    }
+
+    /// Makes a fully written and verified partial download the blob `hash`.
+    pub fn commit_partial(&self, partial: &Partial, hash: &ContentHash) -> Result<()> {
+        let (file, tmp) = partial.data();
+        file.sync_all().ctx("fsync", tmp)?;
+        fs::set_permissions(tmp, fs::Permissions::from_mode(0o444)).ctx("chmod", tmp)?;
+        let dest = self.blob_path(hash);
+        fs::rename(tmp, &dest).ctx("rename into", &dest)?;
+        sync_dir(dest.parent().expect("blob has a parent"))?;
+        partial.remove_journal()
     }
 
     /// Where a blob lives (whether or not it is there).

@@ -1,0 +1,376 @@
+//! A large file in parallel byte ranges, resumable after a restart or a dropped connection.
+//!
+//! The file is split into chunks of a fixed size, written in place into a [`Partial`] in the
+//! store. The first request follows the hub's redirects and tells where the bytes are (a CDN,
+//! usually) and whether the server honours `Range`; the other chunks go straight there, all
+//! sharing the fetcher's connection budget. A chunk cut off mid-body continues from its last
+//! written byte. As chunks complete, a hasher reads the file's written prefix back in order
+//! (from the page cache, moments after it was written) so the hash is ready when the last byte
+//! lands; a mismatch discards the partial file.
+
+use super::{FetchError, PlannedFile, Progress};
+use crate::hash::{ContentHash, Hasher};
+use crate::hub::client::{FileSource, retry_policy};
+use crate::hub::{HubClient, HubError};
+use crate::store::{Partial, Store, StoreError};
+use backon::BackoffBuilder;
+use futures::{StreamExt, TryStreamExt};
+use reqwest::StatusCode;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::{Semaphore, mpsc};
+
+/// Bytes a connection gathers before handing them to a write.
+const WRITE_BUFFER: usize = 256 << 10;
+/// Bytes the hasher reads at a time.
+const HASH_BUFFER: usize = 1 << 20;
+
+/// How a ranged download ended.
+pub(super) enum Outcome {
+    /// The blob is in the store.
+    Done,
+    /// The server ignores `Range`; nothing was kept.
+    NoRanges,
+}
+
+/// One ranged download.
+pub(super) struct Job<'a> {
+    pub hub: &'a HubClient,
+    pub store: &'a Arc<Store>,
+    pub connections: &'a Semaphore,
+    pub chunk_size: u64,
+    /// Requests in flight at most (the size of `connections`).
+    pub parallel: usize,
+    pub src: FileSource<'a>,
+    pub file: &'a PlannedFile,
+    pub progress: &'a Progress,
+    /// Bytes this attempt added to `progress`.
+    pub counted: &'a AtomicU64,
+}
+
+/// What the first answer said.
+enum Opened {
+    Ranges(reqwest::Response),
+    NoRanges,
+}
+
+impl Job<'_> {
+    pub(super) async fn run(&self) -> Result<Outcome, FetchError> {
+        let (store, hash, size, chunk) = (
+            self.store.clone(),
+            self.file.hash.clone(),
+            self.file.size,
+            self.chunk_size,
+        );
+        let partial = Arc::new(
+            blocking(move || store.open_partial(&hash, size, chunk))
+                .await
+                .map_err(FetchError::Store)?,
+        );
+        let todo: Vec<u64> = (0..partial.chunks())
+            .filter(|i| !partial.done().contains(i))
+            .collect();
+        if !partial.done().is_empty() {
+            let kept: u64 = partial
+                .done()
+                .iter()
+                .map(|&i| partial.range(i))
+                .map(|(a, b)| b - a)
+                .sum();
+            tracing::info!(file = %self.file.path, bytes = kept, "resuming an interrupted download");
+            self.count(kept);
+        }
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        for &i in partial.done() {
+            let _ = done_tx.send(i);
+        }
+        let hashing = hash_in_order(partial.clone(), self.file, done_rx);
+        let (job, partial_ref, tx) = (self, &partial, &done_tx);
+        let fetching = async move {
+            let Some((&first, rest)) = todo.split_first() else {
+                return Ok::<(), Failure>(());
+            };
+            // The first request finds where the bytes are; the others go there directly.
+            let permit = job.permit().await;
+            let (start, end) = partial_ref.range(first);
+            let resp = match job.open(start, end, None).await? {
+                Opened::Ranges(r) => r,
+                Opened::NoRanges => return Err(Failure::NoRanges),
+            };
+            let location = resp.url().to_string();
+            let location = location.as_str();
+            let first_chunk = async move {
+                let _permit = permit;
+                job.chunk(partial_ref, first, Some(resp), location).await?;
+                let _ = tx.send(first);
+                Ok::<_, Failure>(())
+            };
+            let others = futures::stream::iter(rest.iter().copied())
+                .map(move |i| async move {
+                    let _permit = job.permit().await;
+                    job.chunk(partial_ref, i, None, location).await?;
+                    let _ = tx.send(i);
+                    Ok::<_, Failure>(())
+                })
+                .buffer_unordered(job.parallel)
+                .try_collect::<()>();
+            futures::try_join!(first_chunk, others).map(|_| ())
+        };
+        let result = futures::try_join!(fetching, async {
+            hashing.await.map_err(Failure::Fetch)
+        });
+        match result {
+            Ok(((), actual)) if actual == self.file.hash => {
+                let (store, hash) = (self.store.clone(), self.file.hash.clone());
+                let p = partial.clone();
+                blocking(move || store.commit_partial(&p, &hash))
+                    .await
+                    .map_err(FetchError::Store)?;
+                tracing::debug!(file = %self.file.path, bytes = self.file.size, "verified");
+                Ok(Outcome::Done)
+            }
+            Ok(((), actual)) => {
+                discard(partial).await;
+                Err(FetchError::Integrity {
+                    path: self.file.path.to_string(),
+                    detail: format!("expected {}, got {}", self.file.hash, actual),
+                })
+            }
+            Err(Failure::NoRanges) => {
+                discard(partial).await;
+                Ok(Outcome::NoRanges)
+            }
+            Err(Failure::Fetch(e @ FetchError::Integrity { .. })) => {
+                discard(partial).await;
+                Err(e)
+            }
+            // Anything else keeps the written chunks for the next try.
+            Err(Failure::Fetch(e)) => Err(e),
+        }
+    }
+
+    fn count(&self, n: u64) {
+        self.progress.bytes_done.fetch_add(n, Ordering::Relaxed);
+        self.counted.fetch_add(n, Ordering::Relaxed);
+    }
+
+    async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.connections
+            .acquire()
+            .await
+            .expect("the connection semaphore is never closed")
+    }
+
+    /// Asks for bytes `[start, end)` and checks the answer is that range, or a whole file
+    /// from a server that ignores `Range`.
+    async fn open(&self, start: u64, end: u64, url: Option<&str>) -> Result<Opened, FetchError> {
+        let resp = self.hub.download(&self.src, url, Some(start..end)).await?;
+        if resp.status() == StatusCode::OK {
+            return Ok(Opened::NoRanges);
+        }
+        let protocol = |reason: String| {
+            FetchError::Hub(HubError::Protocol {
+                url: resp.url().to_string(),
+                reason,
+            })
+        };
+        if resp.status() != StatusCode::PARTIAL_CONTENT {
+            return Err(protocol(format!(
+                "HTTP {} to a range request",
+                resp.status()
+            )));
+        }
+        let want = format!("bytes {}-{}/{}", start, end - 1, self.file.size);
+        let got = resp
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if got != want {
+            return Err(protocol(format!(
+                "asked for {want}, Content-Range says {got:?}"
+            )));
+        }
+        Ok(Opened::Ranges(resp))
+    }
+
+    /// Fetches chunk `i` (from `resp` if the request was already made), continuing after a
+    /// dropped connection from the last byte written, and records it in the journal.
+    async fn chunk(
+        &self,
+        partial: &Arc<Partial>,
+        i: u64,
+        mut resp: Option<reqwest::Response>,
+        location: &str,
+    ) -> Result<(), Failure> {
+        let (start, end) = partial.range(i);
+        let mut at = start;
+        let mut backoff = retry_policy().build();
+        loop {
+            let resp = match resp.take() {
+                Some(r) => r,
+                None => match self.open(at, end, Some(location)).await? {
+                    Opened::Ranges(r) => r,
+                    Opened::NoRanges => {
+                        return Err(FetchError::Hub(HubError::Protocol {
+                            url: location.to_owned(),
+                            reason: "the server stopped honouring Range".into(),
+                        })
+                        .into());
+                    }
+                },
+            };
+            match self.stream(partial, resp, &mut at, end).await {
+                Ok(()) => break,
+                Err(e @ FetchError::Interrupted { .. }) => match backoff.next() {
+                    Some(wait) => {
+                        tracing::debug!(file = %self.file.path, chunk = i, at, error = %e, "range interrupted; continuing");
+                        tokio::time::sleep(wait).await;
+                    }
+                    None => return Err(e.into()),
+                },
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let p = partial.clone();
+        blocking(move || p.mark_done(i))
+            .await
+            .map_err(FetchError::Store)?;
+        Ok(())
+    }
+
+    /// Writes the body of a range answer at `*at`, advancing it past every byte written.
+    async fn stream(
+        &self,
+        partial: &Arc<Partial>,
+        resp: reqwest::Response,
+        at: &mut u64,
+        end: u64,
+    ) -> Result<(), FetchError> {
+        let mut body = resp.bytes_stream();
+        let mut buf = Vec::with_capacity(WRITE_BUFFER);
+        let mut flushed = *at;
+        let result = loop {
+            match body.next().await {
+                None => break Ok(()),
+                Some(Err(source)) => {
+                    break Err(FetchError::Interrupted {
+                        path: self.file.path.to_string(),
+                        source,
+                    });
+                }
+                Some(Ok(bytes)) => {
+                    if flushed + (buf.len() + bytes.len()) as u64 > end {
+                        break Err(FetchError::Integrity {
+                            path: self.file.path.to_string(),
+                            detail: format!(
+                                "the answer to a range request is longer than the {} bytes asked for",
+                                end - *at
+                            ),
+                        });
+                    }
+                    buf.extend_from_slice(&bytes);
+                    self.count(bytes.len() as u64);
+                    if buf.len() >= WRITE_BUFFER {
+                        flushed = write(partial, &mut buf, flushed).await?;
+                    }
+                }
+            }
+        };
+        // What arrived before a cut is kept; only the rest is asked for again.
+        let flushed = write(partial, &mut buf, flushed).await?;
+        *at = flushed;
+        result?;
+        if flushed != end {
+            return Err(FetchError::Integrity {
+                path: self.file.path.to_string(),
+                detail: format!("a range answer ended {} bytes short", end - flushed),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Writes `buf` at `at` and empties it; returns the offset after it.
+async fn write(partial: &Arc<Partial>, buf: &mut Vec<u8>, at: u64) -> Result<u64, FetchError> {
+    if buf.is_empty() {
+        return Ok(at);
+    }
+    let data = std::mem::replace(buf, Vec::with_capacity(WRITE_BUFFER));
+    let len = data.len() as u64;
+    let p = partial.clone();
+    blocking(move || p.write_at(&data, at))
+        .await
+        .map_err(FetchError::Store)?;
+    Ok(at + len)
+}
+
+/// Hashes the file's chunks in order as their indices arrive on `done`.
+async fn hash_in_order(
+    partial: Arc<Partial>,
+    file: &PlannedFile,
+    mut done: mpsc::UnboundedReceiver<u64>,
+) -> Result<ContentHash, FetchError> {
+    let n = partial.chunks();
+    let mut ready = BTreeSet::new();
+    let mut next = 0;
+    let mut state = (Hasher::new(file.hash.algo(), file.size), vec![0u8; HASH_BUFFER]);
+    while next < n {
+        match done.recv().await {
+            Some(i) => ready.insert(i),
+            // The fetching side stopped; its error is the one reported.
+            None => std::future::pending().await,
+        };
+        let mut run_end = next;
+        while ready.remove(&run_end) {
+            run_end += 1;
+        }
+        if run_end == next {
+            continue;
+        }
+        let (from, to) = (partial.range(next).0, partial.range(run_end - 1).1);
+        let p = partial.clone();
+        state = blocking(move || {
+            let (mut hasher, mut buf) = state;
+            let mut at = from;
+            while at < to {
+                let len = ((to - at) as usize).min(buf.len());
+                p.read_at(&mut buf[..len], at)?;
+                hasher.update(&buf[..len]);
+                at += len as u64;
+            }
+            Ok::<_, StoreError>((hasher, buf))
+        })
+        .await?;
+        next = run_end;
+    }
+    Ok(state.0.finish())
+}
+
+async fn discard(partial: Arc<Partial>) {
+    if let Err(e) = blocking(move || partial.discard()).await {
+        tracing::warn!(error = %e, "could not remove a discarded partial download");
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("store tasks do not panic")
+}
+
+/// Why the fetching side stopped.
+enum Failure {
+    /// The first answer showed the server ignores `Range`.
+    NoRanges,
+    Fetch(FetchError),
+}
+
+impl From<FetchError> for Failure {
+    fn from(e: FetchError) -> Self {
+        Failure::Fetch(e)
+    }
+}

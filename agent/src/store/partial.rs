@@ -1,0 +1,200 @@
+//! Large downloads in progress, kept across restarts so that an interrupted file continues from
+//! the bytes already on disk:
+//!
+//! ```text
+//! STORE/partial/<algo>-<hex>          the file, written at its final size, chunk by chunk
+//! STORE/partial/<algo>-<hex>.chunks   a journal: a header line, then one line per chunk written
+//! ```
+//!
+//! A chunk's line is appended only after its bytes were written, so after a crash of the agent
+//! every chunk the journal names is on disk (the page cache survives a process kill). The journal
+//! is not fsynced: after a power loss a named chunk may be missing, and the whole-file hash,
+//! checked before the file becomes a blob, catches it and the partial is discarded. The hash is
+//! the only thing trusted; the journal only saves work.
+
+use super::{Context, Result};
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// A download in progress, split into chunks of a fixed size.
+#[derive(Debug)]
+pub struct Partial {
+    data_path: PathBuf,
+    journal_path: PathBuf,
+    data: File,
+    journal: File,
+    size: u64,
+    chunk: u64,
+    done: BTreeSet<u64>,
+}
+
+fn header(size: u64, chunk: u64) -> String {
+    format!("modelcache-partial v1 size={size} chunk={chunk}\n")
+}
+
+impl Partial {
+    /// Opens the partial download at `data_path`, resuming it when its journal matches `size`
+    /// and `chunk`, else starting over.
+    pub(super) fn open(data_path: PathBuf, size: u64, chunk: u64) -> Result<Self> {
+        let journal_path = data_path.with_extension("chunks");
+        let done = match fs::read_to_string(&journal_path) {
+            Ok(text) => parse_journal(&text, size, chunk),
+            Err(_) => None,
+        };
+        let resumed = done.is_some();
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(!resumed)
+            .open(&data_path)
+            .ctx("open partial download", &data_path)?;
+        data.set_len(size).ctx("size partial download", &data_path)?;
+        let mut journal = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .truncate(false)
+            .open(&journal_path)
+            .ctx("open journal", &journal_path)?;
+        if !resumed {
+            journal.set_len(0).ctx("reset journal", &journal_path)?;
+            journal
+                .write_all(header(size, chunk).as_bytes())
+                .ctx("write journal", &journal_path)?;
+        }
+        Ok(Partial {
+            data_path,
+            journal_path,
+            data,
+            journal,
+            size,
+            chunk,
+            done: done.unwrap_or_default(),
+        })
+    }
+
+    /// Chunks already written (by an earlier, interrupted run).
+    pub fn done(&self) -> &BTreeSet<u64> {
+        &self.done
+    }
+
+    /// Number of chunks.
+    pub fn chunks(&self) -> u64 {
+        self.size.div_ceil(self.chunk)
+    }
+
+    /// Byte range `[start, end)` of chunk `i`.
+    pub fn range(&self, i: u64) -> (u64, u64) {
+        let start = i * self.chunk;
+        (start, (start + self.chunk).min(self.size))
+    }
+
+    /// Writes bytes at `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.data
+            .write_all_at(buf, offset)
+            .ctx("write", &self.data_path)
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.data
+            .read_exact_at(buf, offset)
+            .ctx("read", &self.data_path)
+    }
+
+    /// Records that chunk `i` is written. One `write` of one short line, so concurrent
+    /// appends never interleave.
+    pub fn mark_done(&self, i: u64) -> Result<()> {
+        (&self.journal)
+            .write_all(format!("{i}\n").as_bytes())
+            .ctx("write journal", &self.journal_path)
+    }
+
+    /// The data file, for committing it as a blob.
+    pub(super) fn data(&self) -> (&File, &Path) {
+        (&self.data, &self.data_path)
+    }
+
+    /// Removes the journal (after the data became a blob) .
+    pub(super) fn remove_journal(&self) -> Result<()> {
+        fs::remove_file(&self.journal_path).ctx("remove", &self.journal_path)
+    }
+
+    /// Deletes the download, e.g. after its bytes failed verification.
+    pub fn discard(&self) -> Result<()> {
+        for p in [&self.journal_path, &self.data_path] {
+            match fs::remove_file(p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).ctx("remove", p);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The chunks a journal names, if its header matches; a torn last line is ignored.
+fn parse_journal(text: &str, size: u64, chunk: u64) -> Option<BTreeSet<u64>> {
+    let body = text.strip_prefix(&header(size, chunk))?;
+    let n = size.div_ceil(chunk);
+    Some(
+        body.split_inclusive('\n')
+            .filter_map(|l| l.strip_suffix('\n'))
+            .filter_map(|l| l.parse::<u64>().ok())
+            .filter(|&i| i < n)
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_parsing() {
+        let h = header(10, 4);
+        assert_eq!(
+            parse_journal(&format!("{h}0\n2\n"), 10, 4),
+            Some([0, 2].into())
+        );
+        // A torn last line, an out-of-range chunk and garbage are ignored.
+        assert_eq!(
+            parse_journal(&format!("{h}2\n7\nx\n1"), 10, 4),
+            Some([2].into())
+        );
+        // Another size or chunk size: start over.
+        assert_eq!(parse_journal(&format!("{h}0\n"), 11, 4), None);
+        assert_eq!(parse_journal(&format!("{h}0\n"), 10, 5), None);
+    }
+
+    #[test]
+    fn resumes_only_what_the_journal_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sha256-x");
+        let p = Partial::open(path.clone(), 10, 4).unwrap();
+        assert_eq!(p.chunks(), 3);
+        assert_eq!(p.range(2), (8, 10));
+        p.write_at(b"abcd", 0).unwrap();
+        p.mark_done(0).unwrap();
+        p.write_at(b"ef", 4).unwrap(); // chunk 1 half written, never marked
+        drop(p);
+        let p = Partial::open(path.clone(), 10, 4).unwrap();
+        assert_eq!(p.done(), &[0].into());
+        let mut buf = [0u8; 4];
+        p.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"abcd");
+        drop(p);
+        // A different chunk size throws the old bytes away.
+        let p = Partial::open(path.clone(), 10, 5).unwrap();
+        assert!(p.done().is_empty());
+        p.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [0; 4]);
+        p.discard().unwrap();
+        assert!(!path.exists());
+    }
+}
