@@ -517,7 +517,8 @@ mod tests {
         let api = AgentApi::new(
             Fetcher::new(hub, store, Default::default()),
             CancellationToken::new(),
-        ).unwrap();
+        )
+        .unwrap();
         let req = |volume_id: &str| pb::PinRequest {
             volume_id: volume_id.into(),
             model: Some(pb::ModelRef {

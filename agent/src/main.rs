@@ -36,6 +36,37 @@ struct Cli {
     command: Command,
 }
 
+/// Fault injection for `serve-hub`, to test clients against a misbehaving hub.
+#[derive(clap::Args)]
+#[command(next_help_heading = "Fault injection")]
+struct FaultArgs {
+    /// Serve each response body at most this many bytes a second.
+    #[arg(long, value_name = "BYTES")]
+    max_bytes_per_second: Option<std::num::NonZeroU64>,
+    /// Share of requests answered 500 or 503 (0 to 1).
+    #[arg(long, value_name = "SHARE", default_value_t = 0.0, value_parser = share)]
+    server_errors: f64,
+    /// Share of requests answered 429 with Retry-After (0 to 1).
+    #[arg(long, value_name = "SHARE", default_value_t = 0.0, value_parser = share)]
+    rate_limits: f64,
+    /// Share of file bodies cut off halfway (0 to 1).
+    #[arg(long, value_name = "SHARE", default_value_t = 0.0, value_parser = share)]
+    truncations: f64,
+    /// Share of file bodies with one wrong byte (0 to 1).
+    #[arg(long, value_name = "SHARE", default_value_t = 0.0, value_parser = share)]
+    corruptions: f64,
+    /// Milliseconds added before every answer.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    latency_ms: u64,
+}
+
+fn share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a share between 0 and 1")),
+    }
+}
+
 /// Where models come from.
 #[derive(clap::Args)]
 struct HubArgs {
@@ -78,9 +109,13 @@ enum Command {
         /// Gate a repo: only requests with one of these tokens may read it (repeatable).
         #[arg(long, value_name = "ORG/NAME=TOKEN[,TOKEN...]", value_parser = parse_gated)]
         gated: Vec<(RepoId, Vec<String>)>,
-        /// Fault injection: serve each file at most this many bytes a second.
-        #[arg(long, value_name = "BYTES")]
-        max_bytes_per_second: Option<std::num::NonZeroU64>,
+        /// Redirect LFS files to this base URL's /cdn/ route (this server under another host
+        /// name, e.g. http://localhost:8080 when listening on 127.0.0.1:8080), as the Hub
+        /// redirects to its CDN.
+        #[arg(long, value_name = "URL")]
+        cdn_url: Option<String>,
+        #[command(flatten)]
+        faults: FaultArgs,
     },
     /// Download a repo into the store, verify every file, and print the snapshot directory
     /// as the last line.
@@ -165,8 +200,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ServeHub {
             root,
             listen,
-            max_bytes_per_second,
             gated,
+            cdn_url,
+            faults,
         } => {
             let catalog = Catalog::load(&root)
                 .with_context(|| format!("cannot load repos from {}", root.display()))?;
@@ -178,12 +214,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {listen}"))?;
             tracing::info!(address = %listener.local_addr()?, "hub listening");
             let faults = server::Faults {
-                max_bytes_per_second,
+                max_bytes_per_second: faults.max_bytes_per_second,
+                server_errors: faults.server_errors,
+                rate_limits: faults.rate_limits,
+                truncations: faults.truncations,
+                corruptions: faults.corruptions,
+                latency: std::time::Duration::from_millis(faults.latency_ms),
             };
             let hub = server::Hub {
                 catalog,
                 gated: gated.into_iter().collect(),
                 faults,
+                cdn: cdn_url,
             };
             server::serve(listener, Arc::new(hub), shutdown).await?;
         }

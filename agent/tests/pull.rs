@@ -19,6 +19,12 @@ impl Drop for Hub {
 }
 
 fn serve_hub(root: &Path) -> (Hub, String) {
+    let (hub, endpoint, _) = serve_hub_with(root, |_| Vec::new());
+    (hub, endpoint)
+}
+
+/// serve-hub with extra arguments, which may name the port it listens on.
+fn serve_hub_with(root: &Path, extra: impl Fn(u16) -> Vec<String>) -> (Hub, String, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -33,6 +39,7 @@ fn serve_hub(root: &Path) -> (Hub, String) {
             "--listen",
             &addr,
         ])
+        .args(extra(port))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -42,7 +49,7 @@ fn serve_hub(root: &Path) -> (Hub, String) {
         assert!(Instant::now() < deadline, "serve-hub did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    (Hub(child), format!("http://{addr}"))
+    (Hub(child), format!("http://{addr}"), port)
 }
 
 fn pull(endpoint: &str, store: &Path, args: &[&str]) -> Output {
@@ -78,9 +85,18 @@ fn files_below(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default()
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries {
         let p = e.unwrap().path();
         if p.is_dir() {
             out.extend(walk(&p));
@@ -251,4 +267,195 @@ fn hostile_hubs_write_nothing() {
             .collect();
         assert!(kept.is_empty(), "{tree}: left {kept:?}");
     }
+}
+
+/// A repo with one large LFS file of random bytes and `small` small files.
+fn large_repo(hub_root: &Path, name: &str, mib: usize, small: usize) -> PathBuf {
+    use rand::RngCore;
+    let repo = hub_root.join("models/org").join(name);
+    std::fs::create_dir_all(repo.join("tok")).unwrap();
+    let mut big = vec![0u8; mib << 20];
+    rand::rng().fill_bytes(&mut big);
+    std::fs::write(repo.join("model.safetensors"), &big).unwrap();
+    for i in 0..small {
+        std::fs::write(
+            repo.join(format!("tok/f{i}.json")),
+            format!("{{\"i\":{i}}}"),
+        )
+        .unwrap();
+    }
+    repo
+}
+
+fn cdn_on(port: u16) -> Vec<String> {
+    // Another host name for the same server: another origin, as a CDN is.
+    vec!["--cdn-url".into(), format!("http://localhost:{port}")]
+}
+
+#[test]
+fn large_files_come_in_ranges_from_the_cdn_without_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub_root = dir.path().join("hub");
+    let repo = large_repo(&hub_root, "gated", 20, 5);
+    let (_hub, endpoint, _) = serve_hub_with(&hub_root, |port| {
+        let mut a = cdn_on(port);
+        a.extend(["--gated".into(), "org/gated=hf_good".into()]);
+        a
+    });
+    let store = dir.path().join("store");
+    let ranged = ["--chunk-mib", "1", "--connections", "8"];
+    // Without the token, the hub refuses; with it, the resolve URLs accept it and the CDN,
+    // which refuses any request carrying Authorization, serves the ranges.
+    let out = pull(&endpoint, &store, &[&["org/gated"][..], &ranged].concat());
+    assert!(
+        stderr(&out).contains("accept the licence"),
+        "{}",
+        stderr(&out)
+    );
+    let out = pull(
+        &endpoint,
+        &store,
+        &[&["org/gated", "--token", "hf_good"][..], &ranged].concat(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(files_below(&last_line(&out)), files_below(&repo));
+    assert!(!stderr(&out).contains("hf_good"), "the token was logged");
+    let partial: Vec<_> = walk(&store.join("partial"));
+    assert!(partial.is_empty(), "left partial downloads: {partial:?}");
+}
+
+#[test]
+fn pull_gets_through_a_faulty_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub_root = dir.path().join("hub");
+    let repo = large_repo(&hub_root, "m", 12, 5);
+    // Each fault is frequent enough to hit dozens of the ~60 requests, and rare enough that
+    // five tries of one request all failing is out of reach (< 1e-5).
+    let (_hub, endpoint, _) = serve_hub_with(&hub_root, |port| {
+        let mut a = cdn_on(port);
+        for (flag, v) in [
+            ("--server-errors", "0.05"),
+            ("--rate-limits", "0.03"),
+            ("--truncations", "0.1"),
+            ("--latency-ms", "5"),
+        ] {
+            a.extend([flag.to_owned(), v.to_owned()]);
+        }
+        a
+    });
+    let store = dir.path().join("store");
+    let out = pull(&endpoint, &store, &["org/m", "--chunk-mib", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(files_below(&last_line(&out)), files_below(&repo));
+}
+
+#[test]
+fn wrong_bytes_are_refused_and_not_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub_root = dir.path().join("hub");
+    // One file, so that its own failure (not another's) ends the pull.
+    large_repo(&hub_root, "m", 3, 0);
+    let (_hub, endpoint, _) =
+        serve_hub_with(&hub_root, |_| vec!["--corruptions".into(), "1".into()]);
+    let store = dir.path().join("store");
+    let out = pull(&endpoint, &store, &["org/m", "--chunk-mib", "1"]);
+    assert!(!out.status.success(), "a corrupt pull succeeded");
+    assert!(
+        stderr(&out).contains("do not match the hub"),
+        "{}",
+        stderr(&out)
+    );
+    for area in ["blobs", "snapshots", "partial", "staging"] {
+        let kept = walk(&store.join(area));
+        assert!(kept.is_empty(), "{area}: kept {kept:?}");
+    }
+}
+
+/// The files of the store's blobs that do not hash to their name.
+fn corrupt_blobs(store: &Path) -> Vec<PathBuf> {
+    use sha2::Digest;
+    walk(&store.join("blobs/sha256"))
+        .into_iter()
+        .filter(|p| {
+            let bytes = std::fs::read(p).unwrap();
+            hex::encode(sha2::Sha256::digest(&bytes)) != p.file_name().unwrap().to_str().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn pulls_killed_at_random_points_resume_and_end_verified() {
+    use rand::Rng;
+    let dir = tempfile::tempdir().unwrap();
+    let hub_root = dir.path().join("hub");
+    let repo = large_repo(&hub_root, "m", 24, 5);
+    // 2 MB/s per response and 4 connections: about three seconds for the whole file, more
+    // than five rounds of 100-800 ms give it.
+    let (_hub, endpoint, _) = serve_hub_with(&hub_root, |_| {
+        vec!["--max-bytes-per-second".into(), "2000000".into()]
+    });
+    let store = dir.path().join("store");
+    let args = [
+        "pull",
+        "org/m",
+        "--chunk-mib",
+        "1",
+        "--connections",
+        "4",
+        "--store",
+        store.to_str().unwrap(),
+        "--endpoint",
+        &endpoint,
+    ];
+    let journal = store.join("partial").join(format!(
+        "sha256-{}.chunks",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            std::fs::read(repo.join("model.safetensors")).unwrap()
+        ))
+    ));
+    let mut kept_before = 0;
+    let mut finished_early = false;
+    for round in 0..5 {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rand::rng().random_range(100..700)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        // Nothing half-written is visible: a snapshot that exists is complete.
+        if let Some(snap) = walk_dirs(&store.join("snapshots/models--org--m")).first() {
+            assert_eq!(files_below(snap), files_below(&repo), "round {round}");
+            finished_early = true;
+            break;
+        }
+        assert_eq!(
+            corrupt_blobs(&store),
+            Vec::<PathBuf>::new(),
+            "round {round}"
+        );
+        // What is kept only grows.
+        let kept = std::fs::read_to_string(&journal)
+            .map(|j| j.lines().count())
+            .unwrap_or(0);
+        assert!(
+            kept >= kept_before,
+            "round {round}: journal shrank {kept_before} → {kept}"
+        );
+        kept_before = kept;
+    }
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    if !finished_early {
+        assert!(kept_before > 1, "no chunk was ever kept across kills");
+        assert!(
+            stderr(&out).contains("resuming an interrupted download"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(files_below(&last_line(&out)), files_below(&repo));
+    assert!(walk(&store.join("partial")).is_empty());
 }

@@ -42,10 +42,17 @@ impl InFlight {
 
 impl Drop for Flight<'_> {
     fn drop(&mut self) {
-        let mut map = self.owner.0.lock().expect("in-flight map is never poisoned");
+        let mut map = self
+            .owner
+            .0
+            .lock()
+            .expect("in-flight map is never poisoned");
         self.guard.take();
         // Only the map's reference left: nobody holds or awaits this lock.
-        if map.get(&self.hash).is_some_and(|l| Arc::strong_count(l) == 1) {
+        if map
+            .get(&self.hash)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
             map.remove(&self.hash);
         }
     }
@@ -68,7 +75,11 @@ mod tests {
                 let (flights, busy, hash) = (flights.clone(), busy.clone(), hash.clone());
                 tokio::spawn(async move {
                     let _f = flights.lock(&hash).await;
-                    assert_eq!(busy.fetch_add(1, Ordering::SeqCst), 0, "two holders at once");
+                    assert_eq!(
+                        busy.fetch_add(1, Ordering::SeqCst),
+                        0,
+                        "two holders at once"
+                    );
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     busy.fetch_sub(1, Ordering::SeqCst);
                 })

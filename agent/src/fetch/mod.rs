@@ -16,10 +16,11 @@ pub use plan::{PlannedFile, plan};
 use crate::access::AccessCache;
 use crate::filter::FileFilter;
 use crate::hash::Hasher;
-use crate::hub::client::FileSource;
+use crate::hub::client::{FileSource, retry_policy};
 use crate::hub::{HubClient, HubError, client::Token};
 use crate::repo::{ModelRef, RepoId, RepoKind};
 use crate::store::{Snapshot, SnapshotFile, Store, StoreError};
+use backon::BackoffBuilder;
 use futures::{StreamExt, TryStreamExt};
 use inflight::InFlight;
 use std::sync::Arc;
@@ -349,32 +350,39 @@ impl Fetcher {
         if self.store.has_blob(&file.hash) {
             progress.bytes_done.fetch_add(file.size, Ordering::Relaxed);
         } else {
-            // A mismatch, or an error left after the retries of each request, is tried once
-            // more before failing.
-            let mut attempt = 0;
+            // A broken connection or a transient hub error is retried with backoff (a ranged
+            // download keeps what it wrote); a mismatch is tried once more, then fails.
+            let mut backoff = retry_policy().build();
+            let mut mismatches = 0;
             loop {
-                attempt += 1;
                 let counted = AtomicU64::new(0);
-                let res = self.download(src.file(file), file, progress, &counted).await;
+                let res = self
+                    .download(src.file(file), file, progress, &counted)
+                    .await;
                 progress
                     .bytes_done
                     .fetch_sub(counted.load(Ordering::Relaxed), Ordering::Relaxed);
-                match res {
+                let e = match res {
                     Ok(()) => {
                         progress.bytes_done.fetch_add(file.size, Ordering::Relaxed);
                         break;
                     }
-                    Err(e) => {
-                        let retry = matches!(
-                            e,
-                            FetchError::Integrity { .. } | FetchError::Interrupted { .. }
-                        ) || matches!(&e, FetchError::Hub(h) if h.is_transient());
-                        if attempt >= 2 || !retry {
-                            return Err(e);
-                        }
-                        tracing::warn!(file = %file.path, error = %e, "download failed; retrying once");
+                    Err(e) => e,
+                };
+                let wait = match &e {
+                    FetchError::Integrity { .. } => {
+                        mismatches += 1;
+                        (mismatches < 2).then_some(Duration::ZERO)
                     }
-                }
+                    FetchError::Interrupted { .. } => backoff.next(),
+                    FetchError::Hub(h) if h.is_transient() => backoff.next(),
+                    _ => None,
+                };
+                let Some(wait) = wait else {
+                    return Err(e);
+                };
+                tracing::warn!(file = %file.path, error = %e, retry_in = ?wait, "download failed; retrying");
+                tokio::time::sleep(wait).await;
             }
         }
         progress.files_done.fetch_add(1, Ordering::Relaxed);

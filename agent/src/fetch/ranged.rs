@@ -117,9 +117,7 @@ impl Job<'_> {
                 .try_collect::<()>();
             futures::try_join!(first_chunk, others).map(|_| ())
         };
-        let result = futures::try_join!(fetching, async {
-            hashing.await.map_err(Failure::Fetch)
-        });
+        let result = futures::try_join!(fetching, async { hashing.await.map_err(Failure::Fetch) });
         match result {
             Ok(((), actual)) if actual == self.file.hash => {
                 let (store, hash) = (self.store.clone(), self.file.hash.clone());
@@ -315,7 +313,10 @@ async fn hash_in_order(
     let n = partial.chunks();
     let mut ready = BTreeSet::new();
     let mut next = 0;
-    let mut state = (Hasher::new(file.hash.algo(), file.size), vec![0u8; HASH_BUFFER]);
+    let mut state = (
+        Hasher::new(file.hash.algo(), file.size),
+        vec![0u8; HASH_BUFFER],
+    );
     while next < n {
         match done.recv().await {
             Some(i) => ready.insert(i),

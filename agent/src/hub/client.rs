@@ -483,7 +483,10 @@ mod tests {
         assert_eq!(h(&[("retry-after", "7")]), Some(Duration::from_secs(7)));
         let soon = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(30));
         let got = h(&[("retry-after", &soon)]).unwrap();
-        assert!(got > Duration::from_secs(25) && got <= Duration::from_secs(30), "{got:?}");
+        assert!(
+            got > Duration::from_secs(25) && got <= Duration::from_secs(30),
+            "{got:?}"
+        );
         assert_eq!(
             h(&[("ratelimit", r#""api";r=0;t=55"#)]),
             Some(Duration::from_secs(55))

@@ -7,10 +7,15 @@
 //! | `GET /api/{models,datasets}/{org}/{name}/tree/{rev}[/{path}][?recursive=true]` | tree entries |
 //! | `GET,HEAD /[datasets/]{org}/{name}/resolve/{rev}/{path}` | the file, with Range support and `X-Repo-Commit`, `ETag`, `X-Linked-Etag`, `X-Linked-Size` |
 //!
+//! | `GET,HEAD /cdn/{sha256}` | with a CDN configured, where LFS files redirect to (`302` carrying the same headers, as the Hub's do); refuses requests that carry `Authorization`, as presigned URLs do |
+//!
 //! Errors carry `X-Error-Code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`, `GatedRepo`)
 //! as the Hub's do. Gated repos need `Authorization: Bearer` with one of their tokens.
+//!
+//! [`Faults`] make it misbehave on purpose, for tests of clients: slow bodies, 5xx and 429
+//! answers, added latency, bodies cut off or with a wrong byte.
 
-use crate::hub::catalog::{Catalog, ServedRepo};
+use crate::hub::catalog::{Catalog, ServedFile, ServedRepo};
 use crate::hub::wire::{
     RepoInfo, Sibling, X_ERROR_CODE, X_ERROR_MESSAGE, X_LINKED_ETAG, X_LINKED_SIZE, X_REPO_COMMIT,
 };
@@ -27,11 +32,106 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tower_http::services::ServeFile;
 
-/// Deliberate misbehaviour, for tests of what a slow or faulty hub does to clients.
+/// Deliberate misbehaviour, for tests of what a slow or faulty hub does to clients. Shares are
+/// probabilities in `[0, 1]`, drawn per request.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Faults {
-    /// Serve each file body at most this fast (per request).
+    /// Serve each file body at most this fast (per response, so per connection at a time).
     pub max_bytes_per_second: Option<std::num::NonZeroU64>,
+    /// Share of requests answered `503` (with `Retry-After: 1`) or `500`, half each.
+    pub server_errors: f64,
+    /// Share of requests answered `429` with `Retry-After: 1` and an exhausted `RateLimit`.
+    pub rate_limits: f64,
+    /// Share of file bodies cut off halfway (the connection drops).
+    pub truncations: f64,
+    /// Share of file bodies with one byte changed.
+    pub corruptions: f64,
+    /// Added before every answer.
+    pub latency: std::time::Duration,
+}
+
+impl Faults {
+    fn roll(share: f64) -> bool {
+        share > 0.0 && rand::random::<f64>() < share
+    }
+
+    /// A fault answer to send instead of the real one, if the dice say so.
+    fn answer(&self) -> Option<Response> {
+        if Self::roll(self.rate_limits) {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "RateLimited",
+                "injected: too many requests".into(),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r.headers_mut()
+                .insert("ratelimit", HeaderValue::from_static("\"api\";r=0;t=1"));
+            return Some(r);
+        }
+        if Self::roll(self.server_errors) {
+            let mut r = if rand::random::<bool>() {
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServerError",
+                    "injected: unavailable".into(),
+                )
+            } else {
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "ServerError",
+                    "injected: internal error".into(),
+                )
+            };
+            if r.status() == StatusCode::SERVICE_UNAVAILABLE {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            return Some(r);
+        }
+        None
+    }
+
+    /// The body as sent: throttled, cut off or corrupted as configured.
+    fn body(&self, body: Body, len: u64) -> Body {
+        use futures::StreamExt;
+        let body = match self.max_bytes_per_second {
+            Some(rate) => throttle(body, rate.get()),
+            None => body,
+        };
+        let cut_at = Self::roll(self.truncations).then_some(len / 2);
+        let flip_at = Self::roll(self.corruptions).then(|| rand::random_range(0..len.max(1)));
+        if cut_at.is_none() && flip_at.is_none() {
+            return body;
+        }
+        let mut at = 0u64;
+        let stream = body.into_data_stream().flat_map(move |chunk| {
+            let items: Vec<Result<bytes::Bytes, axum::Error>> = match chunk {
+                Err(e) => vec![Err(e)],
+                Ok(chunk) => {
+                    let start = at;
+                    at += chunk.len() as u64;
+                    let mut b = bytes::BytesMut::from(&chunk[..]);
+                    if let Some(flip) = flip_at.filter(|f| (start..at).contains(f)) {
+                        b[(flip - start) as usize] ^= 0x55;
+                    }
+                    match cut_at.filter(|&c| at > c) {
+                        // An error item makes the server drop the connection mid-body.
+                        Some(cut) => {
+                            b.truncate((cut - start.min(cut)) as usize);
+                            vec![
+                                Ok(b.freeze()),
+                                Err(axum::Error::new("injected: connection cut")),
+                            ]
+                        }
+                        None => vec![Ok(b.freeze())],
+                    }
+                }
+            };
+            futures::stream::iter(items)
+        });
+        Body::from_stream(stream)
+    }
 }
 
 /// What the server serves, and how.
@@ -43,9 +143,20 @@ pub struct Hub {
     pub gated: BTreeMap<RepoId, Vec<String>>,
     /// Faults to inject.
     pub faults: Faults,
+    /// Base URL of the CDN that LFS files redirect to (this server's `/cdn/` route, reached under
+    /// another host name so that it is another origin); None: LFS files are served in place.
+    pub cdn: Option<String>,
 }
 
 impl Hub {
+    /// The served LFS file with this sha256, in any repo.
+    fn lfs_blob(&self, sha256: &str) -> Option<&ServedFile> {
+        self.catalog
+            .repos()
+            .flat_map(|r| r.files.values())
+            .find(|f| f.lfs_sha256.as_deref() == Some(sha256))
+    }
+
     /// The repo, if it exists and the request may read it: a gated repo answers 401 without a
     /// token and 403 with one that has no access, with `X-Error-Code: GatedRepo`, as the Hub does.
     fn repo(
@@ -127,6 +238,12 @@ fn not_found_route() -> Response {
 }
 
 async fn handle(State(hub): State<Arc<Hub>>, req: Request) -> Response {
+    if !hub.faults.latency.is_zero() {
+        tokio::time::sleep(hub.faults.latency).await;
+    }
+    if let Some(resp) = hub.faults.answer() {
+        return resp;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -169,6 +286,7 @@ async fn handle(State(hub): State<Arc<Hub>>, req: Request) -> Response {
                 rest => (RepoKind::Model, rest),
             };
             match rest {
+                ["cdn", sha] if kind == RepoKind::Model => cdn(&hub, &sha.to_string(), req).await,
                 [org, name, "resolve", rev, path @ ..] if !path.is_empty() => {
                     let file = (*org, *name, *rev, path.join("/"));
                     resolve(&hub, kind, file, req).await
@@ -276,18 +394,24 @@ async fn resolve(
             format!("{path} does not exist at {rev}"),
         );
     };
-    let resp = match ServeFile::new(&file.disk_path).oneshot(req).await {
-        Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "ServerError",
-                format!("reading {path}: {e}"),
-            );
-        }
+    let redirect = match (&hub.cdn, &file.lfs_sha256) {
+        (Some(cdn), Some(sha)) => Some(format!("{}/cdn/{sha}", cdn.trim_end_matches('/'))),
+        _ => None,
     };
-    let (mut parts, body) = resp.into_parts();
-    let h = &mut parts.headers;
+    let mut resp = match redirect {
+        Some(location) => {
+            let mut r = StatusCode::FOUND.into_response();
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            r
+        }
+        None => match send_file(hub, file, req).await {
+            Ok(r) => r,
+            Err(resp) => return resp,
+        },
+    };
+    let h = resp.headers_mut();
     let commit = HeaderValue::from_str(&repo.commit).expect("hex is a valid header");
     h.insert(X_REPO_COMMIT, commit);
     let etag = |s: &str| HeaderValue::from_str(&format!("\"{s}\"")).expect("hex is a valid header");
@@ -301,12 +425,53 @@ async fn resolve(
             h.insert(header::ETAG, etag(&file.git_oid));
         }
     }
-    let body = Body::new(body);
-    let body = match hub.faults.max_bytes_per_second {
-        Some(rate) => throttle(body, rate.get()),
-        None => body,
+    resp
+}
+
+/// The CDN: an LFS file by sha256, for anyone with the URL, and only without a token.
+async fn cdn(hub: &Hub, sha256: &str, req: Request) -> Response {
+    if req.headers().contains_key(header::AUTHORIZATION) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "InvalidArgument",
+            "Only one auth mechanism allowed: the URL is presigned, send no Authorization".into(),
+        );
+    }
+    let Some(file) = hub.lfs_blob(sha256) else {
+        return error(StatusCode::NOT_FOUND, "NoSuchKey", "no such object".into());
     };
-    Response::from_parts(parts, body)
+    let mut resp = match send_file(hub, file, req).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let etag = HeaderValue::from_str(&format!("\"{sha256}\"")).expect("hex is a valid header");
+    resp.headers_mut().insert(header::ETAG, etag);
+    resp
+}
+
+/// A file's bytes, honouring `Range` and `HEAD`, with the body faults applied.
+async fn send_file(hub: &Hub, file: &ServedFile, req: Request) -> Result<Response, Response> {
+    let resp = ServeFile::new(&file.disk_path)
+        .oneshot(req)
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ServerError",
+                format!("reading {}: {e}", file.disk_path.display()),
+            )
+        })?;
+    let (parts, body) = resp.into_parts();
+    let len = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(file.size);
+    Ok(Response::from_parts(
+        parts,
+        hub.faults.body(Body::new(body), len),
+    ))
 }
 
 /// A body that yields at most `rate` bytes a second, in slices of at most 64 KiB.

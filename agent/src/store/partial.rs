@@ -52,7 +52,8 @@ impl Partial {
             .truncate(!resumed)
             .open(&data_path)
             .ctx("open partial download", &data_path)?;
-        data.set_len(size).ctx("size partial download", &data_path)?;
+        data.set_len(size)
+            .ctx("size partial download", &data_path)?;
         let mut journal = OpenOptions::new()
             .append(true)
             .create(true)
