@@ -1,0 +1,92 @@
+//! huggingface_hub, the Hub's own Python client, against `serve-hub`: `snapshot_download` of a
+//! model (its LFS file redirected to the CDN route) and of a dataset yields the same files as
+//! the repos on disk and as `modelcache-agent pull`. This is what keeps `serve-hub` a faithful
+//! stand-in for the Hub in every other test.
+
+use modelcache_tests::models::{generate_model, run_python};
+use modelcache_tests::procs::{Proc, bin, free_port, wait_until};
+use modelcache_tests::tree::assert_same_tree;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const SNAPSHOT_DOWNLOAD: &str = r#"
+import os
+from huggingface_hub import snapshot_download
+kind = os.environ["REPO_TYPE"]
+print(snapshot_download(os.environ["REPO"], repo_type=kind, cache_dir=os.environ["CACHE"]))
+"#;
+
+fn snapshot_download(endpoint: &Path, repo: &str, kind: &str, cache: &Path) -> PathBuf {
+    let out = run_python(
+        SNAPSHOT_DOWNLOAD,
+        &[
+            ("HF_ENDPOINT", endpoint),
+            ("REPO", Path::new(repo)),
+            ("REPO_TYPE", Path::new(kind)),
+            ("CACHE", cache),
+            ("HF_HUB_DISABLE_TELEMETRY", Path::new("1")),
+            ("HF_TOKEN", Path::new("")),
+        ],
+    )
+    .unwrap();
+    PathBuf::from(out.lines().last().expect("snapshot_download printed its path"))
+}
+
+#[test]
+fn snapshot_download_from_serve_hub_yields_the_repo_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub_root = dir.path().join("hub");
+    let model = hub_root.join("models/org/model");
+    let dataset = hub_root.join("datasets/org/data");
+    generate_model(&model, 12 << 20).unwrap();
+    std::fs::create_dir_all(dataset.join("train")).unwrap();
+    std::fs::write(dataset.join("train/part-0.jsonl"), b"{\"text\":\"hi\"}\n").unwrap();
+    std::fs::write(dataset.join("README.md"), b"# data\n").unwrap();
+
+    let agent = bin("modelcache-agent").unwrap();
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let cdn = format!("http://localhost:{port}");
+    let mut hub = Proc::start(
+        "hub",
+        &agent,
+        &[
+            "serve-hub",
+            "--root",
+            hub_root.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--cdn-url",
+            &cdn,
+        ],
+        dir.path(),
+    )
+    .unwrap();
+    wait_until("serve-hub to listen", Duration::from_secs(30), || {
+        hub.check_running()?;
+        Ok(std::net::TcpStream::connect(&listen).is_ok())
+    })
+    .unwrap();
+    let endpoint = PathBuf::from(format!("http://{listen}"));
+    let cache = dir.path().join("hf-cache");
+
+    let got = snapshot_download(&endpoint, "org/model", "model", &cache);
+    assert_same_tree(&model, &got);
+    let got = snapshot_download(&endpoint, "org/data", "dataset", &cache);
+    assert_same_tree(&dataset, &got);
+
+    // modelcache's own client agrees, commit included.
+    let store = dir.path().join("store");
+    let out = std::process::Command::new(&agent)
+        .args(["pull", "org/model", "--store", store.to_str().unwrap()])
+        .env("HF_ENDPOINT", &endpoint)
+        .env_remove("HF_TOKEN")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pulled = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    assert_same_tree(&model, &pulled);
+    let hf_commit = std::fs::read_to_string(cache.join("models--org--model/refs/main")).unwrap();
+    assert_eq!(pulled.file_name().unwrap().to_str(), Some(hf_commit.trim()));
+    hub.stop();
+}
