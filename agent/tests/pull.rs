@@ -388,11 +388,11 @@ fn pulls_killed_at_random_points_resume_and_end_verified() {
     use rand::Rng;
     let dir = tempfile::tempdir().unwrap();
     let hub_root = dir.path().join("hub");
-    let repo = large_repo(&hub_root, "m", 24, 5);
-    // 2 MB/s per response and 4 connections: about three seconds for the whole file, more
-    // than five rounds of 100-800 ms give it.
+    let repo = large_repo(&hub_root, "m", 48, 5);
+    // 8 MB/s per response and 4 connections: 1.5 s for the whole file, more than five rounds
+    // of 150-450 ms give it, and a 1 MiB chunk completes every ~30 ms.
     let (_hub, endpoint, _) = serve_hub_with(&hub_root, |_| {
-        vec!["--max-bytes-per-second".into(), "2000000".into()]
+        vec!["--max-bytes-per-second".into(), "8000000".into()]
     });
     let store = dir.path().join("store");
     let args = [
@@ -422,7 +422,7 @@ fn pulls_killed_at_random_points_resume_and_end_verified() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rand::rng().random_range(100..700)));
+        std::thread::sleep(Duration::from_millis(rand::rng().random_range(150..450)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         // Nothing half-written is visible: a snapshot that exists is complete.

@@ -29,7 +29,11 @@ fn snapshot_download(endpoint: &Path, repo: &str, kind: &str, cache: &Path) -> P
         ],
     )
     .unwrap();
-    PathBuf::from(out.lines().last().expect("snapshot_download printed its path"))
+    PathBuf::from(
+        out.lines()
+            .last()
+            .expect("snapshot_download printed its path"),
+    )
 }
 
 #[test]
@@ -83,7 +87,11 @@ fn snapshot_download_from_serve_hub_yields_the_repo_files() {
         .env_remove("HF_TOKEN")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let pulled = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
     assert_same_tree(&model, &pulled);
     let hf_commit = std::fs::read_to_string(cache.join("models--org--model/refs/main")).unwrap();

@@ -171,13 +171,14 @@ pub struct Tuning {
 }
 
 impl Default for Tuning {
-    /// Defaults measured by `hack/bench-pull.sh` on loopback and on 40 MB/s-per-connection
-    /// links (how CDNs serve): 64 connections fill a 2.5 GB/s link at that rate, and 16 MiB
-    /// ranges keep the per-request overhead small while a retry loses little.
+    /// Defaults measured by `hack/bench-pull.sh` (README): 32 connections fill 1.2 GB/s of
+    /// 40 MB/s-per-connection CDN links while peak RSS stays under 64 MiB (64 connections add
+    /// little on a 2-core node and cross it), and 16 MiB ranges keep the per-request overhead
+    /// small while a retry loses little.
     fn default() -> Self {
         Tuning {
             files: 8,
-            connections: 64,
+            connections: 32,
             chunk_size: 16 << 20,
         }
     }

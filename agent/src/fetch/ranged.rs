@@ -4,9 +4,9 @@
 //! store. The first request follows the hub's redirects and tells where the bytes are (a CDN,
 //! usually) and whether the server honours `Range`; the other chunks go straight there, all
 //! sharing the fetcher's connection budget. A chunk cut off mid-body continues from its last
-//! written byte. As chunks complete, a hasher reads the file's written prefix back in order
-//! (from the page cache, moments after it was written) so the hash is ready when the last byte
-//! lands; a mismatch discards the partial file.
+//! written byte. As chunks complete, a hasher reads the file's written prefix in order, mapped
+//! straight from the page cache moments after it was written (no copy), so the hash is ready
+//! when the last byte lands; a mismatch discards the partial file.
 
 use super::{FetchError, PlannedFile, Progress};
 use crate::hash::{ContentHash, Hasher};
@@ -21,10 +21,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Semaphore, mpsc};
 
-/// Bytes a connection gathers before handing them to a write.
-const WRITE_BUFFER: usize = 256 << 10;
-/// Bytes the hasher reads at a time.
-const HASH_BUFFER: usize = 1 << 20;
+/// Bytes a connection holds (as received, not copied) before handing them to a write.
+const WRITE_BUFFER: usize = 128 << 10;
 
 /// How a ranged download ended.
 pub(super) enum Outcome {
@@ -247,7 +245,7 @@ impl Job<'_> {
         end: u64,
     ) -> Result<(), FetchError> {
         let mut body = resp.bytes_stream();
-        let mut buf = Vec::with_capacity(WRITE_BUFFER);
+        let mut buf = Buffer::default();
         let mut flushed = *at;
         let result = loop {
             match body.next().await {
@@ -259,7 +257,7 @@ impl Job<'_> {
                     });
                 }
                 Some(Ok(bytes)) => {
-                    if flushed + (buf.len() + bytes.len()) as u64 > end {
+                    if flushed + (buf.len + bytes.len()) as u64 > end {
                         break Err(FetchError::Integrity {
                             path: self.file.path.to_string(),
                             detail: format!(
@@ -268,9 +266,9 @@ impl Job<'_> {
                             ),
                         });
                     }
-                    buf.extend_from_slice(&bytes);
                     self.count(bytes.len() as u64);
-                    if buf.len() >= WRITE_BUFFER {
+                    buf.push(bytes);
+                    if buf.len >= WRITE_BUFFER {
                         flushed = write(partial, &mut buf, flushed).await?;
                     }
                 }
@@ -290,18 +288,31 @@ impl Job<'_> {
     }
 }
 
+/// Received bytes not yet written.
+#[derive(Default)]
+struct Buffer {
+    parts: Vec<bytes::Bytes>,
+    len: usize,
+}
+
+impl Buffer {
+    fn push(&mut self, b: bytes::Bytes) {
+        self.len += b.len();
+        self.parts.push(b);
+    }
+}
+
 /// Writes `buf` at `at` and empties it; returns the offset after it.
-async fn write(partial: &Arc<Partial>, buf: &mut Vec<u8>, at: u64) -> Result<u64, FetchError> {
-    if buf.is_empty() {
+async fn write(partial: &Arc<Partial>, buf: &mut Buffer, at: u64) -> Result<u64, FetchError> {
+    if buf.len == 0 {
         return Ok(at);
     }
-    let data = std::mem::replace(buf, Vec::with_capacity(WRITE_BUFFER));
-    let len = data.len() as u64;
+    let Buffer { parts, len } = std::mem::take(buf);
     let p = partial.clone();
-    blocking(move || p.write_at(&data, at))
+    blocking(move || p.write_at(&parts, at))
         .await
         .map_err(FetchError::Store)?;
-    Ok(at + len)
+    Ok(at + len as u64)
 }
 
 /// Hashes the file's chunks in order as their indices arrive on `done`.
@@ -313,10 +324,7 @@ async fn hash_in_order(
     let n = partial.chunks();
     let mut ready = BTreeSet::new();
     let mut next = 0;
-    let mut state = (
-        Hasher::new(file.hash.algo(), file.size),
-        vec![0u8; HASH_BUFFER],
-    );
+    let mut hasher = Hasher::new(file.hash.algo(), file.size);
     while next < n {
         match done.recv().await {
             Some(i) => ready.insert(i),
@@ -332,21 +340,14 @@ async fn hash_in_order(
         }
         let (from, to) = (partial.range(next).0, partial.range(run_end - 1).1);
         let p = partial.clone();
-        state = blocking(move || {
-            let (mut hasher, mut buf) = state;
-            let mut at = from;
-            while at < to {
-                let len = ((to - at) as usize).min(buf.len());
-                p.read_at(&mut buf[..len], at)?;
-                hasher.update(&buf[..len]);
-                at += len as u64;
-            }
-            Ok::<_, StoreError>((hasher, buf))
+        hasher = blocking(move || {
+            p.hash_range(&mut hasher, from, to)?;
+            Ok::<_, StoreError>(hasher)
         })
         .await?;
         next = run_end;
     }
-    Ok(state.0.finish())
+    Ok(hasher.finish())
 }
 
 async fn discard(partial: Arc<Partial>) {

@@ -13,11 +13,14 @@
 //! the only thing trusted; the journal only saves work.
 
 use super::{Context, Result};
+use crate::hash::Hasher;
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::io::{IoSlice, Write};
 use std::path::{Path, PathBuf};
+
+/// Bytes mapped at a time to hash a written range.
+const HASH_WINDOW: u64 = 4 << 20;
 
 /// A download in progress, split into chunks of a fixed size.
 #[derive(Debug)]
@@ -93,15 +96,62 @@ impl Partial {
         (start, (start + self.chunk).min(self.size))
     }
 
-    /// Writes bytes at `offset`.
-    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.data
-            .write_all_at(buf, offset)
-            .ctx("write", &self.data_path)
+    /// Writes `bufs`, one after the other, at `offset`, in as few `pwritev` calls as the kernel
+    /// allows (received buffers go to the page cache without being gathered first).
+    pub fn write_at(&self, bufs: &[bytes::Bytes], offset: u64) -> Result<()> {
+        let (mut i, mut skip, mut at) = (0, 0usize, offset);
+        while i < bufs.len() {
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(bufs.len() - i);
+            slices.push(IoSlice::new(&bufs[i][skip..]));
+            slices.extend(bufs[i + 1..].iter().map(|b| IoSlice::new(b)));
+            let n = nix::sys::uio::pwritev(&self.data, &slices, at as i64)
+                .map_err(std::io::Error::from)
+                .ctx("write", &self.data_path)?;
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero))
+                    .ctx("write", &self.data_path);
+            }
+            at += n as u64;
+            let mut n = n;
+            while i < bufs.len() && n >= bufs[i].len() - skip {
+                n -= bufs[i].len() - skip;
+                i += 1;
+                skip = 0;
+            }
+            skip += n;
+        }
+        Ok(())
+    }
+
+    /// Feeds bytes `[from, to)` to `hasher`, straight from the page cache through read-only
+    /// mappings of [`HASH_WINDOW`] bytes at a time (no copy into a buffer, and little resident
+    /// at once).
+    #[allow(unsafe_code)]
+    pub fn hash_range(&self, hasher: &mut Hasher, from: u64, to: u64) -> Result<()> {
+        let mut at = from;
+        while at < to {
+            let len = (to - at).min(HASH_WINDOW);
+            // SAFETY: the mapping is read-only and of a file only this download writes (the
+            // store gives one download per blob), and the range given was fully written before;
+            // nothing writes to it while mapped, so the bytes seen cannot change under the hasher.
+            let map = unsafe {
+                memmap2::MmapOptions::new()
+                    .offset(at)
+                    .len(len as usize)
+                    .map(&self.data)
+            }
+            .ctx("map", &self.data_path)?;
+            let _ = map.advise(memmap2::Advice::Sequential);
+            hasher.update(&map);
+            at += len;
+        }
+        Ok(())
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    #[cfg(test)]
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
         self.data
             .read_exact_at(buf, offset)
             .ctx("read", &self.data_path)
@@ -180,15 +230,21 @@ mod tests {
         let p = Partial::open(path.clone(), 10, 4).unwrap();
         assert_eq!(p.chunks(), 3);
         assert_eq!(p.range(2), (8, 10));
-        p.write_at(b"abcd", 0).unwrap();
+        let b = |s: &'static [u8]| bytes::Bytes::from_static(s);
+        p.write_at(&[b(b"ab"), b(b""), b(b"cd")], 0).unwrap();
         p.mark_done(0).unwrap();
-        p.write_at(b"ef", 4).unwrap(); // chunk 1 half written, never marked
+        p.write_at(&[b(b"ef")], 4).unwrap(); // chunk 1 half written, never marked
         drop(p);
         let p = Partial::open(path.clone(), 10, 4).unwrap();
         assert_eq!(p.done(), &[0].into());
         let mut buf = [0u8; 4];
         p.read_at(&mut buf, 0).unwrap();
         assert_eq!(&buf, b"abcd");
+        let mut h = Hasher::new(crate::hash::Algo::Sha256, 6);
+        p.hash_range(&mut h, 0, 6).unwrap();
+        let mut want = Hasher::new(crate::hash::Algo::Sha256, 6);
+        want.update(b"abcdef");
+        assert_eq!(h.finish(), want.finish());
         drop(p);
         // A different chunk size throws the old bytes away.
         let p = Partial::open(path.clone(), 10, 5).unwrap();
