@@ -286,7 +286,7 @@ async fn handle(State(hub): State<Arc<Hub>>, req: Request) -> Response {
                 rest => (RepoKind::Model, rest),
             };
             match rest {
-                ["cdn", sha] if kind == RepoKind::Model => cdn(&hub, &sha.to_string(), req).await,
+                ["cdn", sha] if kind == RepoKind::Model => cdn(&hub, sha, req).await,
                 [org, name, "resolve", rev, path @ ..] if !path.is_empty() => {
                     let file = (*org, *name, *rev, path.join("/"));
                     resolve(&hub, kind, file, req).await
