@@ -451,7 +451,9 @@ async fn cdn(hub: &Hub, sha256: &str, req: Request) -> Response {
 
 /// A file's bytes, honouring `Range` and `HEAD`, with the body faults applied.
 async fn send_file(hub: &Hub, file: &ServedFile, req: Request) -> Result<Response, Response> {
+    // 1 MiB reads: a quarter of the default's CPU per byte when many clients pull at once.
     let resp = ServeFile::new(&file.disk_path)
+        .with_buf_chunk_size(1 << 20)
         .oneshot(req)
         .await
         .map_err(|e| {

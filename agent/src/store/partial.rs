@@ -6,11 +6,9 @@
 //! STORE/partial/<algo>-<hex>.chunks   a journal: a header line, then one line per chunk written
 //! ```
 //!
-//! A chunk's line is appended only after its bytes were written, so after a crash of the agent
-//! every chunk the journal names is on disk (the page cache survives a process kill). The journal
-//! is not fsynced: after a power loss a named chunk may be missing, and the whole-file hash,
-//! checked before the file becomes a blob, catches it and the partial is discarded. The hash is
-//! the only thing trusted; the journal only saves work.
+//! A chunk's line is appended only after its bytes were written and flushed to disk, so every
+//! chunk the journal names survives a crash of the agent or of the node. The whole-file hash is
+//! still checked before the file becomes a blob; the journal only saves work.
 
 use super::{Context, Result};
 use crate::hash::Hasher;
@@ -157,9 +155,12 @@ impl Partial {
             .ctx("read", &self.data_path)
     }
 
-    /// Records that chunk `i` is written. One `write` of one short line, so concurrent
+    /// Records that chunk `i` is written, after making it durable: the journal never names
+    /// bytes a power loss could take, and the file reaches the disk while the rest downloads,
+    /// not all at once when it is committed. One `write` of one short line, so concurrent
     /// appends never interleave.
     pub fn mark_done(&self, i: u64) -> Result<()> {
+        self.data.sync_data().ctx("fsync", &self.data_path)?;
         (&self.journal)
             .write_all(format!("{i}\n").as_bytes())
             .ctx("write journal", &self.journal_path)
