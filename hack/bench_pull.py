@@ -160,36 +160,43 @@ def clients(agent, extra_agent_args):
     }
 
 
-def bench_regime(name, hub, work, runs, agent, agent_args):
+def bench_regime(name, hub, work, runs, agent, agent_args, only):
+    """Runs every client `runs` times, interleaved (a slow moment of the machine hits all of
+    them alike), after one warm-up pull that is not counted."""
     files = hub.files()
     total = sum(s for _, s in files)
-    results = {}
-    for client, make in clients(agent, agent_args).items():
-        times, rss = [], []
-        for run in range(runs):
-            out = os.path.join(work, f"out-{client}")
+    makers = {c: m for c, m in clients(agent, agent_args).items() if not only or c in only}
+    samples = {client: ([], []) for client in makers}
+    out = os.path.join(work, "out")
+    for run in range(-1, runs):
+        for client, make in makers.items():
+            if run < 0 and client != "modelcache":
+                continue
             shutil.rmtree(out, ignore_errors=True)
             os.makedirs(out)
             subprocess.run(["sync"], check=True)
             argv, env = make(hub, out, files)
             t, r = timed(argv, env)
-            times.append(t)
-            rss.append(r)
+            shutil.rmtree(out, ignore_errors=True)
+            if run < 0:
+                print(f"  {name:>11} warm-up: {t:.2f} s", flush=True)
+                continue
+            samples[client][0].append(t)
+            samples[client][1].append(r)
             print(f"  {name:>11} {client:>16} run {run + 1}: {t:7.2f} s, "
                   f"{total / t / 1e6:7.0f} MB/s, {r:6.0f} MiB RSS", flush=True)
-            shutil.rmtree(out, ignore_errors=True)
-        results[client] = {"seconds": statistics.median(times), "runs": times,
-                           "rss_mib": max(rss), "bytes": total}
-    return results
+    return {client: {"seconds": statistics.median(times), "runs": times,
+                     "rss_mib": max(rss), "bytes": total}
+            for client, (times, rss) in samples.items()}
 
 
 def table(all_results):
     lines = ["| regime | client | median s | MB/s | modelcache is × faster | peak RSS MiB |",
              "|---|---|---:|---:|---:|---:|"]
     for regime, res in all_results.items():
-        mc = res["modelcache"]["seconds"]
+        mc = res.get("modelcache", {}).get("seconds")
         for client, r in res.items():
-            ratio = "—" if client == "modelcache" else f"{r['seconds'] / mc:.2f}×"
+            ratio = "—" if client == "modelcache" or not mc else f"{r['seconds'] / mc:.2f}×"
             lines.append(f"| {regime} | {client} | {r['seconds']:.2f} | "
                          f"{r['bytes'] / r['seconds'] / 1e6:.0f} | {ratio} | {r['rss_mib']:.0f} |")
     return "\n".join(lines)
@@ -229,7 +236,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--agent", default="target/release/modelcache-agent")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "modelcache-bench-pull"))
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--throttled-runs", type=int, default=3,
+                   help="runs in the capped regime (curl alone takes ~95 s a run there)")
+    p.add_argument("--only", action="append", default=[],
+                   help="run only this client (repeatable): modelcache, huggingface_hub, "
+                        "hf_transfer, curl")
     p.add_argument("--big-files", type=int, default=2)
     p.add_argument("--big-gib", type=float, default=1.0)
     p.add_argument("--cap-bytes-per-second", type=int, default=40_000_000,
@@ -245,16 +257,16 @@ def main():
     make_repo(hub_root, a.big_files, int(a.big_gib * GIB))
     log = open(os.path.join(a.workdir, "hub.log"), "w")
     regimes = {
-        "loopback": [],
-        f"{a.cap_bytes_per_second // 1_000_000} MB/s/conn": [
-            "--max-bytes-per-second", str(a.cap_bytes_per_second)],
+        "loopback": ([], a.runs),
+        f"{a.cap_bytes_per_second // 1_000_000} MB/s/conn": (
+            ["--max-bytes-per-second", str(a.cap_bytes_per_second)], a.throttled_runs),
     }
     all_results = {}
-    for regime, extra in regimes.items():
+    for regime, (extra, runs) in regimes.items():
         hub = Hub(a.agent, hub_root, extra, log)
         try:
-            all_results[regime] = bench_regime(regime, hub, a.workdir, a.runs, a.agent,
-                                               a.agent_args)
+            all_results[regime] = bench_regime(regime, hub, a.workdir, runs, a.agent,
+                                               a.agent_args, a.only)
         finally:
             hub.stop()
     print()

@@ -176,7 +176,8 @@ fn pull_errors_say_what_to_do() {
     );
 }
 
-/// A hub whose tree and bodies are chosen by the test.
+/// A hub whose tree and bodies are chosen by the test; a body starting with `@` claims, in
+/// `X-Repo-Commit`, to come from another commit than the one asked for.
 fn hostile_hub(tree: serde_json::Value, body: &'static [u8]) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -196,6 +197,8 @@ fn hostile_hub(tree: serde_json::Value, body: &'static [u8]) -> String {
                             .into_response()
                     } else if path.contains("/tree/") {
                         axum::Json(tree).into_response()
+                    } else if let Some(rest) = body.strip_prefix(b"@") {
+                        ([("x-repo-commit", "f".repeat(40))], rest).into_response()
                     } else {
                         body.into_response()
                     }
@@ -216,6 +219,11 @@ fn entry(path: &str, oid: &str, size: u64) -> serde_json::Value {
 fn hostile_hubs_write_nothing() {
     // git blob id of "hello\n"
     let hello = "ce013625030ba8dba906f756967f9e9ca394464a";
+    let wrong_commit = format!(
+        "answered from commit {}, asked for {}",
+        "f".repeat(40),
+        "e".repeat(40)
+    );
     let cases: Vec<(serde_json::Value, &'static [u8], &str)> = vec![
         (
             serde_json::json!([entry("../../escape", hello, 6)]),
@@ -246,6 +254,11 @@ fn hostile_hubs_write_nothing() {
             serde_json::json!([entry("f", hello, 6)]),
             b"hel",
             "3 bytes received, 6 announced",
+        ),
+        (
+            serde_json::json!([entry("f", hello, 6)]),
+            b"@hello\n",
+            &wrong_commit,
         ),
     ];
     for (tree, body, want) in cases {

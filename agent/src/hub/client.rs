@@ -3,7 +3,7 @@
 //! downloads that follow redirects (reqwest drops `Authorization` when a redirect changes host).
 
 use crate::hub::error::HubError;
-use crate::hub::wire::{RepoInfo, TreeEntry, X_ERROR_CODE, X_ERROR_MESSAGE};
+use crate::hub::wire::{RepoInfo, TreeEntry, X_ERROR_CODE, X_ERROR_MESSAGE, X_REPO_COMMIT};
 use crate::repo::{ModelRef, RepoId, RepoKind, RepoPath, is_commit_id};
 use backon::{ExponentialBuilder, Retryable};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
@@ -212,8 +212,23 @@ impl HubClient {
             .revision(file.commit)
             .path(file.path.as_str());
         let range = range.map(|r| format!("bytes={}-{}", r.start, r.end.saturating_sub(1)));
-        self.send_retrying(&url, file.token, &ctx, range.as_deref())
-            .await
+        let resp = self
+            .send_retrying(&url, file.token, &ctx, range.as_deref())
+            .await?;
+        // The hub names the commit it answered from (a CDN, after a redirect, does not).
+        let answered = resp
+            .headers()
+            .get(X_REPO_COMMIT)
+            .and_then(|v| v.to_str().ok());
+        if let Some(got) = answered
+            && got != file.commit
+        {
+            return Err(HubError::Protocol {
+                url,
+                reason: format!("answered from commit {got}, asked for {}", file.commit),
+            });
+        }
+        Ok(resp)
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(
