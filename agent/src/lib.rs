@@ -8,6 +8,7 @@
 //! CSI plugin: [`transport`], [`shutdown`], [`telemetry`].
 
 pub mod access;
+pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod fetch;

@@ -12,7 +12,7 @@ use modelcache_agent::hub::{HubClient, server};
 use modelcache_agent::repo::{ModelRef, RepoId, RepoKind, Revision};
 use modelcache_agent::store::Store;
 use modelcache_agent::telemetry::{self, LogFormat};
-use modelcache_agent::{progress, shutdown, transport};
+use modelcache_agent::{admin, progress, shutdown, transport};
 use modelcache_proto::agent_v1::agent_server::AgentServer;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -141,6 +141,30 @@ enum Command {
         #[command(flatten)]
         hub: HubArgs,
     },
+    /// List what a node's store holds: snapshots, the revisions that last resolved to them,
+    /// sizes, and the volumes that have them mounted. Changes nothing.
+    Ls {
+        /// Store directory.
+        #[arg(long, env = "MODELCACHE_STORE", default_value = "/var/lib/modelcache")]
+        store: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every blob in the store. A corrupt blob is moved to quarantine/ and the unpinned
+    /// snapshots that showed it are removed, so the next pull fetches them again; mounted ones
+    /// are kept and named. Exits with status 1 when anything was corrupt.
+    Verify {
+        /// Store directory.
+        #[arg(long, env = "MODELCACHE_STORE", default_value = "/var/lib/modelcache")]
+        store: PathBuf,
+        /// Only report; move and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the node daemon: serve the agent API on a unix socket.
     Run {
         /// Store directory.
@@ -186,6 +210,11 @@ fn fetcher(store: &PathBuf, hub: &HubArgs) -> anyhow::Result<Fetcher> {
     };
     Ok(Fetcher::new(client, Arc::new(store), tuning)
         .with_access_ttl(std::time::Duration::from_secs(hub.access_cache_seconds)))
+}
+
+fn inspect(store: &std::path::Path) -> anyhow::Result<Store> {
+    // The store error names the path and the cause already.
+    Store::inspect(store).map_err(anyhow::Error::msg)
 }
 
 fn main() -> std::process::ExitCode {
@@ -270,6 +299,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let v = progress.view();
             tracing::info!(files = v.files_total, bytes = v.bytes_total, "verified");
             println!("{}", snap.path.display());
+        }
+        Command::Ls { store, json } => {
+            let store = inspect(&store)?;
+            let inv = admin::inventory(&store)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&inv)?);
+            } else {
+                print!("{}", admin::render_inventory(&inv));
+            }
+        }
+        Command::Verify {
+            store,
+            dry_run,
+            json,
+        } => {
+            let store = inspect(&store)?;
+            let report = admin::verify(&store, dry_run)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", admin::render_verify(&report));
+            }
+            if !report.corrupt.is_empty() {
+                anyhow::bail!(
+                    "{} corrupt blob(s); pull the affected models again",
+                    report.corrupt.len()
+                );
+            }
         }
         Command::Run { store, listen, hub } => {
             let socket = transport::unix_socket_path(&listen).map_err(anyhow::Error::msg)?;

@@ -25,7 +25,7 @@ pub use partial::Partial;
 pub use pins::{PinRecord, Pins};
 pub use views::Layout;
 
-use crate::hash::ContentHash;
+use crate::hash::{Algo, ContentHash};
 use crate::repo::{RepoId, RepoKind, RepoPath, Revision, is_commit_id};
 use std::fs;
 use std::io::{self, Write};
@@ -129,6 +129,22 @@ impl Store {
         store.sweep_staging()?;
         store.sweep_partial()?;
         Ok(store)
+    }
+
+    /// Opens an existing store as it is, changing nothing: for admin commands that may run
+    /// beside the agent, whose staging area must be left alone.
+    pub fn inspect(root: impl Into<PathBuf>) -> Result<Self> {
+        let root: PathBuf = root.into();
+        let blobs = root.join("blobs");
+        if !blobs.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "not a modelcache store (no blobs/ directory): check --store",
+            ))
+            .ctx("open store", &root);
+        }
+        let root = fs::canonicalize(&root).ctx("resolve", &root)?;
+        Ok(Store { root })
     }
 
     /// The store's root directory.
@@ -405,6 +421,69 @@ impl Store {
             (a.kind, &a.repo, &a.commit, &a.filter).cmp(&(b.kind, &b.repo, &b.commit, &b.filter))
         });
         Ok(out)
+    }
+
+    /// Every blob in the store, with its path.
+    pub fn blobs(&self) -> Result<Vec<(ContentHash, PathBuf)>> {
+        let mut out = Vec::new();
+        for algo in [Algo::Sha256, Algo::GitSha1] {
+            let dir = self.root.join("blobs").join(algo.dir_name());
+            for entry in fs::read_dir(&dir).ctx("list", &dir)? {
+                let path = entry.ctx("list", &dir)?.path();
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                match ContentHash::new(algo, &name) {
+                    Ok(hash) => out.push((hash, path)),
+                    Err(_) => tracing::warn!(path = %path.display(), "unexpected file among blobs"),
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Moves a blob out of `blobs/` into `quarantine/`, where nothing links to it again; returns
+    /// where it went.
+    pub fn quarantine_blob(&self, hash: &ContentHash) -> Result<PathBuf> {
+        let dir = self.root.join("quarantine");
+        fs::create_dir_all(&dir).ctx("create", &dir)?;
+        let dest = dir.join(hash.file_name());
+        let src = self.blob_path(hash);
+        fs::rename(&src, &dest).ctx("move to quarantine", &src)?;
+        sync_dir(src.parent().expect("blob has a parent"))?;
+        Ok(dest)
+    }
+
+    /// Removes a snapshot in one step: renamed out of `snapshots/` first, so it is never seen
+    /// half-removed, then deleted.
+    pub fn remove_snapshot(&self, snap: &Snapshot) -> Result<()> {
+        let staging = self.staging();
+        let doomed = tempfile::Builder::new()
+            .prefix("gone-")
+            .tempdir_in(&staging)
+            .ctx("create temp dir in", &staging)?
+            .keep();
+        let target = doomed.join("snapshot");
+        fs::rename(&snap.path, &target).ctx("move out of snapshots", &snap.path)?;
+        sync_dir(snap.path.parent().expect("snapshot has a parent"))?;
+        make_writable(&doomed);
+        fs::remove_dir_all(&doomed).ctx("remove", &doomed)
+    }
+
+    /// The branches and tags recorded for a repo, with the commit each last resolved to.
+    pub fn refs(&self, kind: RepoKind, repo: &RepoId) -> Vec<(String, String)> {
+        let dir = self.repo_dir("refs", kind, repo);
+        let mut out: Vec<(String, String)> = walkdir::WalkDir::new(&dir)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .filter_map(|e| {
+                let rev = e.path().strip_prefix(&dir).ok()?.to_str()?.to_owned();
+                let commit = fs::read_to_string(e.path()).ok()?.trim().to_owned();
+                is_commit_id(&commit).then_some((rev, commit))
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     /// Bytes and file count of a snapshot (each file counted once).

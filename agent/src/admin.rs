@@ -1,0 +1,399 @@
+//! What an admin asks of a node's store: what it holds (`ls`) and whether every blob still
+//! has the bytes its name promises (`verify`). Both read the store directory itself, so they work
+//! whether or not the agent runs; `verify` moves corrupt blobs to `STORE/quarantine/` and takes
+//! down the unpinned snapshots that showed them, so the next pull downloads them again.
+
+use crate::hash::{ContentHash, hash_file};
+use crate::store::{Pins, Snapshot, Store, StoreError};
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+/// One snapshot, as `ls` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotRow {
+    /// `model` or `dataset`.
+    pub kind: &'static str,
+    /// `org/name`.
+    pub repo: String,
+    /// Branches and tags that last resolved to this commit on this node.
+    pub revisions: Vec<String>,
+    /// The commit.
+    pub commit: String,
+    /// The include/exclude filter key, for a snapshot of some files.
+    pub filter: Option<String>,
+    /// Files.
+    pub files: u32,
+    /// Bytes the snapshot shows (its files may share blobs with other snapshots).
+    pub bytes: u64,
+    /// Volumes that have it mounted.
+    pub pinned_by: Vec<String>,
+    /// Its directory.
+    pub path: PathBuf,
+}
+
+/// The store as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Inventory {
+    /// Every complete snapshot.
+    pub snapshots: Vec<SnapshotRow>,
+    /// Blobs in the store.
+    pub blobs: u64,
+    /// Bytes on disk: each blob once, however many snapshots show it.
+    pub blob_bytes: u64,
+}
+
+/// Why an admin command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Reading or changing the store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// `pins.json` could not be read.
+    #[error("cannot read the pins: {0}")]
+    Pins(std::io::Error),
+}
+
+/// Lists what the store holds.
+pub fn inventory(store: &Store) -> Result<Inventory, AdminError> {
+    let pins = Pins::load(store.root()).map_err(AdminError::Pins)?;
+    let mut snapshots = Vec::new();
+    for snap in store.list_snapshots()? {
+        let (bytes, files) = store.snapshot_usage(&snap);
+        let revisions = store
+            .refs(snap.kind, &snap.repo)
+            .into_iter()
+            .filter(|(_, c)| *c == snap.commit)
+            .map(|(r, _)| r)
+            .collect();
+        snapshots.push(SnapshotRow {
+            kind: snap.kind.singular(),
+            repo: snap.repo.to_string(),
+            revisions,
+            commit: snap.commit.clone(),
+            filter: snap.filter.clone(),
+            files,
+            bytes,
+            pinned_by: pins.volumes_of(&snap),
+            path: snap.path.clone(),
+        });
+    }
+    let (mut blobs, mut blob_bytes) = (0, 0);
+    for (_, path) in store.blobs()? {
+        blobs += 1;
+        blob_bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    }
+    Ok(Inventory {
+        snapshots,
+        blobs,
+        blob_bytes,
+    })
+}
+
+/// What `verify` found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// Blobs hashed.
+    pub checked: u64,
+    /// Bytes hashed.
+    pub bytes: u64,
+    /// Blobs whose bytes do not match their name.
+    pub corrupt: Vec<CorruptBlob>,
+}
+
+/// A blob that failed verification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CorruptBlob {
+    /// Its name, `<algo>:<hex>`.
+    pub blob: String,
+    /// What its bytes hash to.
+    pub actual: String,
+    /// Where it went (None: `--dry-run`).
+    pub quarantined_to: Option<PathBuf>,
+    /// Snapshots that showed it and were removed (the next pull fetches them again).
+    pub removed_snapshots: Vec<PathBuf>,
+    /// Snapshots that show it and are mounted: left in place, the pods using them should be
+    /// restarted after the model is pulled again.
+    pub pinned_snapshots: Vec<PathBuf>,
+}
+
+/// Re-hashes every blob. Unless `dry_run`, a corrupt one is moved to `quarantine/` and the
+/// unpinned snapshots that show it are removed.
+pub fn verify(store: &Store, dry_run: bool) -> Result<VerifyReport, AdminError> {
+    let pins = Pins::load(store.root()).map_err(AdminError::Pins)?;
+    let mut report = VerifyReport::default();
+    let mut bad: Vec<(ContentHash, ContentHash, Inode)> = Vec::new();
+    for (hash, path) in store.blobs()? {
+        let meta = fs::metadata(&path).map_err(|e| StoreError::from_io("stat", &path, e))?;
+        let actual =
+            hash_file(&path, hash.algo()).map_err(|e| StoreError::from_io("hash", &path, e))?;
+        report.checked += 1;
+        report.bytes += meta.len();
+        if actual != hash {
+            tracing::error!(blob = %hash, actual = %actual, "corrupt blob");
+            bad.push((hash, actual, (meta.dev(), meta.ino())));
+        }
+    }
+    if bad.is_empty() {
+        return Ok(report);
+    }
+    let inodes: BTreeSet<Inode> = bad.iter().map(|(_, _, i)| *i).collect();
+    let showing = snapshots_showing(store, &inodes)?;
+    for (hash, actual, inode) in bad {
+        let snaps: Vec<&Snapshot> = showing
+            .iter()
+            .filter(|(_, i)| i.contains(&inode))
+            .map(|(s, _)| s)
+            .collect();
+        let (pinned, unpinned): (Vec<&Snapshot>, Vec<&Snapshot>) = snaps
+            .into_iter()
+            .partition(|s| !pins.volumes_of(s).is_empty());
+        let mut entry = CorruptBlob {
+            blob: hash.to_string(),
+            actual: actual.to_string(),
+            quarantined_to: None,
+            removed_snapshots: Vec::new(),
+            pinned_snapshots: pinned.iter().map(|s| s.path.clone()).collect(),
+        };
+        if !dry_run {
+            for s in unpinned {
+                store.remove_snapshot(s)?;
+                entry.removed_snapshots.push(s.path.clone());
+            }
+            entry.quarantined_to = Some(store.quarantine_blob(&hash)?);
+        }
+        report.corrupt.push(entry);
+    }
+    Ok(report)
+}
+
+/// A file's identity on the node: (device, inode).
+type Inode = (u64, u64);
+
+/// Each snapshot with the inodes of its files that are among `inodes`.
+fn snapshots_showing(
+    store: &Store,
+    inodes: &BTreeSet<Inode>,
+) -> Result<Vec<(Snapshot, BTreeSet<Inode>)>, AdminError> {
+    let mut out = Vec::new();
+    for snap in store.list_snapshots()? {
+        let hits: BTreeSet<Inode> = walkdir::WalkDir::new(&snap.path)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| (m.dev(), m.ino()))
+            .filter(|i| inodes.contains(i))
+            .collect();
+        if !hits.is_empty() {
+            out.push((snap, hits));
+        }
+    }
+    Ok(out)
+}
+
+/// `ls` as a table for people.
+pub fn render_inventory(inv: &Inventory) -> String {
+    use indicatif::HumanBytes;
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::NOTHING)
+        .set_header([
+            "KIND",
+            "REPO",
+            "REVISIONS",
+            "COMMIT",
+            "FILTER",
+            "FILES",
+            "SIZE",
+            "PINNED BY",
+        ]);
+    for s in &inv.snapshots {
+        table.add_row([
+            s.kind.to_owned(),
+            s.repo.clone(),
+            if s.revisions.is_empty() {
+                "-".to_owned()
+            } else {
+                s.revisions.join(",")
+            },
+            s.commit[..12].to_owned(),
+            s.filter.clone().unwrap_or_else(|| "-".to_owned()),
+            s.files.to_string(),
+            HumanBytes(s.bytes).to_string(),
+            if s.pinned_by.is_empty() {
+                "-".to_owned()
+            } else {
+                s.pinned_by.join(",")
+            },
+        ]);
+    }
+    let shown: u64 = inv.snapshots.iter().map(|s| s.bytes).sum();
+    format!(
+        "{table}\nsnapshots: {}, showing {}; blobs: {}, {} on disk\n",
+        inv.snapshots.len(),
+        HumanBytes(shown),
+        inv.blobs,
+        HumanBytes(inv.blob_bytes)
+    )
+}
+
+/// `verify` as lines for people.
+pub fn render_verify(r: &VerifyReport) -> String {
+    use indicatif::HumanBytes;
+    let mut out = format!(
+        "checked {} blobs ({}): {} corrupt\n",
+        r.checked,
+        HumanBytes(r.bytes),
+        r.corrupt.len()
+    );
+    for c in &r.corrupt {
+        out += &format!("corrupt {} (its bytes hash to {})\n", c.blob, c.actual);
+        match &c.quarantined_to {
+            Some(p) => out += &format!("  moved to {}\n", p.display()),
+            None => out += "  left in place (--dry-run)\n",
+        }
+        for p in &c.removed_snapshots {
+            out += &format!(
+                "  removed snapshot {} (the next pull fetches it again)\n",
+                p.display()
+            );
+        }
+        for p in &c.pinned_snapshots {
+            out += &format!(
+                "  snapshot {} is mounted: kept; restart its pods after the model is pulled again\n",
+                p.display()
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::{Algo, Hasher};
+    use crate::repo::{RepoId, RepoKind, RepoPath, Revision};
+    use crate::store::{PinRecord, SnapshotFile};
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn put(store: &Store, bytes: &[u8]) -> ContentHash {
+        let mut h = Hasher::new(Algo::GitSha1, bytes.len() as u64);
+        h.update(bytes);
+        let hash = h.finish();
+        let mut f = store.staging_file().unwrap();
+        f.write_all(bytes).unwrap();
+        store.commit_blob(f, &hash).unwrap();
+        hash
+    }
+
+    fn snap(store: &Store, commit: char, files: &[(&str, &ContentHash)]) -> Snapshot {
+        let files: Vec<SnapshotFile> = files
+            .iter()
+            .map(|(p, h)| SnapshotFile {
+                path: RepoPath::parse(p).unwrap(),
+                hash: (*h).clone(),
+            })
+            .collect();
+        let repo = RepoId::parse("org/m").unwrap();
+        store
+            .assemble_snapshot(
+                RepoKind::Model,
+                &repo,
+                &commit.to_string().repeat(40),
+                None,
+                &files,
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn inventory_counts_shared_blobs_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let tok = put(&store, b"tokenizer");
+        let (w1, w2) = (put(&store, b"weights one"), put(&store, b"weights two"));
+        let s1 = snap(&store, '1', &[("tok.json", &tok), ("w", &w1)]);
+        snap(&store, '2', &[("tok.json", &tok), ("w", &w2)]);
+        let repo = RepoId::parse("org/m").unwrap();
+        store
+            .write_ref(
+                RepoKind::Model,
+                &repo,
+                &Revision::parse("main").unwrap(),
+                &"2".repeat(40),
+            )
+            .unwrap();
+        let mut pins = Pins::load(store.root()).unwrap();
+        pins.pin(
+            "vol-1",
+            PinRecord {
+                kind: "model".into(),
+                repo: "org/m".into(),
+                commit: s1.commit.clone(),
+                target_path: "/t".into(),
+                pod: None,
+                filter: None,
+            },
+        )
+        .unwrap();
+        let inv = inventory(&store).unwrap();
+        assert_eq!(inv.snapshots.len(), 2);
+        assert_eq!(inv.snapshots[0].pinned_by, ["vol-1"]);
+        assert!(inv.snapshots[0].revisions.is_empty());
+        assert_eq!(inv.snapshots[1].revisions, ["main"]);
+        assert_eq!(inv.snapshots[0].bytes, 9 + 11);
+        assert_eq!((inv.blobs, inv.blob_bytes), (3, 9 + 11 + 11));
+        let text = render_inventory(&inv);
+        assert!(
+            text.contains("vol-1") && text.contains("snapshots: 2,"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn verify_quarantines_corrupt_blobs_and_spares_mounted_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let good = put(&store, b"good");
+        let bad = put(&store, b"will rot");
+        let pinned = snap(&store, '1', &[("a", &good), ("b", &bad)]);
+        let loose = snap(&store, '2', &[("b", &bad)]);
+        let clean = snap(&store, '3', &[("a", &good)]);
+        let mut pins = Pins::load(store.root()).unwrap();
+        pins.pin(
+            "vol-1",
+            PinRecord {
+                kind: "model".into(),
+                repo: "org/m".into(),
+                commit: pinned.commit.clone(),
+                target_path: "/t".into(),
+                pod: None,
+                filter: None,
+            },
+        )
+        .unwrap();
+        // Bit rot: the blob's bytes change in place.
+        let path = store.blob_path(&bad);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&path, b"has rotted").unwrap();
+
+        let dry = verify(&store, true).unwrap();
+        assert_eq!((dry.checked, dry.corrupt.len()), (2, 1));
+        assert!(path.exists() && loose.path.exists());
+
+        let r = verify(&store, false).unwrap();
+        let c = &r.corrupt[0];
+        assert_eq!(c.blob, bad.to_string());
+        assert_eq!(c.removed_snapshots, std::slice::from_ref(&loose.path));
+        assert_eq!(c.pinned_snapshots, std::slice::from_ref(&pinned.path));
+        assert!(!path.exists() && c.quarantined_to.as_ref().unwrap().exists());
+        assert!(!loose.path.exists() && pinned.path.exists() && clean.path.exists());
+        // Verified again: nothing left to find.
+        assert!(verify(&store, false).unwrap().corrupt.is_empty());
+        assert!(render_verify(&r).contains("is mounted: kept"));
+    }
+}
