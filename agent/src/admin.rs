@@ -274,20 +274,22 @@ pub fn render_verify(r: &VerifyReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hash::{Algo, Hasher};
     use crate::repo::{RepoId, RepoKind, RepoPath, Revision};
+    use crate::store::tests::put_blob;
     use crate::store::{PinRecord, SnapshotFile};
-    use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
 
-    fn put(store: &Store, bytes: &[u8]) -> ContentHash {
-        let mut h = Hasher::new(Algo::GitSha1, bytes.len() as u64);
-        h.update(bytes);
-        let hash = h.finish();
-        let mut f = store.staging_file().unwrap();
-        f.write_all(bytes).unwrap();
-        store.commit_blob(f, &hash).unwrap();
-        hash
+    fn pin(store: &Store, volume: &str, snap: &Snapshot) {
+        let mut pins = Pins::load(store.root()).unwrap();
+        let record = PinRecord {
+            kind: "model".into(),
+            repo: "org/m".into(),
+            commit: snap.commit.clone(),
+            target_path: "/t".into(),
+            pod: None,
+            filter: None,
+        };
+        pins.pin(volume, record).unwrap();
     }
 
     fn snap(store: &Store, commit: char, files: &[(&str, &ContentHash)]) -> Snapshot {
@@ -314,8 +316,11 @@ mod tests {
     fn inventory_counts_shared_blobs_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let tok = put(&store, b"tokenizer");
-        let (w1, w2) = (put(&store, b"weights one"), put(&store, b"weights two"));
+        let tok = put_blob(&store, b"tokenizer");
+        let (w1, w2) = (
+            put_blob(&store, b"weights one"),
+            put_blob(&store, b"weights two"),
+        );
         let s1 = snap(&store, '1', &[("tok.json", &tok), ("w", &w1)]);
         snap(&store, '2', &[("tok.json", &tok), ("w", &w2)]);
         let repo = RepoId::parse("org/m").unwrap();
@@ -327,19 +332,7 @@ mod tests {
                 &"2".repeat(40),
             )
             .unwrap();
-        let mut pins = Pins::load(store.root()).unwrap();
-        pins.pin(
-            "vol-1",
-            PinRecord {
-                kind: "model".into(),
-                repo: "org/m".into(),
-                commit: s1.commit.clone(),
-                target_path: "/t".into(),
-                pod: None,
-                filter: None,
-            },
-        )
-        .unwrap();
+        pin(&store, "vol-1", &s1);
         let inv = inventory(&store).unwrap();
         assert_eq!(inv.snapshots.len(), 2);
         assert_eq!(inv.snapshots[0].pinned_by, ["vol-1"]);
@@ -358,24 +351,12 @@ mod tests {
     fn verify_quarantines_corrupt_blobs_and_spares_mounted_snapshots() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let good = put(&store, b"good");
-        let bad = put(&store, b"will rot");
+        let good = put_blob(&store, b"good");
+        let bad = put_blob(&store, b"will rot");
         let pinned = snap(&store, '1', &[("a", &good), ("b", &bad)]);
         let loose = snap(&store, '2', &[("b", &bad)]);
         let clean = snap(&store, '3', &[("a", &good)]);
-        let mut pins = Pins::load(store.root()).unwrap();
-        pins.pin(
-            "vol-1",
-            PinRecord {
-                kind: "model".into(),
-                repo: "org/m".into(),
-                commit: pinned.commit.clone(),
-                target_path: "/t".into(),
-                pod: None,
-                filter: None,
-            },
-        )
-        .unwrap();
+        pin(&store, "vol-1", &pinned);
         // Bit rot: the blob's bytes change in place.
         let path = store.blob_path(&bad);
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();

@@ -541,4 +541,4 @@ fn make_writable(dir: &Path) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

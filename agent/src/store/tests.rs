@@ -3,7 +3,7 @@ use crate::hash::{Algo, Hasher};
 use std::io::Write;
 
 /// Puts `bytes` into the store as a git-sha1 blob.
-pub(super) fn put_blob(store: &Store, bytes: &[u8]) -> ContentHash {
+pub(crate) fn put_blob(store: &Store, bytes: &[u8]) -> ContentHash {
     let mut h = Hasher::new(Algo::GitSha1, bytes.len() as u64);
     h.update(bytes);
     let hash = h.finish();
