@@ -71,7 +71,10 @@ impl From<ApiError> for Status {
                     | HubError::RevisionNotFound { .. }
                     | HubError::EntryNotFound { .. } => Code::NotFound,
                     HubError::Unauthorized { .. } => Code::PermissionDenied,
-                    HubError::RateLimited { .. } | HubError::Network { .. } => Code::Unavailable,
+                    // A refused CDN link is cured by the next try, which asks the hub anew.
+                    HubError::RateLimited { .. }
+                    | HubError::Network { .. }
+                    | HubError::LinkRefused { .. } => Code::Unavailable,
                     HubError::Status { status, .. } if *status >= 500 => Code::Unavailable,
                     HubError::Status { .. } | HubError::Protocol { .. } => Code::FailedPrecondition,
                 },
@@ -475,6 +478,13 @@ mod tests {
                 status: 401
             })),
             Code::PermissionDenied
+        );
+        assert_eq!(
+            code(hub(HubError::LinkRefused {
+                url: "u".into(),
+                status: 403
+            })),
+            Code::Unavailable
         );
         assert_eq!(
             code(hub(HubError::RateLimited {

@@ -114,6 +114,9 @@ enum Command {
         /// redirects to its CDN.
         #[arg(long, value_name = "URL")]
         cdn_url: Option<String>,
+        /// How long a CDN link stays valid (403 after), as presigned URLs do.
+        #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+        cdn_link_seconds: u64,
         #[command(flatten)]
         faults: FaultArgs,
     },
@@ -231,6 +234,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             gated,
             cdn_url,
+            cdn_link_seconds,
             faults,
         } => {
             let catalog = Catalog::load(&root)
@@ -255,6 +259,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 gated: gated.into_iter().collect(),
                 faults,
                 cdn: cdn_url,
+                cdn_link_ttl: std::time::Duration::from_secs(cdn_link_seconds),
             };
             server::serve(listener, Arc::new(hub), shutdown).await?;
         }

@@ -338,6 +338,41 @@ fn large_files_come_in_ranges_from_the_cdn_without_the_token() {
 }
 
 #[test]
+fn an_expired_cdn_link_is_replaced_by_a_fresh_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub_root = dir.path().join("hub");
+    let repo = large_repo(&hub_root, "m", 8, 0);
+    // Links live 1 s; one connection at 2 MB/s needs 4 s for the file, so later ranges find
+    // their link expired and must ask the hub again.
+    let (_hub, endpoint, _) = serve_hub_with(&hub_root, |port| {
+        let mut a = cdn_on(port);
+        a.extend(
+            [
+                "--cdn-link-seconds",
+                "1",
+                "--max-bytes-per-second",
+                "2000000",
+            ]
+            .map(String::from),
+        );
+        a
+    });
+    let store = dir.path().join("store");
+    let out = pull(
+        &endpoint,
+        &store,
+        &["org/m", "--chunk-mib", "1", "--connections", "1"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("asking the hub for a new one"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(files_below(&last_line(&out)), files_below(&repo));
+}
+
+#[test]
 fn pull_gets_through_a_faulty_hub() {
     let dir = tempfile::tempdir().unwrap();
     let hub_root = dir.path().join("hub");

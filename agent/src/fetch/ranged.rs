@@ -191,6 +191,18 @@ impl Job<'_> {
         Ok(Opened::Ranges(resp))
     }
 
+    /// Asks for `[start, end)` at the CDN `location`. A presigned location can expire during a
+    /// long download; when it is refused, the hub is asked again for a fresh one.
+    async fn reopen(&self, start: u64, end: u64, location: &str) -> Result<Opened, FetchError> {
+        match self.open(start, end, Some(location)).await {
+            Err(FetchError::Hub(HubError::LinkRefused { .. })) => {
+                tracing::info!(file = %self.file.path, "the download location was refused; asking the hub for a new one");
+                self.open(start, end, None).await
+            }
+            other => other,
+        }
+    }
+
     /// Fetches chunk `i` (from `resp` if the request was already made), continuing after a
     /// dropped connection from the last byte written, and records it in the journal.
     async fn chunk(
@@ -206,7 +218,7 @@ impl Job<'_> {
         loop {
             let resp = match resp.take() {
                 Some(r) => r,
-                None => match self.open(at, end, Some(location)).await? {
+                None => match self.reopen(at, end, location).await? {
                     Opened::Ranges(r) => r,
                     Opened::NoRanges => {
                         return Err(FetchError::Hub(HubError::Protocol {

@@ -397,6 +397,14 @@ fn classify(
     let code = header(X_ERROR_CODE);
     let repo = ctx.repo.to_string();
     let wait = retry_after(resp.headers());
+    if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+        && !same_origin(url, endpoint)
+    {
+        return Err(HubError::LinkRefused {
+            url: url.split('?').next().unwrap_or(url).to_owned(),
+            status: status.as_u16(),
+        });
+    }
     Err(match (code.as_str(), status) {
         ("RepoNotFound", _) => HubError::RepoNotFound {
             kind: ctx.kind.singular(),

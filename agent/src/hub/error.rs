@@ -43,6 +43,17 @@ pub enum HubError {
         /// HTTP status.
         status: u16,
     },
+    /// A download location the hub redirected to (a CDN's presigned URL) refused the request:
+    /// the link expired or is not valid.
+    #[error(
+        "the download location {url} refused the request ({status}): its presigned link expired or is invalid; retry to get a fresh one from the hub"
+    )]
+    LinkRefused {
+        /// The location, without its query (which holds the signature).
+        url: String,
+        /// HTTP status.
+        status: u16,
+    },
     /// The hub asked us to slow down.
     #[error("the hub rate-limited requests for {repo}; retry later")]
     RateLimited {

@@ -7,7 +7,7 @@
 //! | `GET /api/{models,datasets}/{org}/{name}/tree/{rev}[/{path}][?recursive=true]` | tree entries |
 //! | `GET,HEAD /[datasets/]{org}/{name}/resolve/{rev}/{path}` | the file, with Range support and `X-Repo-Commit`, `ETag`, `X-Linked-Etag`, `X-Linked-Size` |
 //!
-//! | `GET,HEAD /cdn/{sha256}` | with a CDN configured, where LFS files redirect to (`302` carrying the same headers, as the Hub's do); refuses requests that carry `Authorization`, as presigned URLs do |
+//! | `GET,HEAD /cdn/{sha256}?expires={unix time}` | with a CDN configured, where LFS files redirect to (`302` carrying the same headers, as the Hub's do); refuses requests that carry `Authorization` or come after the link expired, as presigned URLs do |
 //!
 //! Errors carry `X-Error-Code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`, `GatedRepo`)
 //! as the Hub's do. Gated repos need `Authorization: Bearer` with one of their tokens.
@@ -146,6 +146,15 @@ pub struct Hub {
     /// Base URL of the CDN that LFS files redirect to (this server's `/cdn/` route, reached under
     /// another host name so that it is another origin); None: LFS files are served in place.
     pub cdn: Option<String>,
+    /// How long a CDN link stays valid, as a presigned URL's expiry.
+    pub cdn_link_ttl: std::time::Duration,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 impl Hub {
@@ -395,7 +404,11 @@ async fn resolve(
         );
     };
     let redirect = match (&hub.cdn, &file.lfs_sha256) {
-        (Some(cdn), Some(sha)) => Some(format!("{}/cdn/{sha}", cdn.trim_end_matches('/'))),
+        (Some(cdn), Some(sha)) => Some(format!(
+            "{}/cdn/{sha}?expires={}",
+            cdn.trim_end_matches('/'),
+            unix_now() + hub.cdn_link_ttl.as_secs()
+        )),
         _ => None,
     };
     let mut resp = match redirect {
@@ -428,8 +441,20 @@ async fn resolve(
     resp
 }
 
-/// The CDN: an LFS file by sha256, for anyone with the URL, and only without a token.
+/// The CDN: an LFS file by sha256, for anyone with an unexpired URL, and only without a token.
 async fn cdn(hub: &Hub, sha256: &str, req: Request) -> Response {
+    let expires = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("expires="))
+            .and_then(|v| v.parse::<u64>().ok())
+    });
+    if expires.is_none_or(|t| t < unix_now()) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "AccessDenied",
+            "Request has expired".into(),
+        );
+    }
     if req.headers().contains_key(header::AUTHORIZATION) {
         return error(
             StatusCode::BAD_REQUEST,
