@@ -46,6 +46,16 @@ impl LocalNode {
     /// Starts the processes in `workdir` (logs, sockets, store and kubelet dir all go there).
     /// `publish_wait_secs` bounds how long one NodePublishVolume waits for a download.
     pub fn start(workdir: &Path, hub: Hub, publish_wait_secs: u64) -> anyhow::Result<LocalNode> {
+        Self::start_with(workdir, hub, publish_wait_secs, &[])
+    }
+
+    /// [`LocalNode::start`], with extra flags for `modelcache-agent run`.
+    pub fn start_with(
+        workdir: &Path,
+        hub: Hub,
+        publish_wait_secs: u64,
+        agent_extra: &[&str],
+    ) -> anyhow::Result<LocalNode> {
         require_root()?;
         std::fs::create_dir_all(workdir)?;
         let agent_bin = bin("modelcache-agent")?;
@@ -69,20 +79,17 @@ impl LocalNode {
         let agent_ep = format!("unix://{}", agent_sock.display());
         let csi_ep = format!("unix://{}", csi_sock.display());
         let store = workdir.join("store");
-        let mut agent_proc = Proc::start(
-            "agent",
-            &agent_bin,
-            &[
-                "run",
-                "--store",
-                store.to_str().expect("UTF-8 path"),
-                "--listen",
-                &agent_ep,
-                "--endpoint",
-                &hub_endpoint,
-            ],
-            workdir,
-        )?;
+        let mut agent_args = vec![
+            "run",
+            "--store",
+            store.to_str().expect("UTF-8 path"),
+            "--listen",
+            &agent_ep,
+            "--endpoint",
+            &hub_endpoint,
+        ];
+        agent_args.extend_from_slice(agent_extra);
+        let mut agent_proc = Proc::start("agent", &agent_bin, &agent_args, workdir)?;
         let wait = publish_wait_secs.to_string();
         let mut csi = Proc::start(
             "csi",
@@ -126,6 +133,15 @@ impl LocalNode {
     /// Restarts the agent and waits until the CSI plugin reports it ready again.
     pub async fn restart_agent(&mut self) -> anyhow::Result<()> {
         self.agent_proc.restart()?;
+        self.wait_ready().await
+    }
+
+    /// Kills the agent with SIGKILL mid-work, runs `while_down` on the store while nothing
+    /// writes to it, then starts the agent again and waits until the plugin reports it ready.
+    pub async fn crash_agent(&mut self, while_down: impl FnOnce(&Path)) -> anyhow::Result<()> {
+        self.agent_proc.kill();
+        while_down(&self.store());
+        self.agent_proc.start_again()?;
         self.wait_ready().await
     }
 

@@ -62,6 +62,17 @@ impl Proc {
     /// Stops the process (SIGTERM) and starts it again with the same arguments; the log goes on.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
+        self.start_again()
+    }
+
+    /// Kills the process with SIGKILL, as a crash or the OOM killer would, and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the process again with the same arguments; the log goes on.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
         self.child = spawn(&self.program, &self.args, &self.log)?;
         Ok(())
     }
