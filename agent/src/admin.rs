@@ -1,9 +1,12 @@
-//! What an admin asks of a node's store: what it holds (`ls`) and whether every blob still
-//! has the bytes its name promises (`verify`). Both read the store directory itself, so they work
-//! whether or not the agent runs; `verify` moves corrupt blobs to `STORE/quarantine/` and takes
-//! down the unpinned snapshots that showed them, so the next pull downloads them again.
+//! What an admin asks of a node's store: what it holds (`ls`), to drop a model (`rm`), and
+//! whether every blob still has the bytes its name promises (`verify`). They work on the store
+//! directory itself, whether or not the agent runs. `rm` refuses snapshots that volumes have
+//! mounted, and frees the blobs nothing else uses; `verify` moves corrupt blobs to
+//! `STORE/quarantine/` and takes down the unpinned snapshots that showed them, so the next pull
+//! downloads them again.
 
 use crate::hash::{ContentHash, hash_file};
+use crate::repo::{RepoId, RepoKind};
 use crate::store::{Pins, Snapshot, Store, StoreError};
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -54,6 +57,78 @@ pub enum AdminError {
     /// `pins.json` could not be read.
     #[error("cannot read the pins: {0}")]
     Pins(std::io::Error),
+    /// Nothing in the store matches.
+    #[error("the store holds no snapshot of {0}: `modelcache-agent ls` shows what it holds")]
+    NoSuchSnapshot(String),
+    /// Volumes have the snapshots mounted; nothing was removed.
+    #[error(
+        "nothing removed: {0} is mounted by volumes {1}; delete the pods that use it (or wait for them to end) and run rm again"
+    )]
+    Pinned(String, String),
+}
+
+/// What `rm` removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RemoveReport {
+    /// The snapshot directories removed.
+    pub removed: Vec<PathBuf>,
+    /// Blobs deleted because nothing else used them.
+    pub blobs_freed: u64,
+    /// Their bytes.
+    pub bytes_freed: u64,
+}
+
+/// Removes the snapshots of `repo` (only those at `commit` when given), then the blobs that no
+/// other snapshot uses. Refuses, removing nothing, when a volume has any of them mounted.
+pub fn remove(
+    store: &Store,
+    kind: RepoKind,
+    repo: &RepoId,
+    commit: Option<&str>,
+) -> Result<RemoveReport, AdminError> {
+    let pins = Pins::load(store.root()).map_err(AdminError::Pins)?;
+    let what = match commit {
+        Some(c) => format!("{repo}@{c}"),
+        None => repo.to_string(),
+    };
+    let doomed: Vec<Snapshot> = store
+        .list_snapshots()?
+        .into_iter()
+        .filter(|s| s.kind == kind && &s.repo == repo)
+        .filter(|s| commit.is_none_or(|c| s.commit == c))
+        .collect();
+    if doomed.is_empty() {
+        return Err(AdminError::NoSuchSnapshot(what));
+    }
+    let volumes: BTreeSet<String> = doomed.iter().flat_map(|s| pins.volumes_of(s)).collect();
+    if !volumes.is_empty() {
+        let volumes: Vec<String> = volumes.into_iter().collect();
+        return Err(AdminError::Pinned(what, volumes.join(", ")));
+    }
+    for s in &doomed {
+        store.remove_snapshot(s)?;
+        tracing::info!(model.repo = %s.repo, model.commit = %s.commit, "removed snapshot");
+    }
+    let (blobs_freed, bytes_freed) = store.collect_garbage()?;
+    Ok(RemoveReport {
+        removed: doomed.into_iter().map(|s| s.path).collect(),
+        blobs_freed,
+        bytes_freed,
+    })
+}
+
+/// `rm` as lines for people.
+pub fn render_remove(r: &RemoveReport) -> String {
+    let mut out = String::new();
+    for p in &r.removed {
+        out += &format!("removed {}\n", p.display());
+    }
+    out += &format!(
+        "freed {} blobs, {}\n",
+        r.blobs_freed,
+        indicatif::HumanBytes(r.bytes_freed)
+    );
+    out
 }
 
 /// Lists what the store holds.
@@ -274,7 +349,8 @@ pub fn render_verify(r: &VerifyReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::{RepoId, RepoKind, RepoPath, Revision};
+    use crate::repo::{RepoPath, Revision};
+    use crate::store::Layout;
     use crate::store::tests::put_blob;
     use crate::store::{PinRecord, SnapshotFile};
     use std::os::unix::fs::PermissionsExt;
@@ -344,6 +420,42 @@ mod tests {
         assert!(
             text.contains("vol-1") && text.contains("snapshots: 2,"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn rm_frees_only_what_nothing_else_uses_and_never_a_mounted_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let tok = put_blob(&store, b"shared tokenizer");
+        let (w1, w2) = (
+            put_blob(&store, b"weights one"),
+            put_blob(&store, b"weights 2"),
+        );
+        let old = snap(&store, '1', &[("tok.json", &tok), ("w", &w1)]);
+        let new = snap(&store, '2', &[("tok.json", &tok), ("w", &w2)]);
+        let view = store
+            .view(&old, Layout::HfCache, &Revision::parse("main").unwrap())
+            .unwrap();
+        pin(&store, "vol-new", &new);
+        let repo = RepoId::parse("org/m").unwrap();
+
+        // The repo as a whole is mounted: nothing is removed.
+        let err = remove(&store, RepoKind::Model, &repo, None).unwrap_err();
+        assert!(err.to_string().contains("vol-new"), "{err}");
+        assert!(old.path.exists() && new.path.exists());
+        let absent = remove(&store, RepoKind::Model, &repo, Some(&"9".repeat(40))).unwrap_err();
+        assert!(absent.to_string().contains("ls"), "{absent}");
+
+        // The old commit alone: its snapshot and view go, and only its own weights are freed.
+        let r = remove(&store, RepoKind::Model, &repo, Some(&old.commit)).unwrap();
+        assert_eq!(r.removed, std::slice::from_ref(&old.path));
+        assert_eq!((r.blobs_freed, r.bytes_freed), (1, 11));
+        assert!(!old.path.exists() && !view.exists());
+        assert!(!store.has_blob(&w1) && store.has_blob(&w2) && store.has_blob(&tok));
+        assert_eq!(
+            std::fs::read(new.path.join("tok.json")).unwrap(),
+            b"shared tokenizer"
         );
     }
 

@@ -154,6 +154,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a repo's snapshots from the store (only one commit's with --commit), then the
+    /// blobs nothing else uses. Refuses, removing nothing, while a volume has one mounted.
+    Rm {
+        /// Repo id, `org/name`.
+        repo: String,
+        /// Only the snapshots of this 40-hex commit.
+        #[arg(long)]
+        commit: Option<String>,
+        /// The repo is a dataset.
+        #[arg(long)]
+        dataset: bool,
+        /// Store directory.
+        #[arg(long, env = "MODELCACHE_STORE", default_value = "/var/lib/modelcache")]
+        store: PathBuf,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-hash every blob in the store. A corrupt blob is moved to quarantine/ and the unpinned
     /// snapshots that showed it are removed, so the next pull fetches them again; mounted ones
     /// are kept and named. Exits with status 1 when anything was corrupt.
@@ -312,6 +330,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&inv)?);
             } else {
                 print!("{}", admin::render_inventory(&inv));
+            }
+        }
+        Command::Rm {
+            repo,
+            commit,
+            dataset,
+            store,
+            json,
+        } => {
+            let kind = if dataset {
+                RepoKind::Dataset
+            } else {
+                RepoKind::Model
+            };
+            let repo = RepoId::parse(&repo)?;
+            if let Some(c) = &commit {
+                anyhow::ensure!(
+                    modelcache_agent::repo::is_commit_id(c),
+                    "--commit {c:?} is not a 40-hex commit: `modelcache-agent ls` shows them"
+                );
+            }
+            let store = inspect(&store)?;
+            let report = admin::remove(&store, kind, &repo, commit.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", admin::render_remove(&report));
             }
         }
         Command::Verify {

@@ -453,20 +453,49 @@ impl Store {
         Ok(dest)
     }
 
-    /// Removes a snapshot in one step: renamed out of `snapshots/` first, so it is never seen
-    /// half-removed, then deleted.
+    /// Removes a snapshot and its views, each in one step: renamed out of sight first, so it is
+    /// never seen half-removed, then deleted. Its blobs stay until [`Store::collect_garbage`].
     pub fn remove_snapshot(&self, snap: &Snapshot) -> Result<()> {
+        self.remove_dir_atomically(&self.views_of(snap))?;
+        self.remove_dir_atomically(&snap.path)
+    }
+
+    fn remove_dir_atomically(&self, dir: &Path) -> Result<()> {
+        if !dir.exists() {
+            return Ok(());
+        }
         let staging = self.staging();
         let doomed = tempfile::Builder::new()
             .prefix("gone-")
             .tempdir_in(&staging)
             .ctx("create temp dir in", &staging)?
             .keep();
-        let target = doomed.join("snapshot");
-        fs::rename(&snap.path, &target).ctx("move out of snapshots", &snap.path)?;
-        sync_dir(snap.path.parent().expect("snapshot has a parent"))?;
+        fs::rename(dir, doomed.join("dir")).ctx("move out of sight", dir)?;
+        sync_dir(dir.parent().expect("a store directory has a parent"))?;
         make_writable(&doomed);
         fs::remove_dir_all(&doomed).ctx("remove", &doomed)
+    }
+
+    /// Deletes the blobs no snapshot or view links to (their only name is in `blobs/`); returns
+    /// how many and their bytes. A download running beside it may lose a blob it fetched but had
+    /// not linked yet; it then fails and is fetched again on the next try.
+    pub fn collect_garbage(&self) -> Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let (mut count, mut bytes) = (0, 0);
+        for (_, path) in self.blobs()? {
+            let meta = fs::metadata(&path).ctx("stat", &path)?;
+            if meta.nlink() == 1 {
+                fs::remove_file(&path).ctx("remove unused blob", &path)?;
+                count += 1;
+                bytes += meta.len();
+            }
+        }
+        if count > 0 {
+            for algo in [Algo::Sha256, Algo::GitSha1] {
+                sync_dir(&self.root.join("blobs").join(algo.dir_name()))?;
+            }
+        }
+        Ok((count, bytes))
     }
 
     /// The branches and tags recorded for a repo, with the commit each last resolved to.

@@ -40,6 +40,16 @@ impl Layout {
 }
 
 impl Store {
+    /// Where the views of a snapshot live (whether or not there are any).
+    pub(super) fn views_of(&self, snap: &Snapshot) -> PathBuf {
+        let cache_name = format!("{}--{}", snap.kind.plural(), snap.repo.flat());
+        let snap_dir = snap.path.file_name().expect("snapshot dir has a name");
+        self.root
+            .join("views/hf-cache")
+            .join(cache_name)
+            .join(snap_dir)
+    }
+
     /// The directory to mount for `snap` in `layout`; for `hf-cache`, built on first use. The
     /// revision the volume named goes into `refs/`, so huggingface_hub resolves it offline.
     pub fn view(&self, snap: &Snapshot, layout: Layout, revision: &Revision) -> Result<PathBuf> {
@@ -47,18 +57,13 @@ impl Store {
             return Ok(snap.path.clone());
         }
         let cache_name = format!("{}--{}", snap.kind.plural(), snap.repo.flat());
+        let snap_views = self.views_of(snap);
         let rev_key = if revision.is_commit() {
             "commit".to_owned()
         } else {
             hex::encode(&Sha256::digest(revision.as_str().as_bytes())[..8])
         };
-        let snap_dir = snap.path.file_name().expect("snapshot dir has a name");
-        let dest = self
-            .root
-            .join("views/hf-cache")
-            .join(&cache_name)
-            .join(snap_dir)
-            .join(rev_key);
+        let dest = snap_views.join(rev_key);
         if dest.is_dir() {
             return Ok(dest);
         }
