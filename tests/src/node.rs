@@ -4,6 +4,7 @@
 
 use crate::procs::{Proc, bin, free_port, require_root, wait_until};
 use crate::tree::unmount_all_below;
+use anyhow::Context;
 use modelcache_agent::transport::connect_unix;
 use modelcache_proto::agent_v1::{self as pb, agent_client::AgentClient};
 use modelcache_proto::csi_v1::{
@@ -214,6 +215,18 @@ impl LocalNode {
         on_retry: impl FnMut(&Status),
     ) -> Result<(), Status> {
         publish(&mut self.node, volume, target, attrs, on_retry).await
+    }
+
+    /// Restarts the served hub, which reloads its repos from disk (a changed file makes a new
+    /// commit of `main`), and waits until it answers.
+    pub fn restart_hub(&mut self) -> anyhow::Result<()> {
+        let hub = self.hub.as_mut().context("this node uses a remote hub")?;
+        hub.restart()?;
+        let addr = self.hub_endpoint.trim_start_matches("http://").to_owned();
+        wait_until("the hub to listen again", Duration::from_secs(120), || {
+            hub.check_running()?;
+            Ok(std::net::TcpStream::connect(&addr).is_ok())
+        })
     }
 
     /// Stops the hub, as an outage would.
