@@ -10,6 +10,7 @@
 //!   staging/                                downloads and snapshots being built
 //!   partial/                                large downloads that resume after a restart
 //!   pins.json                               which volume uses which snapshot
+//!   lock                                    held (flock) by the one process writing the store
 //! ```
 //!
 //! Nothing is visible half-written: a blob is written, fsynced and renamed into `blobs/`; a
@@ -106,6 +107,8 @@ pub const PARTIAL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(
 #[derive(Debug)]
 pub struct Store {
     root: PathBuf,
+    /// The exclusive lock on `STORE/lock` that [`Store::open`] takes; None for [`Store::inspect`].
+    _lock: Option<nix::fcntl::Flock<fs::File>>,
 }
 
 impl Store {
@@ -125,7 +128,27 @@ impl Store {
             fs::create_dir_all(&d).ctx("create", &d)?;
         }
         let root = fs::canonicalize(&root).ctx("resolve", &root)?;
-        let store = Store { root };
+        // One writer per store: another would sweep this one's staging and partial downloads.
+        let lock_path = root.join("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .ctx("open", &lock_path)?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| match errno {
+                nix::errno::Errno::EWOULDBLOCK => io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "another modelcache process (the node's agent, or a pull) is using this store; stop it, or give this command another --store",
+                ),
+                e => io::Error::from(e),
+            })
+            .ctx("lock", &lock_path)?;
+        let store = Store {
+            root,
+            _lock: Some(lock),
+        };
         store.sweep_staging()?;
         store.sweep_partial()?;
         Ok(store)
@@ -144,7 +167,7 @@ impl Store {
             .ctx("open store", &root);
         }
         let root = fs::canonicalize(&root).ctx("resolve", &root)?;
-        Ok(Store { root })
+        Ok(Store { root, _lock: None })
     }
 
     /// The store's root directory.

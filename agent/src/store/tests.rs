@@ -219,3 +219,18 @@ fn a_filtered_snapshot_is_its_own_directory_sharing_blobs() {
     );
     assert_eq!(store.list_snapshots().unwrap(), vec![all, some]);
 }
+
+#[test]
+fn one_writer_per_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Store::open(dir.path()).unwrap();
+    let err = Store::open(dir.path()).unwrap_err();
+    assert!(
+        err.to_string().contains("another modelcache process"),
+        "{err}"
+    );
+    // Reading beside the writer is fine.
+    Store::inspect(dir.path()).unwrap();
+    drop(first);
+    Store::open(dir.path()).unwrap();
+}
