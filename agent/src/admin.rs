@@ -33,6 +33,12 @@ pub struct SnapshotRow {
     pub bytes: u64,
     /// Volumes that have it mounted.
     pub pinned_by: Vec<String>,
+    /// Where its files came from.
+    pub source: String,
+    /// When it was made, in Unix seconds.
+    pub created: u64,
+    /// When a volume last used it, in Unix seconds.
+    pub last_used: u64,
     /// Its directory.
     pub path: PathBuf,
 }
@@ -136,7 +142,7 @@ pub fn inventory(store: &Store) -> Result<Inventory, AdminError> {
     let pins = Pins::load(store.root()).map_err(AdminError::Pins)?;
     let mut snapshots = Vec::new();
     for snap in store.list_snapshots()? {
-        let (bytes, files) = store.snapshot_usage(&snap);
+        let meta = store.peek_meta(&snap);
         let revisions = store
             .refs(snap.kind, &snap.repo)
             .into_iter()
@@ -149,9 +155,12 @@ pub fn inventory(store: &Store) -> Result<Inventory, AdminError> {
             revisions,
             commit: snap.commit.clone(),
             filter: snap.filter.clone(),
-            files,
-            bytes,
+            files: meta.files,
+            bytes: meta.bytes,
             pinned_by: pins.volumes_of(&snap),
+            source: meta.source,
+            created: meta.created,
+            last_used: meta.last_used,
             path: snap.path.clone(),
         });
     }
@@ -283,8 +292,13 @@ pub fn render_inventory(inv: &Inventory) -> String {
             "FILTER",
             "FILES",
             "SIZE",
+            "LAST USED",
             "PINNED BY",
         ]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
     for s in &inv.snapshots {
         table.add_row([
             s.kind.to_owned(),
@@ -298,6 +312,12 @@ pub fn render_inventory(inv: &Inventory) -> String {
             s.filter.clone().unwrap_or_else(|| "-".to_owned()),
             s.files.to_string(),
             HumanBytes(s.bytes).to_string(),
+            format!(
+                "{} ago",
+                indicatif::HumanDuration(std::time::Duration::from_secs(
+                    now.saturating_sub(s.last_used)
+                ))
+            ),
             if s.pinned_by.is_empty() {
                 "-".to_owned()
             } else {

@@ -120,8 +120,6 @@ pub struct AgentApi {
     fetcher: Fetcher,
     pins: Mutex<Pins>,
     flights: Arc<Mutex<HashMap<FlightKey, Arc<Flight>>>>,
-    /// Bytes and files of each snapshot seen, computed once: snapshots never change.
-    usage: Mutex<HashMap<std::path::PathBuf, (u64, u32)>>,
     shutdown: CancellationToken,
 }
 
@@ -133,7 +131,6 @@ impl AgentApi {
             fetcher,
             pins: Mutex::new(pins),
             flights: Arc::default(),
-            usage: Mutex::default(),
             shutdown,
         })
     }
@@ -261,20 +258,14 @@ impl AgentApi {
             .lock()
             .expect("pins lock")
             .pin(volume_id, record)?;
+        self.fetcher.store().touch(snap)?;
         Ok(())
     }
 
-    /// Bytes and files of a snapshot, walked once per snapshot rather than on every publish.
+    /// Bytes and files of a snapshot, from its record (walked once, when it was made).
     fn usage(&self, snap: &Snapshot) -> (u64, u32) {
-        if let Some(u) = self.usage.lock().expect("usage lock").get(&snap.path) {
-            return *u;
-        }
-        let u = self.fetcher.store().snapshot_usage(snap);
-        self.usage
-            .lock()
-            .expect("usage lock")
-            .insert(snap.path.clone(), u);
-        u
+        let meta = self.fetcher.store().meta(snap);
+        (meta.bytes, meta.files)
     }
 
     /// Removes a volume's pin; unknown volumes are fine.

@@ -332,8 +332,11 @@ impl Fetcher {
             .collect();
         let store = self.store.clone();
         let (repo, commit) = (repo.clone(), commit.to_owned());
+        let source = format!("hub {}", self.hub.endpoint());
         let snap = tokio::task::spawn_blocking(move || {
-            store.assemble_snapshot(kind, &repo, &commit, key.as_deref(), &links)
+            let snap = store.assemble_snapshot(kind, &repo, &commit, key.as_deref(), &links)?;
+            store.record_snapshot(&snap, &source)?;
+            Ok::<_, StoreError>(snap)
         })
         .await
         .expect("assemble task does not panic")?;

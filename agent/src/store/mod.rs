@@ -9,6 +9,7 @@
 //!   views/hf-cache/…                        snapshots shaped as an HF_HUB_CACHE (see `views`)
 //!   staging/                                downloads and snapshots being built
 //!   partial/                                large downloads that resume after a restart
+//!   meta/models--org--name/<snapshot>.json  each snapshot's size, source, creation, last use
 //!   pins.json                               which volume uses which snapshot
 //!   lock                                    held (flock) by the one process writing the store
 //! ```
@@ -18,10 +19,12 @@
 //! directory that exists is complete. `staging/` is emptied on open; `partial/` keeps what a
 //! later pull can resume (see `partial`) and loses what is stale.
 
+mod meta;
 mod partial;
 mod pins;
 mod views;
 
+pub use meta::{SnapshotMeta, TOUCH_GRANULARITY};
 pub use partial::Partial;
 pub use pins::{PinRecord, Pins};
 pub use views::Layout;
@@ -480,7 +483,8 @@ impl Store {
     /// never seen half-removed, then deleted. Its blobs stay until [`Store::collect_garbage`].
     pub fn remove_snapshot(&self, snap: &Snapshot) -> Result<()> {
         self.remove_dir_atomically(&self.views_of(snap))?;
-        self.remove_dir_atomically(&snap.path)
+        self.remove_dir_atomically(&snap.path)?;
+        self.remove_meta(snap)
     }
 
     fn remove_dir_atomically(&self, dir: &Path) -> Result<()> {
