@@ -148,6 +148,27 @@ fn spawn(program: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
         .with_context(|| format!("starting {}", program.display()))
 }
 
+/// Runs `modelcache-agent args…` to completion, without the hub settings of the environment;
+/// its stdout, or an error with everything it printed.
+pub fn agent_command(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(bin("modelcache-agent")?)
+        .args(args)
+        .env_remove("HF_ENDPOINT")
+        .env_remove("HF_TOKEN")
+        .output()
+        .context("running modelcache-agent")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "modelcache-agent {} failed ({}):\n{stdout}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

@@ -6,7 +6,7 @@
 
 use modelcache_tests::models::generate_model;
 use modelcache_tests::node::{Hub, LocalNode, publish};
-use modelcache_tests::procs::bin;
+use modelcache_tests::procs::agent_command;
 use modelcache_tests::tree::assert_same_tree;
 use rand::Rng;
 use std::path::Path;
@@ -24,16 +24,9 @@ fn assert_store_consistent(store: &Path, hub_root: &Path, round: usize) {
             assert_same_tree(&hub_root.join("models").join(&repo), &snap.path());
         }
     }
-    let out = std::process::Command::new(bin("modelcache-agent").unwrap())
-        .args(["verify", "--dry-run", "--store", store.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "round {round}: verify found corrupt blobs:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if let Err(e) = agent_command(&["verify", "--dry-run", "--store", store.to_str().unwrap()]) {
+        panic!("round {round}: verify found corrupt blobs: {e:#}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

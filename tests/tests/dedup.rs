@@ -4,7 +4,7 @@
 
 use modelcache_tests::models::generate_model;
 use modelcache_tests::node::{Hub, LocalNode};
-use modelcache_tests::procs::bin;
+use modelcache_tests::procs::agent_command;
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -14,16 +14,8 @@ const MIB: u64 = 1 << 20;
 
 /// Bytes the store's blobs take on disk, from `ls --json`.
 fn blob_bytes(store: &Path) -> u64 {
-    let out = std::process::Command::new(bin("modelcache-agent").unwrap())
-        .args(["ls", "--json", "--store", store.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let inv: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = agent_command(&["ls", "--json", "--store", store.to_str().unwrap()]).unwrap();
+    let inv: serde_json::Value = serde_json::from_str(&out).unwrap();
     inv["blob_bytes"].as_u64().unwrap()
 }
 

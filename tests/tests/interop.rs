@@ -4,7 +4,7 @@
 //! stand-in for the Hub in every other test.
 
 use modelcache_tests::models::{generate_model, run_python};
-use modelcache_tests::procs::{Proc, bin, free_port, wait_until};
+use modelcache_tests::procs::{Proc, agent_command, bin, free_port, wait_until};
 use modelcache_tests::tree::assert_same_tree;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -81,18 +81,16 @@ fn snapshot_download_from_serve_hub_yields_the_repo_files() {
 
     // modelcache's own client agrees, commit included.
     let store = dir.path().join("store");
-    let out = std::process::Command::new(&agent)
-        .args(["pull", "org/model", "--store", store.to_str().unwrap()])
-        .env("HF_ENDPOINT", &endpoint)
-        .env_remove("HF_TOKEN")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pulled = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let out = agent_command(&[
+        "pull",
+        "org/model",
+        "--store",
+        store.to_str().unwrap(),
+        "--endpoint",
+        endpoint.to_str().unwrap(),
+    ])
+    .unwrap();
+    let pulled = PathBuf::from(out.lines().last().expect("pull prints the snapshot").trim());
     assert_same_tree(&model, &pulled);
     let hf_commit = std::fs::read_to_string(cache.join("models--org--model/refs/main")).unwrap();
     assert_eq!(pulled.file_name().unwrap().to_str(), Some(hf_commit.trim()));
