@@ -295,10 +295,7 @@ pub fn render_inventory(inv: &Inventory) -> String {
             "LAST USED",
             "PINNED BY",
         ]);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
+    let now = crate::store::unix(std::time::SystemTime::now());
     for s in &inv.snapshots {
         table.add_row([
             s.kind.to_owned(),

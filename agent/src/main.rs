@@ -67,6 +67,28 @@ fn share(s: &str) -> Result<f64, String> {
     }
 }
 
+/// The node's store, for every command that uses one.
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// Store directory.
+    #[arg(long, env = "MODELCACHE_STORE", default_value = "/var/lib/modelcache")]
+    store: PathBuf,
+}
+
+impl StoreArgs {
+    /// Opens the store to write it, holding its lock.
+    fn open(&self) -> anyhow::Result<Store> {
+        Store::open(&self.store)
+            .with_context(|| format!("cannot open the store at {}", self.store.display()))
+    }
+
+    /// Opens the store to read it (and for `rm`/`verify`), beside a running agent.
+    fn inspect(&self) -> anyhow::Result<Store> {
+        // The store error names the path and the cause already.
+        Store::inspect(&self.store).map_err(anyhow::Error::msg)
+    }
+}
+
 /// Where models come from.
 #[derive(clap::Args)]
 struct HubArgs {
@@ -138,18 +160,16 @@ enum Command {
         /// Minus files matching these globs, as huggingface_hub's ignore_patterns.
         #[arg(long, value_delimiter = ',')]
         exclude: Vec<String>,
-        /// Store directory.
-        #[arg(long, env = "MODELCACHE_STORE", default_value = "/var/lib/modelcache")]
-        store: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
         #[command(flatten)]
         hub: HubArgs,
     },
     /// List what a node's store holds: snapshots, the revisions that last resolved to them,
     /// sizes, and the volumes that have them mounted. Changes nothing.
     Ls {
-        /// Store directory.
-        #[arg(long, env = "MODELCACHE_STORE", default_value = "/var/lib/modelcache")]
-        store: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -165,9 +185,8 @@ enum Command {
         /// The repo is a dataset.
         #[arg(long)]
         dataset: bool,
-        /// Store directory.
-        #[arg(long, env = "MODELCACHE_STORE", default_value = "/var/lib/modelcache")]
-        store: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
         /// Print JSON instead of lines.
         #[arg(long)]
         json: bool,
@@ -176,9 +195,8 @@ enum Command {
     /// snapshots that showed it are removed, so the next pull fetches them again; mounted ones
     /// are kept and named. Exits with status 1 when anything was corrupt.
     Verify {
-        /// Store directory.
-        #[arg(long, env = "MODELCACHE_STORE", default_value = "/var/lib/modelcache")]
-        store: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
         /// Only report; move and remove nothing.
         #[arg(long)]
         dry_run: bool,
@@ -188,9 +206,8 @@ enum Command {
     },
     /// Run the node daemon: serve the agent API on a unix socket.
     Run {
-        /// Store directory.
-        #[arg(long, env = "MODELCACHE_STORE", default_value = "/var/lib/modelcache")]
-        store: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
         /// Agent API endpoint.
         #[arg(
             long,
@@ -220,9 +237,8 @@ fn parse_gated(s: &str) -> Result<(RepoId, Vec<String>), String> {
     Ok((repo, tokens))
 }
 
-fn fetcher(store: &PathBuf, hub: &HubArgs) -> anyhow::Result<Fetcher> {
-    let store = Store::open(store)
-        .with_context(|| format!("cannot open the store at {}", store.display()))?;
+fn fetcher(store: &StoreArgs, hub: &HubArgs) -> anyhow::Result<Fetcher> {
+    let store = store.open()?;
     let client = HubClient::new(&hub.endpoint, hub.token.clone().and_then(Token::new))?;
     let tuning = Tuning {
         files: hub.parallel_files,
@@ -231,11 +247,6 @@ fn fetcher(store: &PathBuf, hub: &HubArgs) -> anyhow::Result<Fetcher> {
     };
     Ok(Fetcher::new(client, Arc::new(store), tuning)
         .with_access_ttl(std::time::Duration::from_secs(hub.access_cache_seconds)))
-}
-
-fn inspect(store: &std::path::Path) -> anyhow::Result<Store> {
-    // The store error names the path and the cause already.
-    Store::inspect(store).map_err(anyhow::Error::msg)
 }
 
 fn main() -> std::process::ExitCode {
@@ -324,7 +335,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", snap.path.display());
         }
         Command::Ls { store, json } => {
-            let store = inspect(&store)?;
+            let store = store.inspect()?;
             let inv = admin::inventory(&store)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&inv)?);
@@ -351,7 +362,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "--commit {c:?} is not a 40-hex commit: `modelcache-agent ls` shows them"
                 );
             }
-            let store = inspect(&store)?;
+            let store = store.inspect()?;
             let report = admin::remove(&store, kind, &repo, commit.as_deref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -364,7 +375,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dry_run,
             json,
         } => {
-            let store = inspect(&store)?;
+            let store = store.inspect()?;
             let report = admin::verify(&store, dry_run)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

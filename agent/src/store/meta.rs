@@ -33,7 +33,8 @@ pub struct SnapshotMeta {
     pub last_used: u64,
 }
 
-fn unix(t: SystemTime) -> u64 {
+/// `t` in Unix seconds, the unit of [`SnapshotMeta`]'s times.
+pub fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 

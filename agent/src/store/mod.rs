@@ -24,7 +24,7 @@ mod partial;
 mod pins;
 mod views;
 
-pub use meta::{SnapshotMeta, TOUCH_GRANULARITY};
+pub use meta::{SnapshotMeta, TOUCH_GRANULARITY, unix};
 pub use partial::Partial;
 pub use pins::{PinRecord, Pins};
 pub use views::Layout;
