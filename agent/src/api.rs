@@ -79,9 +79,12 @@ impl From<ApiError> for Status {
                     HubError::Status { .. } | HubError::Protocol { .. } => Code::FailedPrecondition,
                 },
                 FetchError::Store(s) => store_code(s),
-                FetchError::UnsafeTree { .. } | FetchError::NothingMatches { .. } => {
-                    Code::FailedPrecondition
-                }
+                FetchError::UnsafeTree { .. }
+                | FetchError::NothingMatches { .. }
+                | FetchError::SharedCache(_) => Code::FailedPrecondition,
+                FetchError::NotInSharedCache { .. } => Code::NotFound,
+                // A download Job may still be filling the shared cache.
+                FetchError::Unavailable { .. } => Code::Unavailable,
                 FetchError::Integrity { .. } => Code::DataLoss,
                 FetchError::Interrupted { .. } | FetchError::AccessUnverifiable { .. } => {
                     Code::Unavailable

@@ -17,6 +17,7 @@ pub mod hash;
 pub mod hub;
 pub mod progress;
 pub mod repo;
+pub mod shared_cache;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

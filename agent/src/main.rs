@@ -4,12 +4,13 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use modelcache_agent::api::AgentApi;
-use modelcache_agent::fetch::{Fetcher, Progress, Tuning};
+use modelcache_agent::fetch::{Fetcher, Progress, Sources, Tier, Tuning};
 use modelcache_agent::filter::FileFilter;
 use modelcache_agent::hub::catalog::Catalog;
 use modelcache_agent::hub::client::{DEFAULT_ENDPOINT, Token};
 use modelcache_agent::hub::{HubClient, server};
 use modelcache_agent::repo::{ModelRef, RepoId, RepoKind, Revision};
+use modelcache_agent::shared_cache::SharedCache;
 use modelcache_agent::store::Store;
 use modelcache_agent::telemetry::{self, LogFormat};
 use modelcache_agent::{admin, progress, shutdown, transport};
@@ -113,6 +114,27 @@ struct HubArgs {
     #[arg(long, env = "MODELCACHE_CHUNK_MIB", default_value_t = Tuning::default().chunk_size >> 20,
           value_parser = clap::value_parser!(u64).range(1..=1024))]
     chunk_mib: u64,
+    /// An HF cache on a shared volume (its HF_HOME, or HF_HOME/hub), as `huggingface-cli
+    /// download` fills it: the files it holds are imported from it, verified, instead of
+    /// downloaded. Symlinks leading outside a repo's folder are refused.
+    #[arg(
+        long,
+        env = "MODELCACHE_SHARED_CACHE",
+        value_name = "DIR",
+        help_heading = "Sources"
+    )]
+    shared_cache: Option<PathBuf>,
+    /// Where files come from, tried in order per file: `pvc` (the shared cache), `hub`.
+    /// Default: pvc,hub with --shared-cache, else hub. With pvc alone, revisions resolve through
+    /// the cache's refs/ and no hub is asked.
+    #[arg(
+        long,
+        env = "MODELCACHE_SOURCES",
+        value_delimiter = ',',
+        value_name = "TIER,...",
+        help_heading = "Sources"
+    )]
+    sources: Vec<Tier>,
 }
 
 #[derive(Subcommand)]
@@ -245,8 +267,14 @@ fn fetcher(store: &StoreArgs, hub: &HubArgs) -> anyhow::Result<Fetcher> {
         connections: hub.connections,
         chunk_size: hub.chunk_mib << 20,
     };
+    let shared = match &hub.shared_cache {
+        Some(dir) => Some(SharedCache::open(dir)?),
+        None => None,
+    };
+    let sources = Sources::new(hub.sources.clone(), shared)?;
     Ok(Fetcher::new(client, Arc::new(store), tuning)
-        .with_access_ttl(std::time::Duration::from_secs(hub.access_cache_seconds)))
+        .with_access_ttl(std::time::Duration::from_secs(hub.access_cache_seconds))
+        .with_sources(sources))
 }
 
 fn main() -> std::process::ExitCode {
@@ -331,7 +359,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let _ = reporter.await;
             let snap = result?;
             let v = progress.view();
-            tracing::info!(files = v.files_total, bytes = v.bytes_total, "verified");
+            tracing::info!(
+                files = v.files_total,
+                bytes = v.bytes_total,
+                downloaded = v.bytes_downloaded,
+                imported = v.bytes_imported,
+                "verified"
+            );
             println!("{}", snap.path.display());
         }
         Command::Ls { store, json } => {
@@ -392,7 +426,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { store, listen, hub } => {
             let socket = transport::unix_socket_path(&listen).map_err(anyhow::Error::msg)?;
             let fetcher = fetcher(&store, &hub)?;
-            tracing::info!(store = %fetcher.store().root().display(), endpoint = %hub.endpoint, "agent starting");
+            let sources = fetcher.sources();
+            tracing::info!(
+                store = %fetcher.store().root().display(),
+                endpoint = %hub.endpoint,
+                sources = ?sources.order(),
+                shared_cache = sources.shared().map(|s| s.root().display().to_string()),
+                "agent starting"
+            );
             let api = AgentApi::new(fetcher, shutdown.clone())?;
             let incoming = transport::bind_unix(&socket)
                 .with_context(|| format!("cannot listen on {}", socket.display()))?;

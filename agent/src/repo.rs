@@ -51,13 +51,19 @@ impl RepoKind {
         }
     }
 
-    /// The singular, as huggingface_hub names cache folders (`models--org--name`).
+    /// The singular: `model` or `dataset`.
     pub fn singular(self) -> &'static str {
         match self {
             RepoKind::Model => "model",
             RepoKind::Dataset => "dataset",
         }
     }
+}
+
+/// The folder huggingface_hub keeps a repo in inside an `HF_HUB_CACHE`: `models--org--name`,
+/// `datasets--org--name`. The store uses the same names for its own areas.
+pub fn cache_folder(kind: RepoKind, repo: &RepoId) -> String {
+    format!("{}--{}", kind.plural(), repo.flat())
 }
 
 /// A repository id `org/name`, validated as huggingface_hub's `validate_repo_id` does.

@@ -2,7 +2,7 @@
 //! `modelcache-csi` as separate processes, and a client that calls the CSI plugin over its unix
 //! socket the way kubelet does.
 
-use crate::procs::{Proc, bin, free_port, require_root, wait_until};
+use crate::procs::{Proc, bin, require_root, serve_hub, wait_until};
 use crate::tree::unmount_all_below;
 use anyhow::Context;
 use modelcache_agent::transport::connect_unix;
@@ -62,16 +62,9 @@ impl LocalNode {
         let agent_bin = bin("modelcache-agent")?;
         let (hub_proc, hub_endpoint) = match hub {
             Hub::Serve(root, extra) => {
-                let listen = format!("127.0.0.1:{}", free_port()?);
-                let root = root.to_str().expect("UTF-8 path").to_owned();
-                let mut args = vec!["serve-hub", "--root", &root, "--listen", &listen];
-                args.extend(extra.iter().map(String::as_str));
-                let mut p = Proc::start("hub", &agent_bin, &args, workdir)?;
-                wait_until("the hub to listen", Duration::from_secs(120), || {
-                    p.check_running()?;
-                    Ok(std::net::TcpStream::connect(&listen).is_ok())
-                })?;
-                (Some(p), format!("http://{listen}"))
+                let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+                let (p, endpoint) = serve_hub(&root, &extra, workdir)?;
+                (Some(p), endpoint)
             }
             Hub::Remote(endpoint) => (None, endpoint),
         };

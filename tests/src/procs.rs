@@ -151,6 +151,11 @@ fn spawn(program: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
 /// Runs `modelcache-agent args…` to completion, without the hub settings of the environment;
 /// its stdout, or an error with everything it printed.
 pub fn agent_command(args: &[&str]) -> anyhow::Result<String> {
+    agent_command_logged(args).map(|(stdout, _)| stdout)
+}
+
+/// [`agent_command`], also returning what it logged (stderr).
+pub fn agent_command_logged(args: &[&str]) -> anyhow::Result<(String, String)> {
     let out = Command::new(bin("modelcache-agent")?)
         .args(args)
         .env_remove("HF_ENDPOINT")
@@ -158,15 +163,40 @@ pub fn agent_command(args: &[&str]) -> anyhow::Result<String> {
         .output()
         .context("running modelcache-agent")?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
         bail!(
-            "modelcache-agent {} failed ({}):\n{stdout}{}",
+            "modelcache-agent {} failed ({}):\n{stdout}{stderr}",
             args.join(" "),
             out.status,
-            String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(stdout)
+    Ok((stdout, stderr))
+}
+
+/// Starts `modelcache-agent serve-hub --root ROOT extra…` on a free port, logging into `dir`,
+/// and waits until it listens; the process and its base URL.
+pub fn serve_hub(root: &Path, extra: &[&str], dir: &Path) -> anyhow::Result<(Proc, String)> {
+    serve_hub_at(&format!("127.0.0.1:{}", free_port()?), root, extra, dir)
+}
+
+/// [`serve_hub`] on a given address.
+pub fn serve_hub_at(
+    listen: &str,
+    root: &Path,
+    extra: &[&str],
+    dir: &Path,
+) -> anyhow::Result<(Proc, String)> {
+    let root = root.to_str().context("a UTF-8 hub root")?;
+    let mut args = vec!["serve-hub", "--root", root, "--listen", listen];
+    args.extend_from_slice(extra);
+    let mut p = Proc::start("hub", &bin("modelcache-agent")?, &args, dir)?;
+    // The catalogue hashes every file first.
+    wait_until("the hub to listen", Duration::from_secs(120), || {
+        p.check_running()?;
+        Ok(std::net::TcpStream::connect(listen).is_ok())
+    })?;
+    Ok((p, format!("http://{listen}")))
 }
 
 /// A free TCP port on 127.0.0.1.

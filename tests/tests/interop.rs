@@ -4,10 +4,9 @@
 //! stand-in for the Hub in every other test.
 
 use modelcache_tests::models::{generate_model, run_python};
-use modelcache_tests::procs::{Proc, agent_command, bin, free_port, wait_until};
+use modelcache_tests::procs::{agent_command, free_port, serve_hub_at};
 use modelcache_tests::tree::assert_same_tree;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 const SNAPSHOT_DOWNLOAD: &str = r#"
 import os
@@ -47,31 +46,13 @@ fn snapshot_download_from_serve_hub_yields_the_repo_files() {
     std::fs::write(dataset.join("train/part-0.jsonl"), b"{\"text\":\"hi\"}\n").unwrap();
     std::fs::write(dataset.join("README.md"), b"# data\n").unwrap();
 
-    let agent = bin("modelcache-agent").unwrap();
+    // The CDN route under another host name, as the Hub's CDN is.
     let port = free_port().unwrap();
     let listen = format!("127.0.0.1:{port}");
     let cdn = format!("http://localhost:{port}");
-    let mut hub = Proc::start(
-        "hub",
-        &agent,
-        &[
-            "serve-hub",
-            "--root",
-            hub_root.to_str().unwrap(),
-            "--listen",
-            &listen,
-            "--cdn-url",
-            &cdn,
-        ],
-        dir.path(),
-    )
-    .unwrap();
-    wait_until("serve-hub to listen", Duration::from_secs(30), || {
-        hub.check_running()?;
-        Ok(std::net::TcpStream::connect(&listen).is_ok())
-    })
-    .unwrap();
-    let endpoint = PathBuf::from(format!("http://{listen}"));
+    let (mut hub, endpoint) =
+        serve_hub_at(&listen, &hub_root, &["--cdn-url", &cdn], dir.path()).unwrap();
+    let endpoint = PathBuf::from(endpoint);
     let cache = dir.path().join("hf-cache");
 
     let got = snapshot_download(&endpoint, "org/model", "model", &cache);

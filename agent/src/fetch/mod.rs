@@ -1,5 +1,5 @@
-//! Filling the store from a hub: revision → commit, the file plan ([`plan`]), verified
-//! downloads, and the snapshot.
+//! Filling the store: revision → commit, the file plan ([`plan`]), verified downloads from the
+//! hub or imports from a shared cache ([`sources`], [`import`]), and the snapshot.
 //!
 //! Files up to [`Tuning::chunk_size`] stream in one request and are hashed as they arrive. Larger
 //! ones are fetched in parallel byte ranges into a resumable partial file ([`ranged`]), hashed in
@@ -7,11 +7,14 @@
 //! the hash and size are checked against the hub's tree before the blob becomes visible, and one
 //! download per blob runs on a node however many volumes ask for it ([`InFlight`]).
 
+mod import;
 mod inflight;
 mod plan;
 mod ranged;
+mod sources;
 
 pub use plan::{PlannedFile, plan};
+pub use sources::{BadSources, Sources, Tier};
 
 use crate::access::AccessCache;
 use crate::filter::FileFilter;
@@ -19,6 +22,7 @@ use crate::hash::Hasher;
 use crate::hub::client::{FileSource, retry_policy};
 use crate::hub::{HubClient, HubError, client::Token};
 use crate::repo::{ModelRef, RepoId, RepoKind};
+use crate::shared_cache::SharedCacheError;
 use crate::store::{Snapshot, SnapshotFile, Store, StoreError};
 use backon::BackoffBuilder;
 use futures::{StreamExt, TryStreamExt};
@@ -38,6 +42,31 @@ pub enum FetchError {
     /// Writing to the store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The shared cache holds something modelcache will not read.
+    #[error(transparent)]
+    SharedCache(#[from] SharedCacheError),
+    /// Without a hub, the shared cache is all there is, and it lacks the revision.
+    #[error(
+        "the shared cache at {cache} holds no {what} of {repo}, and the hub is not among --sources: fill it (huggingface-cli download {repo} --revision {revision}) or add hub to --sources"
+    )]
+    NotInSharedCache {
+        /// `org/name`.
+        repo: String,
+        /// The revision asked for.
+        revision: String,
+        /// `refs/<revision>` or `snapshot <commit>`.
+        what: String,
+        /// The shared cache's path.
+        cache: String,
+    },
+    /// No tier could give a file.
+    #[error("{path}: {reason}")]
+    Unavailable {
+        /// The file.
+        path: String,
+        /// What each tier said.
+        reason: String,
+    },
     /// The hub's tree holds something modelcache will not write.
     #[error("{repo}@{commit}: the hub's file list is unsafe: {reason}")]
     UnsafeTree {
@@ -109,6 +138,8 @@ impl FetchError {
 pub struct Progress {
     bytes_done: AtomicU64,
     bytes_total: AtomicU64,
+    bytes_downloaded: AtomicU64,
+    bytes_imported: AtomicU64,
     files_done: AtomicU32,
     files_total: AtomicU32,
 }
@@ -120,6 +151,10 @@ pub struct ProgressView {
     pub bytes_done: u64,
     /// Bytes of the whole snapshot; 0 until the file list is known.
     pub bytes_total: u64,
+    /// Bytes of files downloaded from the hub, once verified.
+    pub bytes_downloaded: u64,
+    /// Bytes of files imported from the shared cache, once verified.
+    pub bytes_imported: u64,
     /// Files present so far.
     pub files_done: u32,
     /// Files in the snapshot.
@@ -132,6 +167,8 @@ impl Progress {
         ProgressView {
             bytes_done: self.bytes_done.load(Ordering::Relaxed),
             bytes_total: self.bytes_total.load(Ordering::Relaxed),
+            bytes_downloaded: self.bytes_downloaded.load(Ordering::Relaxed),
+            bytes_imported: self.bytes_imported.load(Ordering::Relaxed),
             files_done: self.files_done.load(Ordering::Relaxed),
             files_total: self.files_total.load(Ordering::Relaxed),
         }
@@ -193,6 +230,7 @@ pub struct Fetcher {
     connections: Arc<Semaphore>,
     access: Arc<AccessCache>,
     inflight: Arc<InFlight>,
+    sources: Sources,
 }
 
 /// How long the hub's "yes" to a (repo, revision, token) is trusted by default.
@@ -213,7 +251,19 @@ impl Fetcher {
             connections: Arc::new(Semaphore::new(tuning.connections)),
             access: Arc::new(AccessCache::new(DEFAULT_ACCESS_TTL)),
             inflight: Arc::default(),
+            sources: Sources::default(),
         }
+    }
+
+    /// Takes files from `sources`, in their order (the hub alone by default).
+    pub fn with_sources(mut self, sources: Sources) -> Self {
+        self.sources = sources;
+        self
+    }
+
+    /// The tiers files come from.
+    pub fn sources(&self) -> &Sources {
+        &self.sources
     }
 
     /// Trusts the hub's answers on access and revisions for `ttl` (zero: ask every time).
@@ -238,6 +288,9 @@ impl Fetcher {
         model: &ModelRef,
         token: Option<&Token>,
     ) -> Result<String, FetchError> {
+        if !self.sources.uses_hub() {
+            return self.resolve_in_shared_cache(model);
+        }
         if let Some(commit) = self.access.get(model, token, Instant::now()) {
             return Ok(commit);
         }
@@ -259,13 +312,16 @@ impl Fetcher {
             }
             Err(e) if e.is_transient() => {
                 let known = if model.revision.is_commit() {
-                    Some(model.revision.to_string())
+                    Some((model.revision.to_string(), "the commit asked for"))
+                } else if let Some(c) = self.store.read_ref(kind, repo, &model.revision) {
+                    Some((c, "the commit this revision last resolved to on this node"))
                 } else {
-                    self.store.read_ref(kind, repo, &model.revision)
+                    self.shared_ref(model)
+                        .map(|c| (c, "the shared cache's ref"))
                 };
                 match known {
-                    Some(commit) => {
-                        tracing::warn!(error = %e, model.commit = %commit, "hub unreachable; using the commit this revision last resolved to");
+                    Some((commit, why)) => {
+                        tracing::warn!(error = %e, model.commit = %commit, "hub unreachable; using {why}");
                         Ok(commit)
                     }
                     None => Err(e.into()),
@@ -273,6 +329,112 @@ impl Fetcher {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The shared cache's ref for `model.revision`, when there is a shared cache and it has one;
+    /// a fallback, so a cache that cannot be read is logged and counts as no answer.
+    fn shared_ref(&self, model: &ModelRef) -> Option<String> {
+        let shared = self.sources.shared()?;
+        shared
+            .read_ref(model.kind, &model.repo, &model.revision)
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read the shared cache's ref");
+                None
+            })
+    }
+
+    /// Without a hub: the commit the shared cache's `refs/<revision>` names (or the commit asked
+    /// for, when the cache holds its snapshot).
+    fn resolve_in_shared_cache(&self, model: &ModelRef) -> Result<String, FetchError> {
+        let shared = self
+            .sources
+            .shared()
+            .expect("without the hub, the shared cache is the tier");
+        let (kind, repo) = (model.kind, &model.repo);
+        match shared.read_ref(kind, repo, &model.revision)? {
+            Some(commit) => {
+                self.store.write_ref(kind, repo, &model.revision, &commit)?;
+                Ok(commit)
+            }
+            None => Err(FetchError::NotInSharedCache {
+                repo: repo.to_string(),
+                revision: model.revision.to_string(),
+                what: if model.revision.is_commit() {
+                    format!("snapshot {}", model.revision)
+                } else {
+                    format!("refs/{}", model.revision)
+                },
+                cache: shared.root().display().to_string(),
+            }),
+        }
+    }
+
+    /// The files of `repo` at `commit`, and the tier that listed them: the hub's tree when the
+    /// hub is a tier (the shared cache's snapshot while the hub is unreachable), else the shared
+    /// cache's snapshot.
+    async fn list_files(
+        &self,
+        kind: RepoKind,
+        repo: &RepoId,
+        commit: &str,
+        token: Option<&Token>,
+    ) -> Result<(Vec<PlannedFile>, Tier), FetchError> {
+        if self.sources.uses_hub() {
+            let e = match self.hub.list_tree(kind, repo, commit, token).await {
+                Ok(tree) => return Ok((plan(repo, commit, &tree)?, Tier::Hub)),
+                Err(e) => e,
+            };
+            if !e.is_transient() {
+                return Err(e.into());
+            }
+            return match self.shared_listing(kind, repo, commit) {
+                Ok(Some(files)) => {
+                    tracing::warn!(error = %e, "hub unreachable; taking the file list from the shared cache");
+                    Ok((files, Tier::Pvc))
+                }
+                Ok(None) => Err(e.into()),
+                Err(shared) => {
+                    tracing::warn!(error = %shared, "cannot list the snapshot in the shared cache");
+                    Err(e.into())
+                }
+            };
+        }
+        match self.shared_listing(kind, repo, commit)? {
+            Some(files) => Ok((files, Tier::Pvc)),
+            None => Err(FetchError::NotInSharedCache {
+                repo: repo.to_string(),
+                revision: commit.to_owned(),
+                what: format!("snapshot {commit}"),
+                cache: self
+                    .sources
+                    .shared()
+                    .map(|s| s.root().display().to_string())
+                    .unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// The shared cache's snapshot of `commit` as files to fetch; None without one.
+    fn shared_listing(
+        &self,
+        kind: RepoKind,
+        repo: &RepoId,
+        commit: &str,
+    ) -> Result<Option<Vec<PlannedFile>>, FetchError> {
+        let Some(shared) = self.sources.shared() else {
+            return Ok(None);
+        };
+        let files = shared.list_snapshot(kind, repo, commit)?.map(|files| {
+            files
+                .into_iter()
+                .map(|f| PlannedFile {
+                    path: f.path,
+                    hash: f.hash,
+                    size: f.size,
+                })
+                .collect()
+        });
+        Ok(files)
     }
 
     /// Makes the snapshot of `repo` at `commit`, holding the files `filter` takes, complete in
@@ -284,14 +446,13 @@ impl Fetcher {
         commit: &str,
         filter: &FileFilter,
         token: Option<&Token>,
-        progress: &Progress,
+        progress: &Arc<Progress>,
     ) -> Result<Snapshot, FetchError> {
         let key = filter.key();
         if let Some(s) = self.store.snapshot(kind, repo, commit, key.as_deref()) {
             return Ok(s);
         }
-        let tree = self.hub.list_tree(kind, repo, commit, token).await?;
-        let mut files = plan(repo, commit, &tree)?;
+        let (mut files, listed_by) = self.list_files(kind, repo, commit, token).await?;
         files.retain(|f| filter.admits(f.path.as_str()));
         if files.is_empty() && !filter.is_all() {
             return Err(FetchError::NothingMatches {
@@ -332,7 +493,7 @@ impl Fetcher {
             .collect();
         let store = self.store.clone();
         let (repo, commit) = (repo.clone(), commit.to_owned());
-        let source = format!("hub {}", self.hub.endpoint());
+        let source = self.describe_source(listed_by, progress.view());
         let snap = tokio::task::spawn_blocking(move || {
             let snap = store.assemble_snapshot(kind, &repo, &commit, key.as_deref(), &links)?;
             store.record_snapshot(&snap, &source)?;
@@ -343,54 +504,176 @@ impl Fetcher {
         Ok(snap)
     }
 
+    /// What a snapshot was made from, for its record: the tiers that gave bytes (with the bytes
+    /// each gave when both did), or the one that listed it when the store had every blob.
+    fn describe_source(&self, listed_by: Tier, v: ProgressView) -> String {
+        let shared = || match self.sources.shared() {
+            Some(s) => format!("shared cache {}", s.root().display()),
+            None => "shared cache".to_owned(),
+        };
+        let hub = || format!("hub {}", self.hub.endpoint());
+        match (v.bytes_imported > 0, v.bytes_downloaded > 0) {
+            (true, true) => format!(
+                "{} ({} bytes) + {} ({} bytes)",
+                shared(),
+                v.bytes_imported,
+                hub(),
+                v.bytes_downloaded
+            ),
+            (true, false) => shared(),
+            (false, true) => hub(),
+            (false, false) if listed_by == Tier::Pvc => shared(),
+            (false, false) => hub(),
+        }
+    }
+
+    /// Makes the blob `file.hash` present, taking it from the first tier that has it.
     async fn fetch_blob(
+        &self,
+        src: Source<'_>,
+        file: &PlannedFile,
+        progress: &Arc<Progress>,
+    ) -> Result<(), FetchError> {
+        // One fetch per blob: a second fetch of the same blob waits here, then finds it.
+        let _flight = self.inflight.lock(&file.hash).await;
+        if self.store.has_blob(&file.hash) {
+            progress.bytes_done.fetch_add(file.size, Ordering::Relaxed);
+            progress.files_done.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let order = self.sources.order();
+        let mut misses = Vec::new();
+        for (i, tier) in order.iter().enumerate() {
+            let last = i + 1 == order.len();
+            let miss = match tier {
+                Tier::Pvc => match self.import_blob(src, file, progress).await? {
+                    Ok(()) => None,
+                    Err(reason) => Some(format!("shared cache: {reason}")),
+                },
+                Tier::Hub => match self.download_blob(src, file, progress).await {
+                    Ok(()) => None,
+                    Err(e) if last => return Err(e),
+                    Err(e) => Some(format!("hub: {e}")),
+                },
+            };
+            let Some(miss) = miss else {
+                progress.files_done.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            };
+            if !last {
+                tracing::info!(file = %file.path, "{miss}; trying {}", order[i + 1]);
+            }
+            misses.push(miss);
+        }
+        Err(FetchError::Unavailable {
+            path: file.path.to_string(),
+            reason: misses.join("; "),
+        })
+    }
+
+    /// Imports `file` from the shared cache, verified: the blob by its hash (any commit's), or
+    /// the commit's snapshot entry. `Ok(Err(reason))` when the cache cannot give it (absent,
+    /// refused, or wrong bytes), so the next tier is tried; `Err` when the store fails.
+    async fn import_blob(
+        &self,
+        src: Source<'_>,
+        file: &PlannedFile,
+        progress: &Arc<Progress>,
+    ) -> Result<Result<(), String>, FetchError> {
+        let shared = self
+            .sources
+            .shared()
+            .expect("pvc is a tier only with a shared cache")
+            .clone();
+        let (store, progress, file) = (self.store.clone(), progress.clone(), file.clone());
+        let (kind, repo, commit) = (src.kind, src.repo.clone(), src.commit.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let opened = match shared.open_blob(kind, &repo, &file.hash) {
+                Ok(None) => shared.open_snapshot_file(kind, &repo, &commit, &file.path),
+                found => found,
+            };
+            let source = match opened {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(Err("not there".to_owned())),
+                Err(e) => {
+                    tracing::warn!(file = %file.path, error = %e, "refused a file of the shared cache");
+                    return Ok(Err(e.to_string()));
+                }
+            };
+            let counted = AtomicU64::new(0);
+            let added = |n| {
+                progress.bytes_done.fetch_add(n, Ordering::Relaxed);
+                counted.fetch_add(n, Ordering::Relaxed);
+            };
+            let res = import::import(&store, &source, &file, &added);
+            if res.is_err() {
+                progress
+                    .bytes_done
+                    .fetch_sub(counted.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+            match res {
+                Ok(()) => {
+                    progress
+                        .bytes_imported
+                        .fetch_add(file.size, Ordering::Relaxed);
+                    tracing::debug!(file = %file.path, bytes = file.size, "imported from the shared cache");
+                    Ok(Ok(()))
+                }
+                Err(import::ImportError::Store(e)) => Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(file = %file.path, error = %e, "the shared cache's copy is not the file wanted");
+                    Ok(Err(format!("its copy {e}")))
+                }
+            }
+        })
+        .await
+        .expect("import task does not panic")
+    }
+
+    /// Downloads `file` from the hub. A broken connection or a transient hub error is retried
+    /// with backoff (a ranged download keeps what it wrote); a mismatch is tried once more,
+    /// then fails.
+    async fn download_blob(
         &self,
         src: Source<'_>,
         file: &PlannedFile,
         progress: &Progress,
     ) -> Result<(), FetchError> {
-        // One download per blob: a second fetch of the same blob waits here, then finds it.
-        let _flight = self.inflight.lock(&file.hash).await;
-        if self.store.has_blob(&file.hash) {
-            progress.bytes_done.fetch_add(file.size, Ordering::Relaxed);
-        } else {
-            // A broken connection or a transient hub error is retried with backoff (a ranged
-            // download keeps what it wrote); a mismatch is tried once more, then fails.
-            let mut backoff = retry_policy().build();
-            let mut mismatches = 0;
-            loop {
-                let counted = AtomicU64::new(0);
-                let res = self
-                    .download(src.file(file), file, progress, &counted)
-                    .await;
-                progress
-                    .bytes_done
-                    .fetch_sub(counted.load(Ordering::Relaxed), Ordering::Relaxed);
-                let e = match res {
-                    Ok(()) => {
-                        progress.bytes_done.fetch_add(file.size, Ordering::Relaxed);
-                        break;
-                    }
-                    Err(e) => e,
-                };
-                let wait = match &e {
-                    FetchError::Integrity { .. } => {
-                        mismatches += 1;
-                        (mismatches < 2).then_some(Duration::ZERO)
-                    }
-                    FetchError::Interrupted { .. } => backoff.next(),
-                    FetchError::Hub(h) if h.is_transient() => backoff.next(),
-                    _ => None,
-                };
-                let Some(wait) = wait else {
-                    return Err(e);
-                };
-                tracing::warn!(file = %file.path, error = %e, retry_in = ?wait, "download failed; retrying");
-                tokio::time::sleep(wait).await;
-            }
+        let mut backoff = retry_policy().build();
+        let mut mismatches = 0;
+        loop {
+            let counted = AtomicU64::new(0);
+            let res = self
+                .download(src.file(file), file, progress, &counted)
+                .await;
+            progress
+                .bytes_done
+                .fetch_sub(counted.load(Ordering::Relaxed), Ordering::Relaxed);
+            let e = match res {
+                Ok(()) => {
+                    progress.bytes_done.fetch_add(file.size, Ordering::Relaxed);
+                    progress
+                        .bytes_downloaded
+                        .fetch_add(file.size, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            let wait = match &e {
+                FetchError::Integrity { .. } => {
+                    mismatches += 1;
+                    (mismatches < 2).then_some(Duration::ZERO)
+                }
+                FetchError::Interrupted { .. } => backoff.next(),
+                FetchError::Hub(h) if h.is_transient() => backoff.next(),
+                _ => None,
+            };
+            let Some(wait) = wait else {
+                return Err(e);
+            };
+            tracing::warn!(file = %file.path, error = %e, retry_in = ?wait, "download failed; retrying");
+            tokio::time::sleep(wait).await;
         }
-        progress.files_done.fetch_add(1, Ordering::Relaxed);
-        Ok(())
     }
 
     /// One attempt at a blob; `counted` holds the bytes it added to `progress`.

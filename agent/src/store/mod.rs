@@ -275,7 +275,7 @@ impl Store {
     fn repo_dir(&self, area: &str, kind: RepoKind, repo: &RepoId) -> PathBuf {
         self.root
             .join(area)
-            .join(format!("{}--{}", kind.plural(), repo.flat()))
+            .join(crate::repo::cache_folder(kind, repo))
     }
 
     /// Where a snapshot lives (whether or not it is there): `<commit>` for every file,

@@ -13,7 +13,7 @@
 //! Like a snapshot, a view is built in staging and renamed into place, so it is whole or absent.
 
 use super::{Context, Result, Snapshot, Store, sync_dir};
-use crate::repo::Revision;
+use crate::repo::{Revision, cache_folder};
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::path::PathBuf;
@@ -42,7 +42,7 @@ impl Layout {
 impl Store {
     /// Where the views of a snapshot live (whether or not there are any).
     pub(super) fn views_of(&self, snap: &Snapshot) -> PathBuf {
-        let cache_name = format!("{}--{}", snap.kind.plural(), snap.repo.flat());
+        let cache_name = cache_folder(snap.kind, &snap.repo);
         let snap_dir = snap.path.file_name().expect("snapshot dir has a name");
         self.root
             .join("views/hf-cache")
@@ -56,7 +56,7 @@ impl Store {
         if layout == Layout::Snapshot {
             return Ok(snap.path.clone());
         }
-        let cache_name = format!("{}--{}", snap.kind.plural(), snap.repo.flat());
+        let cache_name = cache_folder(snap.kind, &snap.repo);
         let snap_views = self.views_of(snap);
         let rev_key = if revision.is_commit() {
             "commit".to_owned()

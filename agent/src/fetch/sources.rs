@@ -1,0 +1,150 @@
+//! Where a node's files come from, in order: the hub, and optionally a shared cache (a PVC that
+//! already holds an HF cache).
+//!
+//! - **Files** are taken from the first tier that has them with the right hash: with `pvc,hub`
+//!   the shared cache gives what it holds and the hub only the rest; with `hub,pvc` the shared
+//!   cache stands in when the hub fails.
+//! - **Revisions and access** are the hub's to answer whenever the hub is a tier: it says which
+//!   commit `main` is now and whether a token may read a gated repo. The shared cache's
+//!   `refs/` answer only without a hub, or while the hub is unreachable for a repo not known to
+//!   be gated. With `pvc` alone, whatever the shared cache holds is served to any volume that
+//!   names it, as the PVC itself would be: keep gated models off a cache shared by tenants, or
+//!   keep `hub` in the tiers.
+
+use crate::shared_cache::SharedCache;
+use std::fmt;
+use std::sync::Arc;
+
+/// A source of files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Tier {
+    /// The shared cache (`--shared-cache`).
+    Pvc,
+    /// The hub (`--endpoint`).
+    Hub,
+}
+
+/// The tiers, in order, and the shared cache if one is a tier.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    order: Vec<Tier>,
+    shared: Option<Arc<SharedCache>>,
+}
+
+/// A tier order that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadSources(String);
+
+impl Default for Sources {
+    /// The hub alone.
+    fn default() -> Self {
+        Sources {
+            order: vec![Tier::Hub],
+            shared: None,
+        }
+    }
+}
+
+impl Sources {
+    /// Checks that `order` names each tier at most once, and the shared cache exactly when
+    /// `pvc` is in it. An empty order means `pvc,hub` with a shared cache and `hub` without.
+    pub fn new(order: Vec<Tier>, shared: Option<SharedCache>) -> Result<Self, BadSources> {
+        let order = if order.is_empty() {
+            match shared {
+                Some(_) => vec![Tier::Pvc, Tier::Hub],
+                None => vec![Tier::Hub],
+            }
+        } else {
+            order
+        };
+        if order.iter().filter(|t| **t == Tier::Pvc).count() > 1
+            || order.iter().filter(|t| **t == Tier::Hub).count() > 1
+        {
+            return Err(BadSources(format!(
+                "--sources {} names a tier twice",
+                join(&order)
+            )));
+        }
+        match (order.contains(&Tier::Pvc), &shared) {
+            (true, None) => Err(BadSources(
+                "--sources names pvc but no --shared-cache is given: point --shared-cache at the \
+                 HF cache on the shared volume (its HF_HOME or HF_HOME/hub)"
+                    .into(),
+            )),
+            (false, Some(_)) => Err(BadSources(format!(
+                "--shared-cache is given but --sources {} does not name pvc: add it, e.g. --sources pvc,hub",
+                join(&order)
+            ))),
+            _ => Ok(Sources {
+                order,
+                shared: shared.map(Arc::new),
+            }),
+        }
+    }
+
+    /// The tiers in order.
+    pub fn order(&self) -> &[Tier] {
+        &self.order
+    }
+
+    /// True when the hub is a tier.
+    pub fn uses_hub(&self) -> bool {
+        self.order.contains(&Tier::Hub)
+    }
+
+    /// The shared cache, when it is a tier.
+    pub fn shared(&self) -> Option<&Arc<SharedCache>> {
+        self.shared.as_ref()
+    }
+}
+
+fn join(order: &[Tier]) -> String {
+    order
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Tier::Pvc => "pvc",
+            Tier::Hub => "hub",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache() -> (tempfile::TempDir, SharedCache) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = SharedCache::open(dir.path()).unwrap();
+        (dir, cache)
+    }
+
+    #[test]
+    fn the_default_order_follows_whether_a_shared_cache_is_given() {
+        assert_eq!(Sources::new(vec![], None).unwrap().order(), [Tier::Hub]);
+        let (_d, c) = cache();
+        let s = Sources::new(vec![], Some(c)).unwrap();
+        assert_eq!(s.order(), [Tier::Pvc, Tier::Hub]);
+        let (_d, c) = cache();
+        let s = Sources::new(vec![Tier::Pvc], Some(c)).unwrap();
+        assert!(!s.uses_hub() && s.shared().is_some());
+    }
+
+    #[test]
+    fn orders_that_cannot_work_say_what_to_change() {
+        let err = Sources::new(vec![Tier::Pvc, Tier::Hub], None).unwrap_err();
+        assert!(err.to_string().contains("no --shared-cache"), "{err}");
+        let (_d, c) = cache();
+        let err = Sources::new(vec![Tier::Hub], Some(c)).unwrap_err();
+        assert!(err.to_string().contains("--sources pvc,hub"), "{err}");
+        let err = Sources::new(vec![Tier::Hub, Tier::Hub], None).unwrap_err();
+        assert!(err.to_string().contains("twice"), "{err}");
+    }
+}
