@@ -6,6 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
-python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt hf_transfer==0.1.9
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r tests/requirements.txt hf_transfer==0.1.9
 cargo build --release --quiet -p modelcache-agent
 exec python3 hack/bench_pull.py "$@"

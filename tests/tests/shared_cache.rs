@@ -5,8 +5,9 @@
 //! and no snapshot is made from a lie.
 
 use modelcache_tests::models::{generate_model, run_python};
+use modelcache_tests::node::{Hub, LocalNode};
 use modelcache_tests::procs::{agent_command, agent_command_logged, serve_hub};
-use modelcache_tests::tree::assert_same_tree;
+use modelcache_tests::tree::{assert_same_tree, mount_options};
 use std::path::{Path, PathBuf};
 
 const REPO: &str = "org/model";
@@ -267,4 +268,39 @@ fn a_lying_shared_cache_is_refused_and_nothing_it_gave_enters_the_store() {
             .contains("tenant"),
     );
     s.hub.stop();
+}
+
+/// The agent as a node runs it: `run --shared-cache … --sources pvc`, no hub at all, and a pod
+/// volume published through the CSI plugin shows the model the download Job put on the share.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_without_a_hub_publishes_volumes_from_the_shared_cache() {
+    let mut s = Setup::new();
+    s.fill_shared_cache(None);
+    s.hub.stop();
+    let shared = s.shared();
+    let mut node = LocalNode::start_with(
+        &s.dir.path().join("node"),
+        // Nothing listens there: a hub asked anything would fail the publish.
+        Hub::Remote("http://127.0.0.1:9".into()),
+        10,
+        &[
+            "--shared-cache",
+            shared.to_str().unwrap(),
+            "--sources",
+            "pvc",
+        ],
+    )
+    .unwrap();
+    let target = node.target("vol-pvc");
+    node.publish("vol-pvc", &target, &[("model", REPO)], |st| {
+        eprintln!("publish: {} (retrying as kubelet would)", st.message())
+    })
+    .await
+    .unwrap();
+    assert_same_tree(&s.model, &target);
+    let opts = mount_options(&target).expect("mounted");
+    assert!(opts.iter().any(|o| o == "ro"), "{opts:?}");
+    let log = node.agent_log();
+    assert!(log.contains("imported from the shared cache"), "{log}");
+    node.unpublish("vol-pvc", &target).await.unwrap();
 }

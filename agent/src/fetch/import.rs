@@ -18,6 +18,8 @@ use std::sync::mpsc;
 
 /// Bytes per `copy_file_range` call and per hashed range.
 const RANGE: u64 = 8 << 20;
+/// Ranges of the source asked to be read ahead of the copy.
+const READ_AHEAD: u64 = 4;
 /// Bytes per read when hashing the copy, or when copying by hand.
 const BUF: usize = 4 << 20;
 
@@ -66,6 +68,9 @@ pub fn import(
                 hasher.update(&buf[..want]);
                 at += want as u64;
             }
+            // Start writing the range back now, while the next ones are copied, so the fsync
+            // before the rename has little left to wait for.
+            start_writeback(out, at - n, n);
             added(n);
         }
         Ok::<_, ImportError>(copier.join().expect("the copier does not panic"))
@@ -98,6 +103,19 @@ pub fn import(
     Ok(())
 }
 
+/// Asks the kernel to start writing a range back to disk, without waiting (on Linux,
+/// POSIX_FADV_DONTNEED starts writeback of dirty pages, and drops only pages already clean).
+/// Only a hint: an error changes nothing that the final fsync does not check.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+    let _ = posix_fadvise(
+        file,
+        offset as i64,
+        len as i64,
+        PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
+}
+
 /// How far the kernel copy got.
 enum Copied {
     All,
@@ -120,10 +138,18 @@ fn kernel_copy(
     len: u64,
     ranges: &mpsc::SyncSender<(u64, u64)>,
 ) -> Result<Copied, Side> {
+    use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
     let mut at = 0u64;
     while at < len {
         let want = (len - at).min(RANGE);
         let start = at;
+        // Read the next ranges ahead while this one is copied (a hint; errors change nothing).
+        let _ = posix_fadvise(
+            src,
+            (start + want) as i64,
+            (READ_AHEAD * RANGE) as i64,
+            PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        );
         while at < start + want {
             let (mut off_in, mut off_out) = (at as i64, at as i64);
             let n = (start + want - at) as usize;

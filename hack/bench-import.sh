@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Shared-cache import benchmark: modelcache-agent pull --sources pvc vs cp of the same files on
+# the same disk, with the source in the page cache and cold. Prints a Markdown table of ratios
+# and writes docs/bench/pvc-import.{json,svg}. Needs root (drops the page cache) and about
+# 7 GiB free in /tmp. Flags pass through: hack/bench-import.sh --help
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r tests/requirements.txt
+cargo build --release --quiet -p modelcache-agent
+exec python3 hack/bench_import.py "$@"
