@@ -115,7 +115,9 @@ pub fn remove(
         store.remove_snapshot(s)?;
         tracing::info!(model.repo = %s.repo, model.commit = %s.commit, "removed snapshot");
     }
-    let (blobs_freed, bytes_freed) = store.collect_garbage()?;
+    // `rm` runs beside the agent and cannot see its downloads: a blob fetched but not linked
+    // yet may go, and that download then fails and is fetched again on kubelet's next try.
+    let (blobs_freed, bytes_freed) = store.collect_garbage(|_| false)?;
     Ok(RemoveReport {
         removed: doomed.into_iter().map(|s| s.path).collect(),
         blobs_freed,
@@ -381,6 +383,7 @@ mod tests {
             target_path: "/t".into(),
             pod: None,
             filter: None,
+            pinned_at: 0,
         };
         pins.pin(volume, record).unwrap();
     }

@@ -3,18 +3,24 @@
 //! `Ensure` is single-flight: however many volumes ask for the same repo at the same commit, one
 //! fetch runs; every caller watches it and gets the snapshot, or progress when its wait runs out.
 //! The fetch goes on after the caller gives up, so kubelet's retry finds it further along.
+//!
+//! The API also keeps the store in shape ([`AgentApi::maintain`]): the evictor (`crate::evict`)
+//! watches disk usage, and pins are reconciled with the mount table at start and every
+//! [`RECONCILE_INTERVAL`].
 
+use crate::evict::{Evictor, Statvfs, Watermarks};
 use crate::fetch::{FetchError, Fetcher, Progress};
 use crate::filter::FileFilter;
 use crate::hub::HubError;
 use crate::hub::client::Token;
+use crate::mounts::MountTable;
 use crate::repo::{InvalidInput, ModelRef, RepoId, RepoKind, Revision, is_commit_id};
-use crate::store::{Layout, PinRecord, Pins, Snapshot, StoreError};
+use crate::store::{Layout, PinRecord, Pins, Reconciled, Snapshot, StoreError, unix};
 use modelcache_proto::agent_v1 as pb;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -83,6 +89,7 @@ impl From<ApiError> for Status {
                 | FetchError::NothingMatches { .. }
                 | FetchError::SharedCache(_) => Code::FailedPrecondition,
                 FetchError::NotInSharedCache { .. } => Code::NotFound,
+                FetchError::NoRoom { .. } => Code::ResourceExhausted,
                 // A download Job may still be filling the shared cache.
                 FetchError::Unavailable { .. } => Code::Unavailable,
                 FetchError::Integrity { .. } => Code::DataLoss,
@@ -118,24 +125,106 @@ pub enum Ensured {
     },
 }
 
+/// How often pins are checked against the mount table.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
+
 /// The agent API over a store.
 pub struct AgentApi {
     fetcher: Fetcher,
-    pins: Mutex<Pins>,
+    pins: Arc<Mutex<Pins>>,
+    evictor: Arc<Evictor>,
+    mounts: Arc<dyn MountTable>,
+    /// Wakes the evictor when a download finishes.
+    wake: Arc<Notify>,
     flights: Arc<Mutex<HashMap<FlightKey, Arc<Flight>>>>,
     shutdown: CancellationToken,
 }
 
 impl AgentApi {
-    /// Serves `fetcher`'s store; fetches stop when `shutdown` fires.
-    pub fn new(fetcher: Fetcher, shutdown: CancellationToken) -> std::io::Result<Self> {
-        let pins = Pins::load(fetcher.store().root())?;
-        Ok(AgentApi {
-            fetcher,
-            pins: Mutex::new(pins),
+    /// Serves `fetcher`'s store, keeping its usage under `marks`; fetches stop when `shutdown`
+    /// fires. Pins are reconciled with `mounts` before anything else.
+    pub fn new(
+        fetcher: Fetcher,
+        marks: Watermarks,
+        mounts: Arc<dyn MountTable>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ApiError> {
+        let store = fetcher.store().clone();
+        let pins = Arc::new(Mutex::new(
+            Pins::load(store.root()).map_err(|e| StoreError::from_io("load", store.root(), e))?,
+        ));
+        let evictor = Arc::new(Evictor::new(
+            store,
+            pins.clone(),
+            fetcher.wanted().clone(),
+            marks,
+            Box::new(Statvfs),
+        ));
+        let api = AgentApi {
+            fetcher: fetcher.with_room(evictor.clone()),
+            pins,
+            evictor,
+            mounts,
+            wake: Arc::default(),
             flights: Arc::default(),
             shutdown,
-        })
+        };
+        api.reconcile_pins()?;
+        Ok(api)
+    }
+
+    /// The evictor, for its counters.
+    pub fn evictor(&self) -> &Arc<Evictor> {
+        &self.evictor
+    }
+
+    /// Drops pins whose volume is no longer mounted, and pins mounted snapshots that have none
+    /// (see [`Pins::reconcile`]).
+    pub fn reconcile_pins(&self) -> Result<Reconciled, ApiError> {
+        let store = self.fetcher.store();
+        let mounted = self
+            .mounts
+            .mounts_of(store.root())
+            .map_err(|e| StoreError::from_io("read the mount table for", store.root(), e))?;
+        let now = unix(std::time::SystemTime::now());
+        let done = self
+            .pins
+            .lock()
+            .expect("pins lock")
+            .reconcile(store, &mounted, now)?;
+        for v in &done.dropped {
+            tracing::info!(volume.id = %v, "dropped the pin of a volume no longer mounted");
+        }
+        for v in &done.recovered {
+            tracing::warn!(volume.id = %v, "pinned a mounted snapshot that had no pin");
+        }
+        Ok(done)
+    }
+
+    /// Runs until shutdown: the evictor's watch, and pin reconciliation every
+    /// [`RECONCILE_INTERVAL`].
+    pub async fn maintain(self: Arc<Self>) {
+        let watch = self
+            .evictor
+            .clone()
+            .watch(self.wake.clone(), self.shutdown.clone());
+        let reconcile = async {
+            let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
+            tick.tick().await; // The first tick is now; `new` just reconciled.
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = self.shutdown.cancelled() => return,
+                }
+                let me = self.clone();
+                match tokio::task::spawn_blocking(move || me.reconcile_pins()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "pin reconciliation failed"),
+                    Err(e) => tracing::error!(error = %e, "pin reconciliation panicked"),
+                }
+            }
+        };
+        tokio::join!(watch, reconcile);
     }
 
     /// Resolves the revision, then waits up to `wait` for the snapshot, starting (or joining)
@@ -152,14 +241,22 @@ impl AgentApi {
         let store = self.fetcher.store();
         let key = filter.key();
         if let Some(s) = store.snapshot(model.kind, &model.repo, &commit, key.as_deref()) {
-            return Ok(Ensured::Ready(s));
+            // Kept from eviction until the publish that asked pins it. Leased first, then
+            // looked at again: an eviction between the lookup and the lease is seen.
+            self.evictor.lease(&s);
+            if s.path.is_dir() {
+                return Ok(Ensured::Ready(s));
+            }
         }
         let flight = self.join_or_start(model, filter, &commit, token)?;
         let mut done = flight.done.clone();
         let finished = tokio::time::timeout(wait, done.wait_for(Option::is_some)).await;
         match finished {
             Ok(Ok(result)) => match result.clone().expect("waited for Some") {
-                Ok(s) => Ok(Ensured::Ready(s)),
+                Ok(s) => {
+                    self.evictor.lease(&s);
+                    Ok(Ensured::Ready(s))
+                }
                 Err(e) => Err(ApiError::Fetch(e)),
             },
             // The fetch task went away without an answer: only on shutdown.
@@ -209,6 +306,7 @@ impl AgentApi {
             model.kind = model.kind.singular()
         );
         let flights = self.flights.clone();
+        let (evictor, wake) = (self.evictor.clone(), self.wake.clone());
         tokio::spawn(
             async move {
                 let (kind, repo, commit, filter) = &key;
@@ -229,10 +327,15 @@ impl AgentApi {
                     ),
                     Err(e) => tracing::warn!(error = %e, "fetch failed"),
                 }
+                if let Ok(s) = &result {
+                    // Kept from eviction until a caller sees it ready and leases it anew.
+                    evictor.lease(s);
+                }
                 // Forget the flight before publishing the answer, so a caller that sees a
                 // failure and retries starts a new fetch.
                 flights.lock().expect("flights lock").remove(&key);
                 let _ = tx.send(Some(result.map_err(Arc::new)));
+                wake.notify_one();
             }
             .instrument(span),
         );
@@ -241,14 +344,24 @@ impl AgentApi {
 }
 
 impl AgentApi {
-    /// Pins a snapshot, as the store returned it, for a volume.
+    /// Pins the snapshot of `model` at `commit` for a volume. The snapshot is looked up under
+    /// the pins lock, which eviction holds while it removes one, so a pin never lands on a
+    /// snapshot being removed.
     fn pin(
         &self,
         volume_id: &str,
-        snap: &Snapshot,
+        model: &ModelRef,
+        filter: &FileFilter,
+        commit: &str,
         target_path: &str,
         pod: Option<&str>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Snapshot, ApiError> {
+        let store = self.fetcher.store();
+        let mut pins = self.pins.lock().expect("pins lock");
+        let key = filter.key();
+        let snap = store
+            .snapshot(model.kind, &model.repo, commit, key.as_deref())
+            .ok_or_else(|| ApiError::NotPresent(format!("{}@{commit}", model.repo)))?;
         let record = PinRecord {
             kind: snap.kind.singular().to_owned(),
             repo: snap.repo.to_string(),
@@ -256,13 +369,13 @@ impl AgentApi {
             target_path: target_path.to_owned(),
             pod: pod.map(str::to_owned),
             filter: snap.filter.clone(),
+            pinned_at: unix(std::time::SystemTime::now()),
         };
-        self.pins
-            .lock()
-            .expect("pins lock")
-            .pin(volume_id, record)?;
-        self.fetcher.store().touch(snap)?;
-        Ok(())
+        pins.pin(volume_id, record)?;
+        drop(pins);
+        self.evictor.release(&snap);
+        store.touch(&snap)?;
+        Ok(snap)
     }
 
     /// Bytes and files of a snapshot, from its record (walked once, when it was made).
@@ -410,14 +523,15 @@ impl pb::agent_server::Agent for AgentApi {
         if req.volume_id.is_empty() {
             return Err(ApiError::Missing("volume_id").into());
         }
-        let key = filter.key();
-        let snap = self
-            .fetcher
-            .store()
-            .snapshot(model.kind, &model.repo, &req.commit, key.as_deref())
-            .ok_or_else(|| ApiError::NotPresent(format!("{}@{}", model.repo, req.commit)))?;
         let pod = Some(req.pod.as_str()).filter(|p| !p.is_empty());
-        self.pin(&req.volume_id, &snap, &req.target_path, pod)?;
+        let snap = self.pin(
+            &req.volume_id,
+            &model,
+            &filter,
+            &req.commit,
+            &req.target_path,
+            pod,
+        )?;
         tracing::info!(volume.id = %req.volume_id, model.repo = %snap.repo, model.commit = %snap.commit, pod = pod.unwrap_or(""), "pinned");
         Ok(Response::new(pb::PinResponse {}))
     }
@@ -520,6 +634,8 @@ mod tests {
         let hub = crate::hub::HubClient::new("http://127.0.0.1:9", None).unwrap();
         let api = AgentApi::new(
             Fetcher::new(hub, store, Default::default()),
+            Watermarks::default(),
+            Arc::new(crate::mounts::ProcMountTable),
             CancellationToken::new(),
         )
         .unwrap();

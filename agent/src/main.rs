@@ -4,11 +4,13 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use modelcache_agent::api::AgentApi;
+use modelcache_agent::evict::Watermarks;
 use modelcache_agent::fetch::{Fetcher, Progress, Sources, Tier, Tuning};
 use modelcache_agent::filter::FileFilter;
 use modelcache_agent::hub::catalog::Catalog;
 use modelcache_agent::hub::client::{DEFAULT_ENDPOINT, Token};
 use modelcache_agent::hub::{HubClient, server};
+use modelcache_agent::mounts::ProcMountTable;
 use modelcache_agent::repo::{ModelRef, RepoId, RepoKind, Revision};
 use modelcache_agent::shared_cache::SharedCache;
 use modelcache_agent::store::Store;
@@ -239,7 +241,47 @@ enum Command {
         listen: String,
         #[command(flatten)]
         hub: HubArgs,
+        #[command(flatten)]
+        eviction: EvictionArgs,
     },
+}
+
+/// When the agent gives disk space back.
+#[derive(clap::Args)]
+#[command(next_help_heading = "Eviction")]
+struct EvictionArgs {
+    /// Evict models no volume uses when the store's filesystem is fuller than this percent
+    /// (kubelet evicts pods at 90% by default).
+    #[arg(long, env = "MODELCACHE_HIGH_WATERMARK", value_name = "PCT",
+          default_value_t = Watermarks::default().high,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    high_watermark: u8,
+    /// ... until it is under this percent.
+    #[arg(long, env = "MODELCACHE_LOW_WATERMARK", value_name = "PCT",
+          default_value_t = Watermarks::default().low,
+          value_parser = clap::value_parser!(u8).range(0..=99))]
+    low_watermark: u8,
+    /// Also count the store as full at this size, whatever the filesystem's: the watermarks
+    /// apply to it too.
+    #[arg(long, env = "MODELCACHE_MAX_STORE_GIB", value_name = "GIB")]
+    max_store_gib: Option<f64>,
+}
+
+impl EvictionArgs {
+    fn watermarks(&self) -> anyhow::Result<Watermarks> {
+        let max_store_bytes = match self.max_store_gib {
+            Some(g) if g.is_finite() && g > 0.0 => Some((g * (1u64 << 30) as f64) as u64),
+            Some(g) => anyhow::bail!("--max-store-gib {g} is not a positive size"),
+            None => None,
+        };
+        Watermarks {
+            high: self.high_watermark,
+            low: self.low_watermark,
+            max_store_bytes,
+        }
+        .validate()
+        .map_err(anyhow::Error::msg)
+    }
 }
 
 fn parse_gated(s: &str) -> Result<(RepoId, Vec<String>), String> {
@@ -423,7 +465,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Run { store, listen, hub } => {
+        Command::Run {
+            store,
+            listen,
+            hub,
+            eviction,
+        } => {
+            let marks = eviction.watermarks()?;
             let socket = transport::unix_socket_path(&listen).map_err(anyhow::Error::msg)?;
             let fetcher = fetcher(&store, &hub)?;
             let sources = fetcher.sources();
@@ -432,14 +480,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 endpoint = %hub.endpoint,
                 sources = ?sources.order(),
                 shared_cache = sources.shared().map(|s| s.root().display().to_string()),
+                high_watermark = marks.high,
+                low_watermark = marks.low,
+                max_store_bytes = marks.max_store_bytes,
                 "agent starting"
             );
-            let api = AgentApi::new(fetcher, shutdown.clone())?;
+            let api = Arc::new(AgentApi::new(
+                fetcher,
+                marks,
+                Arc::new(ProcMountTable),
+                shutdown.clone(),
+            )?);
+            tokio::spawn(api.clone().maintain());
             let incoming = transport::bind_unix(&socket)
                 .with_context(|| format!("cannot listen on {}", socket.display()))?;
             tracing::info!(socket = %socket.display(), "agent API listening");
             let server = tonic::transport::Server::builder()
-                .add_service(AgentServer::new(api))
+                .add_service(AgentServer::from_arc(api))
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled());
             shutdown::drain(server, &shutdown, shutdown::GRACE).await?;
             tracing::info!("agent stopped");

@@ -82,6 +82,11 @@ impl LocalNode {
             "--endpoint",
             &hub_endpoint,
         ];
+        if !agent_extra.contains(&"--high-watermark") {
+            // No eviction unless a test asks for it: how full the machine's disk happens to be
+            // must not change what a test sees.
+            agent_args.extend(["--high-watermark", "100", "--low-watermark", "99"]);
+        }
         agent_args.extend_from_slice(agent_extra);
         let mut agent_proc = Proc::start("agent", &agent_bin, &agent_args, workdir)?;
         let wait = publish_wait_secs.to_string();

@@ -12,9 +12,32 @@ mod inflight;
 mod plan;
 mod ranged;
 mod sources;
+mod wanted;
 
 pub use plan::{PlannedFile, plan};
 pub use sources::{BadSources, Sources, Tier};
+pub use wanted::{Wanted, WantedGuard};
+
+/// Makes room in the store for bytes about to be written (the evictor does, see
+/// `crate::evict`).
+pub trait Room: Send + Sync + std::fmt::Debug {
+    /// Frees space so that `bytes` more fit, or says why they cannot. Blocking.
+    fn make_room(&self, bytes: u64) -> Result<(), NoRoom>;
+}
+
+/// Bytes that do not fit in the store, even after evicting every model not in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "needs {needed} more bytes on disk, but the store's filesystem has {available} bytes free and evicting every model not in use would free at most {reclaimable} more"
+)]
+pub struct NoRoom {
+    /// Bytes to write.
+    pub needed: u64,
+    /// Bytes free now.
+    pub available: u64,
+    /// Bytes that evicting every snapshot not in use could free (at most).
+    pub reclaimable: u64,
+}
 
 use crate::access::AccessCache;
 use crate::filter::FileFilter;
@@ -58,6 +81,19 @@ pub enum FetchError {
         what: String,
         /// The shared cache's path.
         cache: String,
+    },
+    /// The snapshot does not fit in the store.
+    #[error(
+        "{repo}@{commit} does not fit in the store: {source}; free disk space, unpublish models, or give the store a larger disk"
+    )]
+    NoRoom {
+        /// `org/name`.
+        repo: String,
+        /// The commit.
+        commit: String,
+        /// The sizes.
+        #[source]
+        source: NoRoom,
     },
     /// No tier could give a file.
     #[error("{path}: {reason}")]
@@ -121,6 +157,14 @@ pub enum FetchError {
         #[source]
         source: reqwest::Error,
     },
+}
+
+/// True for ENOSPC and EDQUOT.
+fn is_disk_full(e: &StoreError) -> bool {
+    matches!(
+        e.io().raw_os_error(),
+        Some(code) if code == nix::libc::ENOSPC || code == nix::libc::EDQUOT
+    )
 }
 
 impl FetchError {
@@ -231,6 +275,8 @@ pub struct Fetcher {
     access: Arc<AccessCache>,
     inflight: Arc<InFlight>,
     sources: Sources,
+    wanted: Wanted,
+    room: Option<Arc<dyn Room>>,
 }
 
 /// How long the hub's "yes" to a (repo, revision, token) is trusted by default.
@@ -252,7 +298,21 @@ impl Fetcher {
             access: Arc::new(AccessCache::new(DEFAULT_ACCESS_TTL)),
             inflight: Arc::default(),
             sources: Sources::default(),
+            wanted: Wanted::default(),
+            room: None,
         }
+    }
+
+    /// Asks `room` for space before writing a snapshot's missing bytes, and again once on
+    /// ENOSPC.
+    pub fn with_room(mut self, room: Arc<dyn Room>) -> Self {
+        self.room = Some(room);
+        self
+    }
+
+    /// The blobs running fetches want (for garbage collection beside them).
+    pub fn wanted(&self) -> &Wanted {
+        &self.wanted
     }
 
     /// Takes files from `sources`, in their order (the hub alone by default).
@@ -473,17 +533,40 @@ impl Fetcher {
             bytes = progress.view().bytes_total,
             "fetching"
         );
+        // Garbage collection keeps these blobs until the snapshot links them.
+        let _wanted = self.wanted.hold(files.iter().map(|f| f.hash.clone()));
         let src = Source {
             kind,
             repo,
             commit,
             token,
         };
-        futures::stream::iter(files.clone())
-            .map(|f| async move { self.fetch_blob(src, &f, progress).await })
-            .buffer_unordered(self.tuning.files)
-            .try_collect::<()>()
-            .await?;
+        let no_room = |source| FetchError::NoRoom {
+            repo: repo.to_string(),
+            commit: commit.to_owned(),
+            source,
+        };
+        self.make_room(&files).await.map_err(no_room)?;
+        let mut retried = false;
+        loop {
+            let res = futures::stream::iter(files.clone())
+                .map(|f| async move { self.fetch_blob(src, &f, progress).await })
+                .buffer_unordered(self.tuning.files)
+                .try_collect::<()>()
+                .await;
+            match res {
+                Err(FetchError::Store(e))
+                    if is_disk_full(&e) && !retried && self.room.is_some() =>
+                {
+                    tracing::warn!(error = %e, "the disk filled up during the download; evicting and trying once more");
+                    retried = true;
+                    progress.bytes_done.store(0, Ordering::Relaxed);
+                    progress.files_done.store(0, Ordering::Relaxed);
+                    self.make_room(&files).await.map_err(no_room)?;
+                }
+                res => break res?,
+            }
+        }
         let links: Vec<SnapshotFile> = files
             .into_iter()
             .map(|f| SnapshotFile {
@@ -502,6 +585,24 @@ impl Fetcher {
         .await
         .expect("assemble task does not panic")?;
         Ok(snap)
+    }
+
+    /// Asks the room keeper for the bytes of `files` the store lacks.
+    async fn make_room(&self, files: &[PlannedFile]) -> Result<(), NoRoom> {
+        let Some(room) = self.room.clone() else {
+            return Ok(());
+        };
+        let missing: u64 = files
+            .iter()
+            .filter(|f| !self.store.has_blob(&f.hash))
+            .map(|f| f.size)
+            .sum();
+        if missing == 0 {
+            return Ok(());
+        }
+        tokio::task::spawn_blocking(move || room.make_room(missing))
+            .await
+            .expect("make_room does not panic")
     }
 
     /// What a snapshot was made from, for its record: the tiers that gave bytes (with the bytes

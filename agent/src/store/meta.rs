@@ -25,7 +25,8 @@ pub struct SnapshotMeta {
     pub bytes: u64,
     /// Its files.
     pub files: u32,
-    /// Where its files came from (`hub <endpoint>`), or `unknown` for a rebuilt record.
+    /// Where its files came from (`hub <endpoint>`, `shared cache <dir>`, or both with the bytes
+    /// each gave), or `unknown` for a rebuilt record.
     pub source: String,
     /// When it was made, in Unix seconds.
     pub created: u64,
@@ -119,6 +120,14 @@ impl Store {
         }
         meta.last_used = now;
         self.write_meta(snap, &meta)
+    }
+
+    /// Sets a snapshot's last use, for tests of what orders by it.
+    #[cfg(test)]
+    pub(crate) fn set_last_used(&self, snap: &Snapshot, unix_seconds: u64) {
+        let mut meta = self.meta(snap);
+        meta.last_used = unix_seconds;
+        self.write_meta(snap, &meta).unwrap();
     }
 
     /// Removes a snapshot's record (with the snapshot).

@@ -26,7 +26,7 @@ mod views;
 
 pub use meta::{SnapshotMeta, TOUCH_GRANULARITY, unix};
 pub use partial::Partial;
-pub use pins::{PinRecord, Pins};
+pub use pins::{PIN_SETTLE_SECONDS, PinRecord, Pins, Reconciled};
 pub use views::Layout;
 
 use crate::hash::{Algo, ContentHash};
@@ -503,15 +503,15 @@ impl Store {
         fs::remove_dir_all(&doomed).ctx("remove", &doomed)
     }
 
-    /// Deletes the blobs no snapshot or view links to (their only name is in `blobs/`); returns
-    /// how many and their bytes. A download running beside it may lose a blob it fetched but had
-    /// not linked yet; it then fails and is fetched again on the next try.
-    pub fn collect_garbage(&self) -> Result<(u64, u64)> {
+    /// Deletes the blobs no snapshot or view links to (their only name is in `blobs/`), except
+    /// those `keep` names (blobs a running fetch has and will link); returns how many and their
+    /// bytes.
+    pub fn collect_garbage(&self, keep: impl Fn(&ContentHash) -> bool) -> Result<(u64, u64)> {
         use std::os::unix::fs::MetadataExt;
         let (mut count, mut bytes) = (0, 0);
-        for (_, path) in self.blobs()? {
+        for (hash, path) in self.blobs()? {
             let meta = fs::metadata(&path).ctx("stat", &path)?;
-            if meta.nlink() == 1 {
+            if meta.nlink() == 1 && !keep(&hash) {
                 fs::remove_file(&path).ctx("remove unused blob", &path)?;
                 count += 1;
                 bytes += meta.len();
@@ -523,6 +523,21 @@ impl Store {
             }
         }
         Ok((count, bytes))
+    }
+
+    /// Bytes of every blob and partial download: what the store takes on disk.
+    pub fn bytes_on_disk(&self) -> Result<u64> {
+        let mut bytes = 0;
+        for (_, path) in self.blobs()? {
+            bytes += fs::metadata(&path).ctx("stat", &path)?.len();
+        }
+        let partial = self.root.join("partial");
+        for e in walkdir::WalkDir::new(&partial).into_iter().flatten() {
+            if e.file_type().is_file() {
+                bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+        Ok(bytes)
     }
 
     /// The branches and tags recorded for a repo, with the commit each last resolved to.

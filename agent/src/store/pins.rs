@@ -1,10 +1,23 @@
 //! Which volume uses which snapshot, kept in `pins.json` so that a restart of the agent forgets
 //! no pin. Written atomically after every change.
 
-use super::{Result, write_atomic};
+use super::{Result, Snapshot, Store, write_atomic};
+use crate::mounts::MountedDir;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+
+/// How old a pin must be before a missing mount drops it: the CSI plugin pins, then mounts.
+pub const PIN_SETTLE_SECONDS: u64 = 120;
+
+/// What [`Pins::reconcile`] changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Volumes whose pin was dropped: their target is no longer mounted.
+    pub dropped: Vec<String>,
+    /// Volume ids (`recovered:<target>`) of pins made for mounts that had none.
+    pub recovered: Vec<String>,
+}
 
 /// One volume's pin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +36,9 @@ pub struct PinRecord {
     /// The snapshot's filter key, when it holds only some files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<String>,
+    /// When the pin was made, in Unix seconds (0 in pins written before this was recorded).
+    #[serde(default)]
+    pub pinned_at: u64,
 }
 
 impl PinRecord {
@@ -87,9 +103,87 @@ impl Pins {
             .collect()
     }
 
+    /// How many volumes have a pin.
+    pub fn len(&self) -> usize {
+        self.by_volume.len()
+    }
+
+    /// True when no volume has a pin.
+    pub fn is_empty(&self) -> bool {
+        self.by_volume.is_empty()
+    }
+
     /// A volume's pin.
     pub fn get(&self, volume_id: &str) -> Option<&PinRecord> {
         self.by_volume.get(volume_id)
+    }
+
+    /// Makes the pins agree with what is mounted, as after a crash or a lost `pins.json`:
+    ///
+    /// - a pin older than [`PIN_SETTLE_SECONDS`] whose target is no longer a mount point is
+    ///   dropped (its volume went while nobody listened): no pin leaks for ever;
+    /// - a mount point showing a snapshot or one of its views without a pin gets one, with the
+    ///   volume id `recovered:<target>`, dropped in turn once the target is unmounted: no
+    ///   mounted snapshot is ever left unpinned.
+    pub fn reconcile(
+        &mut self,
+        store: &Store,
+        mounted: &[MountedDir],
+        now: u64,
+    ) -> Result<Reconciled> {
+        use std::os::unix::fs::MetadataExt;
+        let mut shows: HashMap<(u64, u64), Snapshot> = HashMap::new();
+        for snap in store.list_snapshots()? {
+            let mut dirs = vec![snap.path.clone()];
+            if let Ok(views) = std::fs::read_dir(store.views_of(&snap)) {
+                dirs.extend(views.flatten().map(|e| e.path()));
+            }
+            for dir in dirs {
+                if let Ok(m) = std::fs::metadata(&dir) {
+                    shows.insert((m.dev(), m.ino()), snap.clone());
+                }
+            }
+        }
+        let targets: HashMap<&str, &MountedDir> = mounted
+            .iter()
+            .filter_map(|m| Some((m.path.to_str()?, m)))
+            .collect();
+        let mut done = Reconciled::default();
+        self.by_volume.retain(|volume, pin| {
+            let settled = now.saturating_sub(pin.pinned_at) >= PIN_SETTLE_SECONDS;
+            let keep = targets.contains_key(pin.target_path.as_str()) || !settled;
+            if !keep {
+                done.dropped.push(volume.clone());
+            }
+            keep
+        });
+        for m in mounted {
+            let Some(snap) = shows.get(&(m.dev, m.ino)) else {
+                continue;
+            };
+            let target = m.path.display().to_string();
+            if self.by_volume.values().any(|p| p.target_path == target) {
+                continue;
+            }
+            let volume = format!("recovered:{target}");
+            self.by_volume.insert(
+                volume.clone(),
+                PinRecord {
+                    kind: snap.kind.singular().to_owned(),
+                    repo: snap.repo.to_string(),
+                    commit: snap.commit.clone(),
+                    target_path: target,
+                    pod: None,
+                    filter: snap.filter.clone(),
+                    pinned_at: now,
+                },
+            );
+            done.recovered.push(volume);
+        }
+        if !done.dropped.is_empty() || !done.recovered.is_empty() {
+            self.save()?;
+        }
+        Ok(done)
     }
 
     fn save(&self) -> Result<()> {

@@ -149,6 +149,7 @@ fn pins_survive_reload_and_corruption_is_an_error() {
         target_path: "/var/lib/kubelet/pods/x/volumes/y/mount".into(),
         pod: Some("team-a/vllm-0".into()),
         filter: None,
+        pinned_at: 1,
     };
     let mut pins = Pins::load(dir.path()).unwrap();
     pins.pin("vol-1", rec.clone()).unwrap();
@@ -233,4 +234,56 @@ fn one_writer_per_store() {
     Store::inspect(dir.path()).unwrap();
     drop(first);
     Store::open(dir.path()).unwrap();
+}
+
+#[test]
+fn reconcile_drops_pins_of_unmounted_volumes_and_pins_mounted_snapshots() {
+    use crate::mounts::MountedDir;
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let hash = put_blob(&store, b"weights");
+    let file = SnapshotFile {
+        path: RepoPath::parse("w.bin").unwrap(),
+        hash,
+    };
+    let commit = "a".repeat(40);
+    let snap = store
+        .assemble_snapshot(RepoKind::Model, &repo(), &commit, None, &[file])
+        .unwrap();
+    let m = std::fs::metadata(&snap.path).unwrap();
+    let shows_snapshot = MountedDir {
+        path: "/k/mounted".into(),
+        dev: m.dev(),
+        ino: m.ino(),
+    };
+    let shows_other = MountedDir {
+        path: "/k/other".into(),
+        dev: m.dev(),
+        ino: m.ino() + 1_000_000,
+    };
+    let pin = |target: &str, pinned_at| PinRecord {
+        kind: "model".into(),
+        repo: "org/model".into(),
+        commit: commit.clone(),
+        target_path: target.into(),
+        pod: None,
+        filter: None,
+        pinned_at,
+    };
+    let now = 10_000;
+    let mut pins = Pins::load(dir.path()).unwrap();
+    pins.pin("gone", pin("/k/gone", 0)).unwrap();
+    pins.pin("settling", pin("/k/not-yet", now - 5)).unwrap();
+    let done = pins
+        .reconcile(&store, &[shows_snapshot, shows_other], now)
+        .unwrap();
+    assert_eq!(done.dropped, ["gone"]);
+    assert_eq!(done.recovered, ["recovered:/k/mounted"]);
+    let reloaded = Pins::load(dir.path()).unwrap();
+    assert_eq!(
+        reloaded.volumes_of(&snap),
+        ["recovered:/k/mounted", "settling"]
+    );
+    assert!(reloaded.get("gone").is_none());
 }

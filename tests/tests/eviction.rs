@@ -1,0 +1,283 @@
+//! Eviction on a small real filesystem: the store on a 96 MiB tmpfs, models of ~16 MiB, and a
+//! churn of publishes and unpublishes whose total is twice the disk. After every step usage is
+//! back under the high watermark within seconds, the volume mounted throughout never changes,
+//! and every eviction is in the agent's log. Also: a model larger than the disk is refused early
+//! with the sizes, and pins follow the mount table across a crash that loses `pins.json`.
+//! Needs root (tmpfs, bind mounts); fails, never skips, without it.
+
+use modelcache_tests::models::generate_model;
+use modelcache_tests::node::{Hub, LocalNode};
+use modelcache_tests::procs::require_root;
+use modelcache_tests::tree::{assert_same_tree, read_tree};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tonic::{Code, Status};
+
+const DISK: u64 = 96 << 20;
+const HIGH: u64 = 70;
+const LOW: u64 = 50;
+
+/// A tmpfs mounted at a path, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, bytes: u64) -> Tmpfs {
+        use nix::mount::{MsFlags, mount};
+        std::fs::create_dir_all(path).unwrap();
+        let opts = format!("size={bytes},mode=0755");
+        mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .expect("mount a tmpfs (root needed)");
+        Tmpfs(path.to_path_buf())
+    }
+
+    /// Used bytes, in percent of the size.
+    fn used_pct(&self) -> u64 {
+        let st = nix::sys::statvfs::statvfs(&self.0).unwrap();
+        let total = st.blocks() * st.fragment_size();
+        let avail = st.blocks_available() * st.fragment_size();
+        (total - avail) * 100 / total
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn log_retry(s: &Status) {
+    eprintln!("publish: {} (retrying as kubelet would)", s.message());
+}
+
+/// Waits until the store's disk is at or under the high watermark; the time it took.
+fn wait_under_high(fs: &Tmpfs, node: &LocalNode, step: &str) -> Duration {
+    let start = Instant::now();
+    while fs.used_pct() > HIGH {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{step}: still {}% used after 10 s\n{}",
+            fs.used_pct(),
+            node.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    hub_root: PathBuf,
+}
+
+impl Setup {
+    /// Six models of 16 MiB of weights each (96 MiB in all: the whole disk) and one of 128 MiB.
+    fn new() -> Setup {
+        require_root().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let hub_root = dir.path().join("hub");
+        for i in 0..6 {
+            generate_model(&hub_root.join(format!("models/org/m{i}")), 16 << 20).unwrap();
+        }
+        generate_model(&hub_root.join("models/org/huge"), 128 << 20).unwrap();
+        Setup { dir, hub_root }
+    }
+
+    fn node_dir(&self) -> PathBuf {
+        self.dir.path().join("node")
+    }
+
+    fn start(&self, fs_size: u64) -> (Tmpfs, LocalNode) {
+        let fs = Tmpfs::mount(&self.node_dir().join("store"), fs_size);
+        let node = LocalNode::start_with(
+            &self.node_dir(),
+            Hub::Serve(self.hub_root.clone(), vec![]),
+            20,
+            &[
+                "--high-watermark",
+                &HIGH.to_string(),
+                "--low-watermark",
+                &LOW.to_string(),
+            ],
+        )
+        .unwrap();
+        (fs, node)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_churn_twice_the_disk_stays_under_the_watermark_and_never_touches_a_mounted_model() {
+    let s = Setup::new();
+    let (fs, mut node) = s.start(DISK);
+
+    // m0 stays mounted throughout; a file of it is held open too.
+    let kept = node.target("vol-kept");
+    node.publish("vol-kept", &kept, &[("model", "org/m0")], log_retry)
+        .await
+        .unwrap();
+    let before = read_tree(&kept);
+    let open_weights = std::fs::File::open(kept.join("model.safetensors")).unwrap();
+
+    // Publish and unpublish the others, twice over: 160 MiB through a 96 MiB disk.
+    let mut steps = 0;
+    for round in 0..2 {
+        for i in 1..6 {
+            let model = format!("org/m{i}");
+            let volume = format!("vol-{round}-{i}");
+            let target = node.target(&volume);
+            node.publish(&volume, &target, &[("model", &model)], log_retry)
+                .await
+                .unwrap();
+            assert_same_tree(&s.hub_root.join("models").join(&model), &target);
+            node.unpublish(&volume, &target).await.unwrap();
+            let waited = wait_under_high(&fs, &node, &volume);
+            eprintln!(
+                "{volume}: {}% used, under the watermark after {waited:?}",
+                fs.used_pct()
+            );
+            assert_eq!(
+                read_tree(&kept),
+                before,
+                "{volume}: the mounted model changed"
+            );
+            steps += 1;
+        }
+    }
+    // Something else fills the disk past the high watermark: the watch evicts on its own,
+    // within seconds, what no volume uses.
+    let ballast = fs.0.join("ballast");
+    std::fs::write(&ballast, vec![1u8; 20 << 20]).unwrap();
+    let waited = wait_under_high(&fs, &node, "ballast");
+    eprintln!("ballast: {}% used after {waited:?}", fs.used_pct());
+    assert!(node.agent_log().contains("high-watermark"));
+    std::fs::remove_file(&ballast).unwrap();
+    assert_eq!(
+        read_tree(&kept),
+        before,
+        "ballast: the mounted model changed"
+    );
+
+    use std::os::unix::fs::FileExt;
+    let mut head = [0u8; 4096];
+    open_weights.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(&head[..], &before["model.safetensors"][..4096]);
+    drop(open_weights);
+
+    // Every eviction is recorded with its reason, model, commit and bytes; m0 never is.
+    let log = node.agent_log();
+    let evictions: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("evicted snapshot"))
+        .collect();
+    assert!(
+        evictions.len() >= steps / 2,
+        "{} evictions for {steps} models through a disk that holds 3: {log}",
+        evictions.len()
+    );
+    for line in &evictions {
+        for field in [
+            "reason",
+            "model.repo",
+            "model.commit",
+            "bytes",
+            "idle_seconds",
+        ] {
+            assert!(line.contains(field), "{field} missing: {line}");
+        }
+        assert!(
+            !line.contains("org/m0"),
+            "the mounted model was evicted: {line}"
+        );
+    }
+    let snaps = node.snapshots_of("org/m0").await.unwrap();
+    assert_eq!(snaps[0].pinned_by, ["vol-kept"]);
+    assert_eq!(read_tree(&kept), before);
+    node.unpublish("vol-kept", &kept).await.unwrap();
+    drop(node);
+    drop(fs);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_larger_than_the_disk_is_refused_early_with_the_sizes() {
+    let s = Setup::new();
+    let (fs, mut node) = s.start(DISK);
+    let target = node.target("vol-huge");
+    let err = node
+        .publish("vol-huge", &target, &[("model", "org/huge")], log_retry)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    assert!(
+        err.message().contains("does not fit in the store")
+            && err.message().contains("needs 134217")
+            && err.message().contains("bytes free"),
+        "{}",
+        err.message()
+    );
+    assert!(fs.used_pct() < 5, "nothing was written: {}%", fs.used_pct());
+    // A model that fits still does.
+    let ok = node.target("vol-ok");
+    node.publish("vol-ok", &ok, &[("model", "org/m1")], log_retry)
+        .await
+        .unwrap();
+    node.unpublish("vol-ok", &ok).await.unwrap();
+    drop(node);
+    drop(fs);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pins_follow_the_mount_table_across_a_crash_that_loses_them() {
+    let s = Setup::new();
+    let (fs, mut node) = s.start(DISK);
+    let mounted = node.target("vol-mounted");
+    node.publish("vol-mounted", &mounted, &[("model", "org/m1")], log_retry)
+        .await
+        .unwrap();
+    let target = mounted.display().to_string();
+
+    // The agent dies and pins.json is lost; a stale pin of a long-gone volume is left instead.
+    node.crash_agent(|store| {
+        let stale = serde_json::json!({
+            "vol-gone": {
+                "kind": "model", "repo": "org/m2", "commit": "c".repeat(40),
+                "target_path": "/var/lib/kubelet/pods/gone/volumes/x/mount",
+            }
+        });
+        std::fs::write(store.join("pins.json"), stale.to_string()).unwrap();
+    })
+    .await
+    .unwrap();
+
+    let snaps = node.snapshots_of("org/m1").await.unwrap();
+    assert_eq!(snaps[0].pinned_by, [format!("recovered:{target}")]);
+    let pins = std::fs::read_to_string(node.store().join("pins.json")).unwrap();
+    assert!(
+        !pins.contains("vol-gone"),
+        "the stale pin was dropped: {pins}"
+    );
+
+    // Pressure now: the recovered pin keeps the mounted model.
+    for i in 2..6 {
+        let volume = format!("vol-{i}");
+        let target = node.target(&volume);
+        node.publish(
+            &volume,
+            &target,
+            &[("model", &format!("org/m{i}"))],
+            log_retry,
+        )
+        .await
+        .unwrap();
+        node.unpublish(&volume, &target).await.unwrap();
+        wait_under_high(&fs, &node, &volume);
+    }
+    assert_same_tree(&s.hub_root.join("models/org/m1"), &mounted);
+    node.unpublish("vol-mounted", &mounted).await.unwrap();
+    drop(node);
+    drop(fs);
+}
