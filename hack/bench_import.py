@@ -18,7 +18,6 @@ writes a JSON and an SVG chart. Run through hack/bench-import.sh. Needs root (dr
 """
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -27,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from bench_pull import GIB, REPO, Hub, chart, make_repo, table, timed
+from bench_pull import GIB, REPO, Hub, make_repo, report, timed
 
 FILL = r"""
 import sys
@@ -123,14 +122,7 @@ def main():
         results[regime] = {c: {"seconds": statistics.median(ts), "runs": ts,
                                "rss_mib": max(rs), "bytes": total}
                            for c, (ts, rs) in samples.items()}
-    print()
-    print(table(results))
-    for path, text in [(a.json, json.dumps(results, indent=2) + "\n"),
-                       (a.svg, chart(results, "Import from a shared HF cache, 2 GiB + small files"))]:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
-        print(f"wrote {path}")
+    report(results, a.json, a.svg, "Import from a shared HF cache, 2 GiB + small files")
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def table(all_results):
     return "\n".join(lines)
 
 
-def chart(all_results, title="Cold pull of 2 GiB + small files"):
+def chart(all_results, title):
     """Horizontal bars of throughput (MB/s), one group per regime."""
     colours = {"modelcache": "#2b6cb0", "huggingface_hub": "#dd6b20",
                "hf_transfer": "#38a169", "curl": "#718096", "cp": "#718096",
@@ -273,10 +273,15 @@ def main():
                                                a.agent_args, a.only, warmup_alone)
         finally:
             hub.stop()
+    report(all_results, a.json, a.svg, "Cold pull of 2 GiB + small files")
+
+
+def report(results, json_path, svg_path, title):
+    """Prints the table and writes the figures as JSON and as an SVG chart."""
     print()
-    print(table(all_results))
-    for path, text in [(a.json, json.dumps(all_results, indent=2) + "\n"),
-                       (a.svg, chart(all_results))]:
+    print(table(results))
+    for path, text in [(json_path, json.dumps(results, indent=2) + "\n"),
+                       (svg_path, chart(results, title))]:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w") as f:
             f.write(text)

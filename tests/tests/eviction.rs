@@ -9,6 +9,7 @@ use modelcache_tests::models::generate_model;
 use modelcache_tests::node::{Hub, LocalNode};
 use modelcache_tests::procs::require_root;
 use modelcache_tests::tree::{assert_same_tree, read_tree};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tonic::{Code, Status};
@@ -55,6 +56,37 @@ fn log_retry(s: &Status) {
     eprintln!("publish: {} (retrying as kubelet would)", s.message());
 }
 
+/// Publishes and unpublishes `org/m<i>` for each `i`, as pods that come and go, checking after
+/// each that the disk is back under the high watermark and that `kept` still shows `before`.
+async fn churn(
+    node: &mut LocalNode,
+    fs: &Tmpfs,
+    hub_root: &Path,
+    models: std::ops::Range<usize>,
+    (kept, before): (&Path, &BTreeMap<String, Vec<u8>>),
+) {
+    for i in models {
+        let model = format!("org/m{i}");
+        let volume = format!("vol-{i}-{}", fs.used_pct());
+        let target = node.target(&volume);
+        node.publish(&volume, &target, &[("model", &model)], log_retry)
+            .await
+            .unwrap();
+        assert_same_tree(&hub_root.join("models").join(&model), &target);
+        node.unpublish(&volume, &target).await.unwrap();
+        let waited = wait_under_high(fs, node, &volume);
+        eprintln!(
+            "{volume}: {}% used, under the watermark after {waited:?}",
+            fs.used_pct()
+        );
+        assert_eq!(
+            &read_tree(kept),
+            before,
+            "{volume}: the mounted model changed"
+        );
+    }
+}
+
 /// Waits until the store's disk is at or under the high watermark; the time it took.
 fn wait_under_high(fs: &Tmpfs, node: &LocalNode, step: &str) -> Duration {
     let start = Instant::now();
@@ -92,8 +124,9 @@ impl Setup {
         self.dir.path().join("node")
     }
 
-    fn start(&self, fs_size: u64) -> (Tmpfs, LocalNode) {
-        let fs = Tmpfs::mount(&self.node_dir().join("store"), fs_size);
+    /// The node, its store on a fresh [`DISK`]-sized tmpfs, eviction at [`HIGH`] / [`LOW`].
+    fn start(&self) -> (Tmpfs, LocalNode) {
+        let fs = Tmpfs::mount(&self.node_dir().join("store"), DISK);
         let node = LocalNode::start_with(
             &self.node_dir(),
             Hub::Serve(self.hub_root.clone(), vec![]),
@@ -113,7 +146,7 @@ impl Setup {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_churn_twice_the_disk_stays_under_the_watermark_and_never_touches_a_mounted_model() {
     let s = Setup::new();
-    let (fs, mut node) = s.start(DISK);
+    let (fs, mut node) = s.start();
 
     // m0 stays mounted throughout; a file of it is held open too.
     let kept = node.target("vol-kept");
@@ -124,29 +157,9 @@ async fn a_churn_twice_the_disk_stays_under_the_watermark_and_never_touches_a_mo
     let open_weights = std::fs::File::open(kept.join("model.safetensors")).unwrap();
 
     // Publish and unpublish the others, twice over: 160 MiB through a 96 MiB disk.
-    let mut steps = 0;
-    for round in 0..2 {
-        for i in 1..6 {
-            let model = format!("org/m{i}");
-            let volume = format!("vol-{round}-{i}");
-            let target = node.target(&volume);
-            node.publish(&volume, &target, &[("model", &model)], log_retry)
-                .await
-                .unwrap();
-            assert_same_tree(&s.hub_root.join("models").join(&model), &target);
-            node.unpublish(&volume, &target).await.unwrap();
-            let waited = wait_under_high(&fs, &node, &volume);
-            eprintln!(
-                "{volume}: {}% used, under the watermark after {waited:?}",
-                fs.used_pct()
-            );
-            assert_eq!(
-                read_tree(&kept),
-                before,
-                "{volume}: the mounted model changed"
-            );
-            steps += 1;
-        }
+    let steps = 10;
+    for _ in 0..2 {
+        churn(&mut node, &fs, &s.hub_root, 1..6, (&kept, &before)).await;
     }
     // Something else fills the disk past the high watermark: the watch evicts on its own,
     // within seconds, what no volume uses.
@@ -205,7 +218,7 @@ async fn a_churn_twice_the_disk_stays_under_the_watermark_and_never_touches_a_mo
 #[tokio::test(flavor = "multi_thread")]
 async fn a_model_larger_than_the_disk_is_refused_early_with_the_sizes() {
     let s = Setup::new();
-    let (fs, mut node) = s.start(DISK);
+    let (fs, mut node) = s.start();
     let target = node.target("vol-huge");
     let err = node
         .publish("vol-huge", &target, &[("model", "org/huge")], log_retry)
@@ -233,7 +246,7 @@ async fn a_model_larger_than_the_disk_is_refused_early_with_the_sizes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn pins_follow_the_mount_table_across_a_crash_that_loses_them() {
     let s = Setup::new();
-    let (fs, mut node) = s.start(DISK);
+    let (fs, mut node) = s.start();
     let mounted = node.target("vol-mounted");
     node.publish("vol-mounted", &mounted, &[("model", "org/m1")], log_retry)
         .await
@@ -262,20 +275,8 @@ async fn pins_follow_the_mount_table_across_a_crash_that_loses_them() {
     );
 
     // Pressure now: the recovered pin keeps the mounted model.
-    for i in 2..6 {
-        let volume = format!("vol-{i}");
-        let target = node.target(&volume);
-        node.publish(
-            &volume,
-            &target,
-            &[("model", &format!("org/m{i}"))],
-            log_retry,
-        )
-        .await
-        .unwrap();
-        node.unpublish(&volume, &target).await.unwrap();
-        wait_under_high(&fs, &node, &volume);
-    }
+    let before = read_tree(&mounted);
+    churn(&mut node, &fs, &s.hub_root, 2..6, (&mounted, &before)).await;
     assert_same_tree(&s.hub_root.join("models/org/m1"), &mounted);
     node.unpublish("vol-mounted", &mounted).await.unwrap();
     drop(node);
