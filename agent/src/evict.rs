@@ -7,7 +7,11 @@
 //! - **Above the high watermark** the evictor removes, until usage is below the low one:
 //!   first blobs that no snapshot links (leftovers of failed pulls: deleting them loses
 //!   nothing), then snapshots, least recently used first, each followed by the blobs only it
-//!   used.
+//!   used. Snapshots a pre-warm entry keeps come after all others, and go only when nothing
+//!   else frees the space, with a warning.
+//! - **Disk pressure** reported by kubelet (the Node's `DiskPressure` condition, fed in through
+//!   [`Evictor::set_disk_pressure`]) is critical: every snapshot not in use goes but the
+//!   pre-warmed ones, which go too while usage is above the high watermark.
 //! - **Never in use**: a snapshot a volume pins (published right now), or one a publish has been
 //!   told is ready but has not pinned yet (a lease, [`LEASE`], taken when the agent answers
 //!   "ready" and dropped at the pin), is never a candidate. The pins lock is held while one
@@ -112,6 +116,8 @@ pub enum Reason {
     MaxStoreSize,
     /// A download needed the space.
     MakeRoom,
+    /// The Node reports `DiskPressure`.
+    DiskPressure,
 }
 
 impl Reason {
@@ -121,6 +127,7 @@ impl Reason {
             Reason::HighWatermark => "high-watermark",
             Reason::MaxStoreSize => "max-store-size",
             Reason::MakeRoom => "make-room",
+            Reason::DiskPressure => "disk-pressure",
         }
     }
 }
@@ -178,6 +185,16 @@ pub struct Evictor {
     /// One eviction at a time.
     running: Mutex<()>,
     stats: EvictionStats,
+    disk_pressure: std::sync::atomic::AtomicBool,
+}
+
+/// When an eviction run may stop.
+#[derive(Debug, Clone, Copy)]
+enum Goal {
+    /// When `need` more bytes fit under `pct` percent.
+    Fits { need: u64, pct: u8 },
+    /// When every ordinary snapshot not in use is gone and usage is under the high watermark.
+    Critical,
 }
 
 impl Evictor {
@@ -198,6 +215,18 @@ impl Evictor {
             leases: Mutex::default(),
             running: Mutex::new(()),
             stats: EvictionStats::default(),
+            disk_pressure: Default::default(),
+        }
+    }
+
+    /// Whether the Node reports `DiskPressure`; while it does, each check evicts as
+    /// [`Reason::DiskPressure`].
+    pub fn set_disk_pressure(&self, on: bool) {
+        if self.disk_pressure.swap(on, Ordering::Relaxed) != on {
+            tracing::info!(
+                disk_pressure = on,
+                "the node's DiskPressure condition changed"
+            );
         }
     }
 
@@ -238,8 +267,11 @@ impl Evictor {
         Ok(Usage { space, store_bytes })
     }
 
-    /// Whether `u` is above the high watermark, and why.
+    /// Whether `u` is above the high watermark or the node under disk pressure, and why.
     fn pressure(&self, u: &Usage) -> Option<Reason> {
+        if self.disk_pressure.load(Ordering::Relaxed) {
+            return Some(Reason::DiskPressure);
+        }
         let used = u.space.total.saturating_sub(u.space.available);
         if over(used, u.space.total, self.marks.high) {
             return Some(Reason::HighWatermark);
@@ -266,14 +298,29 @@ impl Evictor {
     /// Evicts if usage is above the high watermark; what it did, if it ran.
     pub fn check(&self) -> Result<Option<Report>, StoreError> {
         let u = self.usage()?;
+        let goal = Goal::Fits {
+            need: 0,
+            pct: self.marks.low,
+        };
         match self.pressure(&u) {
-            Some(reason) => self.evict(reason, 0, self.marks.low).map(Some),
-            None => Ok(None),
+            Some(Reason::DiskPressure) => self.evict(Reason::DiskPressure, Goal::Critical),
+            Some(reason) => self.evict(reason, goal),
+            None => return Ok(None),
         }
+        .map(Some)
     }
 
-    /// Evicts until `need` more bytes fit under `pct`, or nothing evictable is left.
-    fn evict(&self, reason: Reason, need: u64, pct: u8) -> Result<Report, StoreError> {
+    /// True when an eviction run may stop before a candidate (`prewarmed` or not).
+    fn reached(&self, goal: Goal, next_prewarmed: bool) -> Result<bool, StoreError> {
+        let u = self.usage()?;
+        Ok(match goal {
+            Goal::Fits { need, pct } => self.fits_under(&u, need, pct),
+            Goal::Critical => next_prewarmed && self.fits_under(&u, 0, self.marks.high),
+        })
+    }
+
+    /// Evicts until `goal` is reached, or nothing evictable is left.
+    fn evict(&self, reason: Reason, goal: Goal) -> Result<Report, StoreError> {
         let _running = self.running.lock().expect("eviction lock");
         let mut report = Report::default();
         let keep = |h: &_| self.wanted.contains(h);
@@ -288,15 +335,19 @@ impl Evictor {
         }
         report.orphan_bytes = orphans;
         let now = unix(SystemTime::now());
-        let mut candidates: Vec<(u64, Snapshot)> = self
+        // Pre-warmed last, then least recently used first.
+        let mut candidates: Vec<(bool, u64, Snapshot)> = self
             .store
             .list_snapshots()?
             .into_iter()
-            .map(|s| (self.store.peek_meta(&s).last_used, s))
+            .map(|s| {
+                let meta = self.store.peek_meta(&s);
+                (meta.prewarmed, meta.last_used, s)
+            })
             .collect();
-        candidates.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.path.cmp(&b.1.path)));
-        for (last_used, snap) in candidates {
-            if self.fits_under(&self.usage()?, need, pct) {
+        candidates.sort_by(|a, b| (a.0, a.1, &a.2.path).cmp(&(b.0, b.1, &b.2.path)));
+        for (prewarmed, last_used, snap) in candidates {
+            if self.reached(goal, prewarmed)? {
                 return Ok(report);
             }
             // Checked and removed under the pins lock: no pin lands on it meanwhile.
@@ -311,6 +362,13 @@ impl Evictor {
             drop(pins);
             let (_, bytes) = self.store.collect_garbage(keep)?;
             let idle = now.saturating_sub(last_used);
+            if prewarmed {
+                tracing::warn!(
+                    model.repo = %snap.repo,
+                    model.commit = %snap.commit,
+                    "evicting a pre-warmed model: nothing else frees the space"
+                );
+            }
             tracing::info!(
                 reason = reason.as_str(),
                 model.repo = %snap.repo,
@@ -328,7 +386,7 @@ impl Evictor {
                 idle_seconds: idle,
             });
         }
-        if !self.fits_under(&self.usage()?, need, pct) {
+        if !self.reached(goal, true)? {
             report.exhausted = true;
             self.stats.exhausted.fetch_add(1, Ordering::Relaxed);
             let pinned = self.pins.lock().expect("pins lock").len();
@@ -391,7 +449,11 @@ impl Room for Evictor {
             if !self.fits_under(&u, need.saturating_sub(reclaimable), 100) {
                 return Ok(Err(sized(&u, reclaimable)));
             }
-            self.evict(Reason::MakeRoom, need, self.marks.high)?;
+            let goal = Goal::Fits {
+                need,
+                pct: self.marks.high,
+            };
+            self.evict(Reason::MakeRoom, goal)?;
             let u = self.usage()?;
             if self.fits_under(&u, need, 100) {
                 Ok(Ok(()))
@@ -492,13 +554,8 @@ mod tests {
         evictor.lease(&snaps[1]);
 
         let report = evictor.check().unwrap().expect("over the high watermark");
-        let gone: Vec<&str> = report
-            .evicted
-            .iter()
-            .map(|e| e.snapshot.commit.as_str())
-            .collect();
         // Oldest first (0, then 2); 1 is leased, 3 is pinned.
-        assert_eq!(gone, [snaps[0].commit.as_str(), snaps[2].commit.as_str()]);
+        assert_eq!(commits(&report), [&snaps[0].commit, &snaps[2].commit]);
         assert!(report.evicted.iter().all(|e| e.bytes == 100));
         assert!(!report.exhausted);
         assert!(snaps[1].path.is_dir() && snaps[3].path.is_dir());
@@ -508,6 +565,53 @@ mod tests {
             None,
             "under the low watermark now"
         );
+    }
+
+    fn commits(report: &Report) -> Vec<&str> {
+        report
+            .evicted
+            .iter()
+            .map(|e| e.snapshot.commit.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn pre_warmed_snapshots_go_last_and_only_when_nothing_else_frees_the_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, snaps) = store_of_four(dir.path());
+        store.set_prewarmed(&snaps[0], true).unwrap();
+        let (evictor, _) = evictor(&store, 500);
+        // The oldest is pre-warmed: the next two oldest go instead.
+        let report = evictor.check().unwrap().unwrap();
+        assert_eq!(commits(&report), [&snaps[2].commit, &snaps[1].commit]);
+        // 300 more bytes fit under the high watermark (350) only with the pre-warmed one gone
+        // too, once the ordinary one left is in use.
+        evictor.lease(&snaps[3]);
+        evictor.make_room(300).unwrap();
+        assert!(!snaps[0].path.is_dir(), "the pre-warmed snapshot went last");
+        assert!(snaps[3].path.is_dir());
+    }
+
+    #[test]
+    fn disk_pressure_evicts_every_ordinary_snapshot_not_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, snaps) = store_of_four(dir.path());
+        store.set_prewarmed(&snaps[3], true).unwrap();
+        // 400 of 10,000 bytes: far under the watermarks.
+        let (evictor, _) = evictor(&store, 10_000);
+        assert_eq!(evictor.check().unwrap(), None);
+        evictor.set_disk_pressure(true);
+        let report = evictor.check().unwrap().unwrap();
+        assert_eq!(
+            commits(&report),
+            [&snaps[0].commit, &snaps[2].commit, &snaps[1].commit]
+        );
+        assert!(
+            snaps[3].path.is_dir(),
+            "pre-warmed, and under the high watermark"
+        );
+        evictor.set_disk_pressure(false);
+        assert_eq!(evictor.check().unwrap(), None);
     }
 
     #[test]

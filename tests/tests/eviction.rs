@@ -126,10 +126,16 @@ impl Setup {
 
     /// The node, its store on a fresh [`DISK`]-sized tmpfs, eviction at [`HIGH`] / [`LOW`].
     fn start(&self) -> (Tmpfs, LocalNode) {
+        self.start_with_hub(&[])
+    }
+
+    /// [`Setup::start`], with extra `serve-hub` flags.
+    fn start_with_hub(&self, hub_flags: &[&str]) -> (Tmpfs, LocalNode) {
         let fs = Tmpfs::mount(&self.node_dir().join("store"), DISK);
+        let hub_flags = hub_flags.iter().map(|f| (*f).to_owned()).collect();
         let node = LocalNode::start_with(
             &self.node_dir(),
-            Hub::Serve(self.hub_root.clone(), vec![]),
+            Hub::Serve(self.hub_root.clone(), hub_flags),
             20,
             &[
                 "--high-watermark",
@@ -279,6 +285,57 @@ async fn pins_follow_the_mount_table_across_a_crash_that_loses_them() {
     churn(&mut node, &fs, &s.hub_root, 2..6, (&mounted, &before)).await;
     assert_same_tree(&s.hub_root.join("models/org/m1"), &mounted);
     node.unpublish("vol-mounted", &mounted).await.unwrap();
+    drop(node);
+    drop(fs);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_disk_that_fills_up_mid_download_is_evicted_and_the_download_tried_again() {
+    let s = Setup::new();
+    // 8 MB/s: a 16 MiB model takes two seconds, time to fill the disk under it.
+    let (fs, mut node) = s.start_with_hub(&["--max-bytes-per-second", "8000000"]);
+    // Three models no volume uses: 48 MiB to give back. (No volume is kept mounted here.)
+    let nothing_kept = s.dir.path().join("empty");
+    std::fs::create_dir_all(&nothing_kept).unwrap();
+    churn(
+        &mut node,
+        &fs,
+        &s.hub_root,
+        1..4,
+        (&nothing_kept, &BTreeMap::new()),
+    )
+    .await;
+
+    let target = node.target("vol-late");
+    let publish = node.publish("vol-late", &target, &[("model", "org/m4")], log_retry);
+    // Fill the disk to its last MiB once the download has written its first MiB.
+    let staging = fs.0.join("staging");
+    let filled = async {
+        let started = Instant::now();
+        while !std::fs::read_dir(&staging).unwrap().flatten().any(|e| {
+            e.file_name().to_string_lossy().starts_with("blob-")
+                && e.metadata().is_ok_and(|m| m.len() >= 1 << 20)
+        }) {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "no download started"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let st = nix::sys::statvfs::statvfs(&fs.0).unwrap();
+        let free = st.blocks_available() * st.fragment_size();
+        std::fs::write(fs.0.join("ballast"), vec![1u8; (free - (1 << 20)) as usize]).unwrap();
+    };
+    let ((), published) = tokio::join!(filled, publish);
+    published.unwrap();
+    assert_same_tree(&s.hub_root.join("models/org/m4"), &target);
+    let log = node.agent_log();
+    assert!(
+        log.contains("the disk filled up during the download"),
+        "the download met ENOSPC and was tried again:\n{log}"
+    );
+    std::fs::remove_file(fs.0.join("ballast")).unwrap();
+    node.unpublish("vol-late", &target).await.unwrap();
     drop(node);
     drop(fs);
 }

@@ -32,6 +32,9 @@ pub struct SnapshotMeta {
     pub created: u64,
     /// When a volume last used it, in Unix seconds.
     pub last_used: u64,
+    /// Kept because a pre-warm entry asks for it: evicted only when nothing else frees space.
+    #[serde(default)]
+    pub prewarmed: bool,
 }
 
 /// `t` in Unix seconds, the unit of [`SnapshotMeta`]'s times.
@@ -63,6 +66,7 @@ impl Store {
             source: source.to_owned(),
             created: now,
             last_used: now,
+            prewarmed: false,
         };
         self.write_meta(snap, &meta)?;
         Ok(meta)
@@ -102,6 +106,7 @@ impl Store {
             source: "unknown".to_owned(),
             created: mtime,
             last_used: mtime,
+            prewarmed: false,
         };
         (meta, true)
     }
@@ -119,6 +124,16 @@ impl Store {
             return Ok(());
         }
         meta.last_used = now;
+        self.write_meta(snap, &meta)
+    }
+
+    /// Marks a snapshot as wanted by a pre-warm entry (or no longer), which eviction orders by.
+    pub fn set_prewarmed(&self, snap: &Snapshot, prewarmed: bool) -> Result<()> {
+        let mut meta = self.meta(snap);
+        if meta.prewarmed == prewarmed {
+            return Ok(());
+        }
+        meta.prewarmed = prewarmed;
         self.write_meta(snap, &meta)
     }
 
