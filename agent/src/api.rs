@@ -13,6 +13,7 @@ use crate::fetch::{FetchError, Fetcher, Progress};
 use crate::filter::FileFilter;
 use crate::hub::HubError;
 use crate::hub::client::Token;
+use crate::metrics::{CacheResult, Metrics};
 use crate::mounts::MountTable;
 use crate::repo::{InvalidInput, ModelRef, RepoId, RepoKind, Revision, is_commit_id};
 use crate::store::{Layout, PinRecord, Pins, Reconciled, Snapshot, StoreError, unix};
@@ -136,6 +137,7 @@ pub struct AgentApi {
     mounts: Arc<dyn MountTable>,
     /// Wakes the evictor when a download finishes.
     wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
     flights: Arc<Mutex<HashMap<FlightKey, Arc<Flight>>>>,
     shutdown: CancellationToken,
 }
@@ -150,22 +152,24 @@ impl AgentApi {
         shutdown: CancellationToken,
     ) -> Result<Self, ApiError> {
         let store = fetcher.store().clone();
-        let pins = Arc::new(Mutex::new(
+        let pins: Arc<Mutex<Pins>> = Arc::new(Mutex::new(
             Pins::load(store.root()).map_err(|e| StoreError::from_io("load", store.root(), e))?,
         ));
         let evictor = Arc::new(Evictor::new(
-            store,
+            store.clone(),
             pins.clone(),
             fetcher.wanted().clone(),
             marks,
             Box::new(Statvfs),
         ));
+        let metrics = Arc::new(Metrics::new(store.clone(), pins.clone(), evictor.clone()));
         let api = AgentApi {
             fetcher: fetcher.with_room(evictor.clone()),
             pins,
             evictor,
             mounts,
             wake: Arc::default(),
+            metrics,
             flights: Arc::default(),
             shutdown,
         };
@@ -176,6 +180,11 @@ impl AgentApi {
     /// The evictor, for its counters.
     pub fn evictor(&self) -> &Arc<Evictor> {
         &self.evictor
+    }
+
+    /// The metrics, to serve.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Drops pins whose volume is no longer mounted, and pins mounted snapshots that have none
@@ -236,7 +245,11 @@ impl AgentApi {
         token: Option<Token>,
         wait: Duration,
     ) -> Result<Ensured, ApiError> {
-        let commit = self.fetcher.resolve(model, token.as_ref()).await?;
+        let commit = self
+            .fetcher
+            .resolve(model, token.as_ref())
+            .await
+            .inspect_err(|e| self.metrics.hub_error(e))?;
         tracing::Span::current().record("model.commit", commit.as_str());
         let store = self.fetcher.store();
         let key = filter.key();
@@ -245,6 +258,8 @@ impl AgentApi {
             // looked at again: an eviction between the lookup and the lease is seen.
             self.evictor.lease(&s);
             if s.path.is_dir() {
+                let hit = CacheResult { result: "hit" };
+                self.metrics.publishes.get_or_create(&hit).inc();
                 return Ok(Ensured::Ready(s));
             }
         }
@@ -307,6 +322,9 @@ impl AgentApi {
         );
         let flights = self.flights.clone();
         let (evictor, wake) = (self.evictor.clone(), self.wake.clone());
+        let metrics = self.metrics.clone();
+        let miss = CacheResult { result: "miss" };
+        metrics.publishes.get_or_create(&miss).inc();
         tokio::spawn(
             async move {
                 let (kind, repo, commit, filter) = &key;
@@ -318,6 +336,10 @@ impl AgentApi {
                         return;
                     }
                 };
+                match &result {
+                    Ok(_) => metrics.fetched(started.elapsed().as_secs_f64(), progress.view()),
+                    Err(e) => metrics.fetch_failed(e),
+                }
                 match &result {
                     Ok(s) => tracing::info!(
                         seconds = started.elapsed().as_secs_f64(),

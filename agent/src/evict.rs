@@ -121,6 +121,14 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in the order of [`EvictionStats`].
+    pub const ALL: [Reason; 4] = [
+        Reason::HighWatermark,
+        Reason::MaxStoreSize,
+        Reason::MakeRoom,
+        Reason::DiskPressure,
+    ];
+
     /// The label in logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -132,15 +140,40 @@ impl Reason {
     }
 }
 
-/// Counters of what eviction did, for metrics.
+/// Counters of what eviction did, per [`Reason`], for metrics.
 #[derive(Debug, Default)]
 pub struct EvictionStats {
+    by_reason: [ReasonStats; 4],
+    /// Evictions that could not reach their goal because everything left is in use.
+    pub exhausted: AtomicU64,
+}
+
+/// What eviction did for one reason.
+#[derive(Debug, Default)]
+pub struct ReasonStats {
     /// Snapshots evicted.
     pub snapshots: AtomicU64,
     /// Bytes freed (snapshots' blobs and unlinked blobs).
     pub bytes: AtomicU64,
-    /// Evictions that could not reach their goal because everything left is in use.
-    pub exhausted: AtomicU64,
+}
+
+impl EvictionStats {
+    /// The counters of one reason.
+    pub fn of(&self, reason: Reason) -> &ReasonStats {
+        let i = Reason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("every reason is in ALL");
+        &self.by_reason[i]
+    }
+
+    /// Snapshots evicted, for every reason.
+    pub fn snapshots(&self) -> u64 {
+        self.by_reason
+            .iter()
+            .map(|r| r.snapshots.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 /// One snapshot evicted.
@@ -331,7 +364,10 @@ impl Evictor {
                 bytes = orphans,
                 "evicted blobs no snapshot uses"
             );
-            self.stats.bytes.fetch_add(orphans, Ordering::Relaxed);
+            self.stats
+                .of(reason)
+                .bytes
+                .fetch_add(orphans, Ordering::Relaxed);
         }
         report.orphan_bytes = orphans;
         let now = unix(SystemTime::now());
@@ -378,8 +414,9 @@ impl Evictor {
                 idle_seconds = idle,
                 "evicted snapshot"
             );
-            self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
-            self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+            let counters = self.stats.of(reason);
+            counters.snapshots.fetch_add(1, Ordering::Relaxed);
+            counters.bytes.fetch_add(bytes, Ordering::Relaxed);
             report.evicted.push(Evicted {
                 snapshot: snap,
                 bytes,
@@ -559,7 +596,9 @@ mod tests {
         assert!(report.evicted.iter().all(|e| e.bytes == 100));
         assert!(!report.exhausted);
         assert!(snaps[1].path.is_dir() && snaps[3].path.is_dir());
-        assert_eq!(evictor.stats().snapshots.load(Ordering::Relaxed), 2);
+        assert_eq!(evictor.stats().snapshots(), 2);
+        let hw = evictor.stats().of(Reason::HighWatermark);
+        assert_eq!(hw.bytes.load(Ordering::Relaxed), 200);
         assert_eq!(
             evictor.check().unwrap(),
             None,

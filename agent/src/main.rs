@@ -239,6 +239,10 @@ enum Command {
             default_value = "unix:///run/modelcache/agent.sock"
         )]
         listen: String,
+        /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, at this address
+        /// (e.g. 0.0.0.0:9090); off when not given.
+        #[arg(long, env = "MODELCACHE_METRICS_LISTEN", value_name = "HOST:PORT")]
+        metrics_listen: Option<String>,
         #[command(flatten)]
         hub: HubArgs,
         #[command(flatten)]
@@ -468,6 +472,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run {
             store,
             listen,
+            metrics_listen,
             hub,
             eviction,
         } => {
@@ -492,9 +497,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 shutdown.clone(),
             )?);
             tokio::spawn(api.clone().maintain());
+            if let Some(addr) = metrics_listen {
+                let listener = tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+                tracing::info!(address = %listener.local_addr()?, "metrics listening");
+                let metrics = api.metrics().clone();
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = metrics.serve(listener, stop).await {
+                        tracing::error!(error = %e, "the metrics server failed");
+                    }
+                });
+            }
             let incoming = transport::bind_unix(&socket)
                 .with_context(|| format!("cannot listen on {}", socket.display()))?;
             tracing::info!(socket = %socket.display(), "agent API listening");
+            api.metrics().set_ready(true);
             let server = tonic::transport::Server::builder()
                 .add_service(AgentServer::from_arc(api))
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled());

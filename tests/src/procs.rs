@@ -221,3 +221,21 @@ pub fn wait_until(
     }
     Ok(())
 }
+
+/// `GET http://addr/path` over a plain HTTP/1.0 connection: the status and the body.
+pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::Read;
+    let mut conn = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .context("an HTTP answer has a head")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("an HTTP status")?;
+    Ok((status, body.to_owned()))
+}

@@ -7,7 +7,7 @@
 
 use modelcache_tests::models::generate_model;
 use modelcache_tests::node::{Hub, LocalNode};
-use modelcache_tests::procs::require_root;
+use modelcache_tests::procs::{free_port, http_get, require_root};
 use modelcache_tests::tree::{assert_same_tree, read_tree};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -105,6 +105,8 @@ fn wait_under_high(fs: &Tmpfs, node: &LocalNode, step: &str) -> Duration {
 struct Setup {
     dir: tempfile::TempDir,
     hub_root: PathBuf,
+    /// Where the agent serves its metrics.
+    metrics: String,
 }
 
 impl Setup {
@@ -117,7 +119,21 @@ impl Setup {
             generate_model(&hub_root.join(format!("models/org/m{i}")), 16 << 20).unwrap();
         }
         generate_model(&hub_root.join("models/org/huge"), 128 << 20).unwrap();
-        Setup { dir, hub_root }
+        let metrics = format!("127.0.0.1:{}", free_port().unwrap());
+        Setup {
+            dir,
+            hub_root,
+            metrics,
+        }
+    }
+
+    /// The value of a metric line that starts with `series` (name and labels).
+    fn metric(&self, series: &str) -> u64 {
+        let (status, body) = http_get(&self.metrics, "/metrics").unwrap();
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{body}"))
     }
 
     fn node_dir(&self) -> PathBuf {
@@ -142,6 +158,8 @@ impl Setup {
                 &HIGH.to_string(),
                 "--low-watermark",
                 &LOW.to_string(),
+                "--metrics-listen",
+                &self.metrics,
             ],
         )
         .unwrap();
@@ -215,6 +233,39 @@ async fn a_churn_twice_the_disk_stays_under_the_watermark_and_never_touches_a_mo
     }
     let snaps = node.snapshots_of("org/m0").await.unwrap();
     assert_eq!(snaps[0].pinned_by, ["vol-kept"]);
+
+    // The metrics count the same evictions, and what the store holds now.
+    let counted: u64 = ["make-room", "high-watermark"]
+        .iter()
+        .map(|r| s.metric(&format!("modelcache_evictions_total{{reason=\"{r}\"}}")))
+        .sum();
+    assert_eq!(counted as usize, evictions.len(), "metrics and log agree");
+    assert!(s.metric("modelcache_evicted_bytes_total{reason=\"make-room\"}") >= 16 << 20);
+    assert_eq!(s.metric("modelcache_pins"), 1);
+    // Eleven publishes: those whose model was still in the store were hits.
+    let misses = s.metric("modelcache_publishes_total{result=\"miss\"}");
+    let hits = s.metric("modelcache_publishes_total{result=\"hit\"}");
+    assert_eq!(hits + misses, 11);
+    assert!(
+        misses >= 8,
+        "the disk holds three models: most second rounds miss ({misses})"
+    );
+    // Each miss fetched its model's weights from the hub, and its small files at most.
+    let model_bytes: u64 = walkdir::WalkDir::new(s.hub_root.join("models/org/m0"))
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    let fetched = s.metric("modelcache_fetched_bytes_total{source=\"hub\"}");
+    assert!(
+        (misses * (16 << 20)..=misses * model_bytes).contains(&fetched),
+        "{fetched}"
+    );
+    assert_eq!(s.metric("modelcache_fetches_total{result=\"ok\"}"), misses);
+    assert_eq!(s.metric("modelcache_store_filesystem_capacity_bytes"), DISK);
+    assert_eq!(http_get(&s.metrics, "/readyz").unwrap().0, 200);
+    assert_eq!(http_get(&s.metrics, "/healthz").unwrap().0, 200);
     assert_eq!(read_tree(&kept), before);
     node.unpublish("vol-kept", &kept).await.unwrap();
     drop(node);

@@ -94,6 +94,21 @@ pub enum HubError {
 }
 
 impl HubError {
+    /// A short name of the kind of error, for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HubError::RepoNotFound { .. } => "repo_not_found",
+            HubError::RevisionNotFound { .. } => "revision_not_found",
+            HubError::EntryNotFound { .. } => "entry_not_found",
+            HubError::Unauthorized { .. } => "unauthorized",
+            HubError::LinkRefused { .. } => "link_refused",
+            HubError::RateLimited { .. } => "rate_limited",
+            HubError::Status { .. } => "status",
+            HubError::Network { .. } => "network",
+            HubError::Protocol { .. } => "protocol",
+        }
+    }
+
     /// True for errors a retry may cure: rate limits, server errors, broken connections.
     pub fn is_transient(&self) -> bool {
         match self {

@@ -1,0 +1,274 @@
+//! Prometheus metrics (text format, `prometheus-client`) and health, served on
+//! `--metrics-listen`:
+//!
+//! - `/metrics`: the store (bytes used and capacity of its filesystem, bytes of blobs,
+//!   snapshots, pins), read at each scrape; publishes that found their model in the store or
+//!   started a fetch; fetches by outcome and their durations; bytes fetched per source (their
+//!   rate is the download throughput); evictions and bytes freed per reason; hub errors per kind.
+//! - `/healthz`: the process answers.
+//! - `/readyz`: the agent API is serving and the store is readable.
+
+use crate::evict::{Evictor, Reason};
+use crate::fetch::{FetchError, ProgressView};
+use crate::store::{Pins, Store};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The agent's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Publishes (Ensure calls) that found the model (`hit`) or started its fetch (`miss`).
+    pub publishes: Family<CacheResult, Counter>,
+    /// Fetches by outcome (`ok`, `error`).
+    pub fetches: Family<FetchResult, Counter>,
+    /// Seconds a successful fetch took.
+    pub fetch_seconds: Histogram,
+    /// Bytes fetched, per source (`hub`, `pvc`).
+    pub fetched_bytes: Family<Source, Counter>,
+    /// Hub errors that failed a resolve or a fetch, per kind.
+    pub hub_errors: Family<ErrorKind, Counter>,
+    ready: Arc<AtomicBool>,
+}
+
+macro_rules! one_label {
+    ($name:ident, $key:ident) => {
+        #[doc = concat!("The `", stringify!($key), "` label.")]
+        #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+        pub struct $name {
+            #[doc = concat!("The ", stringify!($key), ".")]
+            pub $key: &'static str,
+        }
+    };
+}
+one_label!(CacheResult, result);
+one_label!(FetchResult, result);
+one_label!(Source, source);
+one_label!(ErrorKind, kind);
+
+impl Metrics {
+    /// Metrics of the agent serving `store`, with `pins`, kept in shape by `evictor`.
+    pub fn new(store: Arc<Store>, pins: Arc<Mutex<Pins>>, evictor: Arc<Evictor>) -> Self {
+        let mut registry = Registry::with_prefix("modelcache");
+        let publishes = Family::<CacheResult, Counter>::default();
+        registry.register(
+            "publishes",
+            "Publishes that found their model in the store (hit) or started its fetch (miss)",
+            publishes.clone(),
+        );
+        let fetches = Family::<FetchResult, Counter>::default();
+        registry.register(
+            "fetches",
+            "Fetches of a snapshot, by outcome",
+            fetches.clone(),
+        );
+        let fetch_seconds = Histogram::new(exponential_buckets(0.25, 2.0, 14));
+        registry.register(
+            "fetch_duration_seconds",
+            "Seconds a successful fetch of a snapshot took",
+            fetch_seconds.clone(),
+        );
+        let fetched_bytes = Family::<Source, Counter>::default();
+        registry.register(
+            "fetched_bytes",
+            "Bytes fetched and verified, per source (hub, pvc); their rate is the throughput",
+            fetched_bytes.clone(),
+        );
+        let hub_errors = Family::<ErrorKind, Counter>::default();
+        registry.register(
+            "hub_errors",
+            "Hub errors that failed a resolve or a fetch, per kind",
+            hub_errors.clone(),
+        );
+        registry.register_collector(Box::new(StoreCollector {
+            store,
+            pins,
+            evictor,
+        }));
+        Metrics {
+            registry,
+            publishes,
+            fetches,
+            fetch_seconds,
+            fetched_bytes,
+            hub_errors,
+            ready: Arc::default(),
+        }
+    }
+
+    /// Records a finished fetch.
+    pub fn fetched(&self, seconds: f64, progress: ProgressView) {
+        self.fetches
+            .get_or_create(&FetchResult { result: "ok" })
+            .inc();
+        self.fetch_seconds.observe(seconds);
+        let by_source = [
+            ("hub", progress.bytes_downloaded),
+            ("pvc", progress.bytes_imported),
+        ];
+        for (source, bytes) in by_source {
+            self.fetched_bytes
+                .get_or_create(&Source { source })
+                .inc_by(bytes);
+        }
+    }
+
+    /// Records a failed fetch.
+    pub fn fetch_failed(&self, e: &FetchError) {
+        self.fetches
+            .get_or_create(&FetchResult { result: "error" })
+            .inc();
+        self.hub_error(e);
+    }
+
+    /// Counts `e` if the hub caused it.
+    pub fn hub_error(&self, e: &FetchError) {
+        if let FetchError::Hub(h) = e {
+            self.hub_errors
+                .get_or_create(&ErrorKind { kind: h.kind() })
+                .inc();
+        }
+    }
+
+    /// Says whether the agent API serves.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String does not fail");
+        out
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> std::io::Result<()> {
+        use axum::http::{StatusCode, header};
+        use axum::routing::get;
+        let metrics = self.clone();
+        let app = axum::Router::new()
+            .route(
+                "/metrics",
+                get(move || {
+                    let metrics = metrics.clone();
+                    async move {
+                        let body = tokio::task::spawn_blocking(move || metrics.render())
+                            .await
+                            .unwrap_or_default();
+                        (
+                            [(
+                                header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4; charset=utf-8",
+                            )],
+                            body,
+                        )
+                    }
+                }),
+            )
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route(
+                "/readyz",
+                get(move || {
+                    let ready = self.ready.load(Ordering::Relaxed);
+                    async move {
+                        if ready {
+                            (StatusCode::OK, "ready\n")
+                        } else {
+                            (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+                        }
+                    }
+                }),
+            );
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+    }
+}
+
+/// Reads the store and the evictor's counters at each scrape.
+#[derive(Debug)]
+struct StoreCollector {
+    store: Arc<Store>,
+    pins: Arc<Mutex<Pins>>,
+    evictor: Arc<Evictor>,
+}
+
+impl prometheus_client::collector::Collector for StoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut gauge = |name: &str, help: &str, value: u64| {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value as i64).encode(m)
+        };
+        if let Ok(st) = nix::sys::statvfs::statvfs(self.store.root()) {
+            let frag = st.fragment_size();
+            let total = st.blocks() * frag;
+            let used = total - st.blocks_available() * frag;
+            gauge(
+                "store_filesystem_used_bytes",
+                "Bytes used on the store's filesystem",
+                used,
+            )?;
+            gauge(
+                "store_filesystem_capacity_bytes",
+                "Bytes of the store's filesystem",
+                total,
+            )?;
+        }
+        if let Ok(bytes) = self.store.bytes_on_disk() {
+            gauge(
+                "store_bytes",
+                "Bytes of the store's blobs and partial downloads",
+                bytes,
+            )?;
+        }
+        if let Ok(snaps) = self.store.list_snapshots() {
+            gauge(
+                "snapshots",
+                "Complete snapshots in the store",
+                snaps.len() as u64,
+            )?;
+        }
+        let pins = self.pins.lock().expect("pins lock").len();
+        gauge("pins", "Volumes that have a snapshot mounted", pins as u64)?;
+
+        let stats = self.evictor.stats();
+        let mut counter = |name: &str, help: &str, values: Vec<(&'static str, u64)>| {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (reason, value) in values {
+                let labels = [("reason", reason)];
+                ConstCounter::new(value).encode(m.encode_family(&labels)?)?;
+            }
+            Ok::<_, std::fmt::Error>(())
+        };
+        let per_reason = |f: &dyn Fn(Reason) -> u64| {
+            Reason::ALL
+                .iter()
+                .map(|r| (r.as_str(), f(*r)))
+                .collect::<Vec<_>>()
+        };
+        counter(
+            "evictions",
+            "Snapshots evicted, per reason",
+            per_reason(&|r| stats.of(r).snapshots.load(Ordering::Relaxed)),
+        )?;
+        counter(
+            "evicted_bytes",
+            "Bytes freed by eviction, per reason",
+            per_reason(&|r| stats.of(r).bytes.load(Ordering::Relaxed)),
+        )?;
+        Ok(())
+    }
+}
