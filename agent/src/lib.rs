@@ -16,6 +16,7 @@ pub mod fetch;
 pub mod filter;
 pub mod hash;
 pub mod hub;
+pub mod labels;
 pub mod metrics;
 pub mod mounts;
 pub mod progress;
