@@ -19,6 +19,7 @@ pub mod hub;
 pub mod labels;
 pub mod metrics;
 pub mod mounts;
+pub mod prewarm;
 pub mod progress;
 pub mod repo;
 pub mod shared_cache;
