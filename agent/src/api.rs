@@ -336,22 +336,23 @@ impl AgentApi {
                         return;
                     }
                 };
+                let seconds = started.elapsed().as_secs_f64();
                 match &result {
-                    Ok(_) => metrics.fetched(started.elapsed().as_secs_f64(), progress.view()),
-                    Err(e) => metrics.fetch_failed(e),
-                }
-                match &result {
-                    Ok(s) => tracing::info!(
-                        seconds = started.elapsed().as_secs_f64(),
-                        bytes = progress.view().bytes_total,
-                        path = %s.path.display(),
-                        "snapshot ready"
-                    ),
-                    Err(e) => tracing::warn!(error = %e, "fetch failed"),
-                }
-                if let Ok(s) = &result {
-                    // Kept from eviction until a caller sees it ready and leases it anew.
-                    evictor.lease(s);
+                    Ok(s) => {
+                        // Kept from eviction until a caller sees it ready and leases it anew.
+                        evictor.lease(s);
+                        metrics.fetched(seconds, progress.view());
+                        tracing::info!(
+                            seconds,
+                            bytes = progress.view().bytes_total,
+                            path = %s.path.display(),
+                            "snapshot ready"
+                        );
+                    }
+                    Err(e) => {
+                        metrics.fetch_failed(e);
+                        tracing::warn!(error = %e, "fetch failed");
+                    }
                 }
                 // Forget the flight before publishing the answer, so a caller that sees a
                 // failure and retries starts a new fetch.
