@@ -11,6 +11,7 @@ pub mod access;
 pub mod admin;
 pub mod api;
 pub mod cli;
+pub mod cluster;
 pub mod evict;
 pub mod fetch;
 pub mod filter;

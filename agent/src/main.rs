@@ -4,6 +4,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use modelcache_agent::api::AgentApi;
+use modelcache_agent::cluster::NodeLabeller;
 use modelcache_agent::evict::Watermarks;
 use modelcache_agent::fetch::{Fetcher, Progress, Sources, Tier, Tuning};
 use modelcache_agent::filter::FileFilter;
@@ -243,6 +244,11 @@ enum Command {
         /// (e.g. 0.0.0.0:9090); off when not given.
         #[arg(long, env = "MODELCACHE_METRICS_LISTEN", value_name = "HOST:PORT")]
         metrics_listen: Option<String>,
+        /// This node's name (from the downward API's spec.nodeName): label the Node with the
+        /// models the store holds, through the in-cluster API (or KUBECONFIG). Off when not
+        /// given.
+        #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+        node_name: Option<String>,
         #[command(flatten)]
         hub: HubArgs,
         #[command(flatten)]
@@ -473,12 +479,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             store,
             listen,
             metrics_listen,
+            node_name,
             hub,
             eviction,
         } => {
             let marks = eviction.watermarks()?;
             let socket = transport::unix_socket_path(&listen).map_err(anyhow::Error::msg)?;
             let fetcher = fetcher(&store, &hub)?;
+            let fetcher_store = fetcher.store().clone();
             let sources = fetcher.sources();
             tracing::info!(
                 store = %fetcher.store().root().display(),
@@ -497,6 +505,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 shutdown.clone(),
             )?);
             tokio::spawn(api.clone().maintain());
+            if let Some(node) = node_name {
+                let client = kube::Client::try_default().await.context(
+                    "--node-name is set but no Kubernetes API is reachable: run in a pod with a service account, or set KUBECONFIG",
+                )?;
+                let labeller = NodeLabeller::new(client, node, fetcher_store.clone());
+                tokio::spawn(labeller.run(shutdown.clone()));
+            }
             if let Some(addr) = metrics_listen {
                 let listener = tokio::net::TcpListener::bind(&addr)
                     .await

@@ -1,0 +1,294 @@
+//! The agent's own Node in the Kubernetes API: a readiness label per repo the store holds, and
+//! the full inventory as an annotation, so that schedulers can prefer nodes holding a model and
+//! admins can see what each node holds.
+//!
+//! - **Server-side apply** under the field manager [`FIELD_MANAGER`]: the agent sends the whole
+//!   set of fields it owns each time, so the API server removes a label the agent applied before
+//!   and leaves out now. Other managers' labels are never touched.
+//! - **Never stale**: [`NodeLabeller::run`] recomputes the fields from the store every
+//!   [`SYNC_INTERVAL`] and applies them when they changed, so a new model gains its label, and an
+//!   evicted one, or one `verify` took down, loses it, within seconds.
+//! - Keys and values: see [`crate::labels`]. The annotation [`INVENTORY_ANNOTATION`] holds a JSON
+//!   list of `{kind, repo, revisions, commit, filter, bytes, state}`.
+
+use crate::labels::{commit_label_value, repo_label_key};
+use crate::store::{Store, StoreError};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams};
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The field manager of everything the agent writes to its Node.
+pub const FIELD_MANAGER: &str = "modelcache-agent";
+/// The Node annotation holding the inventory.
+pub const INVENTORY_ANNOTATION: &str = "modelcache.dev/inventory";
+/// How often the Node's fields are recomputed when nothing wakes the labeller.
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(2);
+
+/// One snapshot, as the inventory annotation lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Held {
+    /// `model` or `dataset`.
+    pub kind: &'static str,
+    /// `org/name`.
+    pub repo: String,
+    /// Branches and tags that last resolved to this commit on the node.
+    pub revisions: Vec<String>,
+    /// The commit.
+    pub commit: String,
+    /// The include/exclude filter key, for a snapshot of some files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    /// Bytes the snapshot shows.
+    pub bytes: u64,
+    /// `ready`: complete in the store.
+    pub state: &'static str,
+}
+
+/// The Node fields the agent owns, as a server-side apply body for `node`.
+pub fn node_fields(node: &str, store: &Store) -> Result<Value, StoreError> {
+    let mut labels: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    let mut held = Vec::new();
+    for snap in store.list_snapshots()? {
+        let meta = store.peek_meta(&snap);
+        // A repo's label names the commit volumes used last.
+        let key = repo_label_key(snap.kind, &snap.repo);
+        let value = commit_label_value(&snap.commit).to_owned();
+        let newer = labels
+            .get(&key)
+            .is_none_or(|(used, v)| (meta.last_used, &value) > (*used, v));
+        if newer {
+            labels.insert(key, (meta.last_used, value));
+        }
+        held.push(Held {
+            kind: snap.kind.singular(),
+            repo: snap.repo.to_string(),
+            revisions: store
+                .refs(snap.kind, &snap.repo)
+                .into_iter()
+                .filter(|(_, c)| *c == snap.commit)
+                .map(|(r, _)| r)
+                .collect(),
+            commit: snap.commit.clone(),
+            filter: snap.filter.clone(),
+            bytes: meta.bytes,
+            state: "ready",
+        });
+    }
+    let labels: BTreeMap<String, String> = labels.into_iter().map(|(k, (_, v))| (k, v)).collect();
+    let inventory = serde_json::to_string(&held).expect("the inventory serializes");
+    Ok(json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": node,
+            "labels": labels,
+            "annotations": { INVENTORY_ANNOTATION: inventory },
+        },
+    }))
+}
+
+/// Keeps the agent's fields on its Node in step with the store.
+pub struct NodeLabeller {
+    nodes: Api<Node>,
+    node: String,
+    store: Arc<Store>,
+    applied: Option<Value>,
+}
+
+impl NodeLabeller {
+    /// A labeller of `node` through `client`.
+    pub fn new(client: kube::Client, node: String, store: Arc<Store>) -> Self {
+        NodeLabeller {
+            nodes: Api::all(client),
+            node,
+            store,
+            applied: None,
+        }
+    }
+
+    /// Applies the Node's fields if they changed since the last apply; true if it applied.
+    pub async fn sync(&mut self) -> anyhow::Result<bool> {
+        let store = self.store.clone();
+        let node = self.node.clone();
+        let fields = tokio::task::spawn_blocking(move || node_fields(&node, &store)).await??;
+        if self.applied.as_ref() == Some(&fields) {
+            return Ok(false);
+        }
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        self.nodes
+            .patch(&self.node, &params, &Patch::Apply(&fields))
+            .await?;
+        let labels = fields["metadata"]["labels"]
+            .as_object()
+            .map_or(0, |l| l.len());
+        tracing::info!(node = %self.node, labels, "applied the node's model labels");
+        self.applied = Some(fields);
+        Ok(true)
+    }
+
+    /// Syncs every [`SYNC_INTERVAL`] until `shutdown`. A failed apply is logged and tried again
+    /// at the next tick.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(SYNC_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            if let Err(e) = self.sync().await {
+                tracing::warn!(node = %self.node, error = %e, "cannot update the node's model labels; retrying");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::{RepoId, RepoKind, RepoPath};
+    use crate::store::SnapshotFile;
+    use axum::extract::{Path as UrlPath, RawQuery};
+    use axum::http::HeaderMap;
+    use std::sync::Mutex;
+
+    /// A request the fake API server saw.
+    #[derive(Debug, Clone)]
+    struct Seen {
+        method: String,
+        path: String,
+        query: String,
+        content_type: String,
+        body: Value,
+    }
+
+    /// An in-process API server that records node PATCHes and answers as the real one does.
+    async fn fake_api_server() -> (String, Arc<Mutex<Vec<Seen>>>) {
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let log = seen.clone();
+        let app = axum::Router::new().route(
+            "/api/v1/nodes/{name}",
+            axum::routing::patch(
+                move |UrlPath(name): UrlPath<String>,
+                      RawQuery(query): RawQuery,
+                      headers: HeaderMap,
+                      body: String| {
+                    let log = log.clone();
+                    async move {
+                        log.lock().unwrap().push(Seen {
+                            method: "PATCH".into(),
+                            path: format!("/api/v1/nodes/{name}"),
+                            query: query.unwrap_or_default(),
+                            content_type: headers
+                                .get("content-type")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default()
+                                .to_owned(),
+                            body: serde_json::from_str(&body).unwrap_or(Value::Null),
+                        });
+                        axum::Json(json!({
+                            "apiVersion": "v1", "kind": "Node", "metadata": {"name": name}
+                        }))
+                    }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (url, seen)
+    }
+
+    fn snapshot(store: &Store, repo: &str, commit: &str, bytes: &[u8]) -> crate::store::Snapshot {
+        let hash = crate::store::tests::put_blob(store, bytes);
+        let file = SnapshotFile {
+            path: RepoPath::parse("w.bin").unwrap(),
+            hash,
+        };
+        let repo = RepoId::parse(repo).unwrap();
+        let snap = store
+            .assemble_snapshot(RepoKind::Model, &repo, commit, None, &[file])
+            .unwrap();
+        store.record_snapshot(&snap, "test").unwrap();
+        snap
+    }
+
+    #[tokio::test]
+    async fn labels_follow_the_store_through_server_side_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        let snap = snapshot(&store, "Qwen/Qwen3-0.6B", commit, b"weights");
+        let (url, seen) = fake_api_server().await;
+        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let mut labeller = NodeLabeller::new(client, "node-a".into(), store.clone());
+
+        assert!(labeller.sync().await.unwrap());
+        let first = seen.lock().unwrap()[0].clone();
+        assert_eq!(
+            (first.method.as_str(), first.path.as_str()),
+            ("PATCH", "/api/v1/nodes/node-a")
+        );
+        // Server-side apply, as this manager, taking over conflicting fields.
+        let mut query: Vec<&str> = first.query.split('&').filter(|p| !p.is_empty()).collect();
+        query.sort();
+        assert_eq!(query, ["fieldManager=modelcache-agent", "force=true"]);
+        assert_eq!(first.content_type, "application/apply-patch+yaml");
+        assert_eq!(
+            first.body["metadata"]["labels"],
+            json!({"models.modelcache.dev/Qwen--Qwen3-0.6B": "0123456789ab"})
+        );
+        let inventory: Value = serde_json::from_str(
+            first.body["metadata"]["annotations"][INVENTORY_ANNOTATION]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            inventory,
+            json!([{"kind": "model", "repo": "Qwen/Qwen3-0.6B", "revisions": [],
+                    "commit": commit, "bytes": 7, "state": "ready"}])
+        );
+
+        // Nothing changed: nothing sent.
+        assert!(!labeller.sync().await.unwrap());
+        assert_eq!(seen.lock().unwrap().len(), 1);
+
+        // Evicted: the next apply leaves the label out, and the API server drops it.
+        store.remove_snapshot(&snap).unwrap();
+        assert!(labeller.sync().await.unwrap());
+        let second = seen.lock().unwrap()[1].clone();
+        assert_eq!(second.body["metadata"]["labels"], json!({}));
+        assert_eq!(
+            second.body["metadata"]["annotations"][INVENTORY_ANNOTATION],
+            "[]"
+        );
+    }
+
+    #[test]
+    fn a_repo_label_names_the_commit_used_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let old = snapshot(&store, "org/m", &"a".repeat(40), b"v1");
+        let new = snapshot(&store, "org/m", &"b".repeat(40), b"v2");
+        store.set_last_used(&old, 2000);
+        store.set_last_used(&new, 1000);
+        let fields = node_fields("n", &store).unwrap();
+        assert_eq!(
+            fields["metadata"]["labels"],
+            json!({"models.modelcache.dev/org--m": "aaaaaaaaaaaa"})
+        );
+        let inventory = fields["metadata"]["annotations"][INVENTORY_ANNOTATION]
+            .as_str()
+            .unwrap();
+        assert_eq!(
+            serde_json::from_str::<Vec<Value>>(inventory).unwrap().len(),
+            2
+        );
+    }
+}
