@@ -15,10 +15,11 @@ use crate::hub::HubError;
 use crate::hub::client::Token;
 use crate::metrics::{CacheResult, Metrics};
 use crate::mounts::MountTable;
+use crate::prewarm::Catalogue;
 use crate::repo::{InvalidInput, ModelRef, RepoId, RepoKind, Revision, is_commit_id};
 use crate::store::{Layout, PinRecord, Pins, Reconciled, Snapshot, StoreError, unix};
 use modelcache_proto::agent_v1 as pb;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
@@ -366,7 +367,91 @@ impl AgentApi {
     }
 }
 
+/// How often pre-warm entries are checked on.
+pub const PREWARM_INTERVAL: Duration = Duration::from_secs(5);
+
 impl AgentApi {
+    /// Holds what the pre-warm catalogue asks of this node, as `sets` says (see
+    /// [`crate::prewarm::wanted_sets`]): each wanted entry is fetched and its snapshot marked
+    /// pre-warmed (evicted last); an entry no longer wanted, or whose revision moved on, leaves
+    /// an ordinary snapshot, evictable like any other. Checked on each new set and every
+    /// [`PREWARM_INTERVAL`], until shutdown.
+    pub async fn prewarm(
+        self: Arc<Self>,
+        sets: impl futures::Stream<Item = (Catalogue, BTreeSet<String>)>,
+    ) {
+        use futures::StreamExt;
+        let mut sets = std::pin::pin!(sets);
+        let mut current: Option<(Catalogue, BTreeSet<String>)> = None;
+        let mut held: BTreeMap<String, Snapshot> = BTreeMap::new();
+        let mut errors: BTreeMap<String, String> = BTreeMap::new();
+        let mut tick = tokio::time::interval(PREWARM_INTERVAL);
+        loop {
+            tokio::select! {
+                set = sets.next() => match set {
+                    Some(set) => current = Some(set),
+                    None => return,
+                },
+                _ = tick.tick() => {}
+                () = self.shutdown.cancelled() => return,
+            }
+            let Some((catalogue, wanted)) = &current else {
+                continue;
+            };
+            let store = self.fetcher.store();
+            held.retain(|name, _| wanted.contains(name));
+            for name in wanted {
+                let Some(entry) = catalogue.get(name) else {
+                    continue;
+                };
+                let span =
+                    tracing::info_span!("prewarm", entry = %name, model.repo = %entry.model.repo);
+                let ensured = self
+                    .ensure(&entry.model, &entry.filter, None, Duration::ZERO)
+                    .instrument(span)
+                    .await;
+                let snap = match ensured {
+                    Ok(Ensured::Ready(snap)) => snap,
+                    Ok(Ensured::Fetching { .. }) => continue,
+                    Err(e) => {
+                        let msg = e.to_string();
+                        if errors.get(name) != Some(&msg) {
+                            tracing::warn!(entry = %name, error = %msg, "cannot pre-warm");
+                            errors.insert(name.clone(), msg);
+                        }
+                        continue;
+                    }
+                };
+                errors.remove(name);
+                // Ready: the lease `ensure` took is not needed, the mark protects it.
+                self.evictor.release(&snap);
+                if held.insert(name.clone(), snap.clone()).as_ref() != Some(&snap) {
+                    match store.set_prewarmed(&snap, true) {
+                        Ok(()) => {
+                            tracing::info!(entry = %name, model.repo = %snap.repo, model.commit = %snap.commit, "pre-warmed")
+                        }
+                        Err(e) => {
+                            tracing::warn!(entry = %name, error = %e, "cannot mark a pre-warmed snapshot")
+                        }
+                    }
+                }
+            }
+            // Every other mark goes: entries dropped, revisions moved on, marks from before a
+            // restart that no entry claims now.
+            let Ok(snapshots) = store.list_snapshots() else {
+                continue;
+            };
+            for snap in snapshots {
+                if store.peek_meta(&snap).prewarmed && !held.values().any(|h| *h == snap) {
+                    tracing::info!(model.repo = %snap.repo, model.commit = %snap.commit, "no longer pre-warmed");
+                    if let Err(e) = store.set_prewarmed(&snap, false) {
+                        tracing::warn!(error = %e, "cannot unmark a pre-warmed snapshot");
+                    }
+                }
+            }
+        }
+    }
+
     /// Pins the snapshot of `model` at `commit` for a volume. The snapshot is looked up under
     /// the pins lock, which eviction holds while it removes one, so a pin never lands on a
     /// snapshot being removed.

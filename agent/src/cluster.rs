@@ -8,13 +8,19 @@
 //! - **Never stale**: [`NodeLabeller::run`] recomputes the fields from the store every
 //!   [`SYNC_INTERVAL`] and applies them when they changed, so a new model gains its label, and an
 //!   evicted one, or one `verify` took down, loses it, within seconds.
+//! - **Watches, never lists of the cluster**: [`watch_node`] follows the agent's own Node with a
+//!   field selector on its name (its labels ask for pre-warm entries; its `DiskPressure`
+//!   condition feeds the evictor), and [`watch_catalogue`] follows the one catalogue ConfigMap.
 //! - Keys and values: see [`crate::labels`]. The annotation [`INVENTORY_ANNOTATION`] holds a JSON
 //!   list of `{kind, repo, revisions, commit, filter, bytes, state}`.
 
 use crate::labels::{commit_label_value, repo_label_key};
+use crate::prewarm::Catalogue;
 use crate::store::{Store, StoreError};
-use k8s_openapi::api::core::v1::Node;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -92,6 +98,76 @@ pub fn node_fields(node: &str, store: &Store) -> Result<Value, StoreError> {
     }))
 }
 
+/// The ConfigMap key holding the pre-warm catalogue.
+pub const CATALOGUE_KEY: &str = "catalogue.json";
+
+/// What the agent reads of its Node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeState {
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// True while its `DiskPressure` condition is `True`.
+    pub disk_pressure: bool,
+}
+
+impl NodeState {
+    /// Reads a Node.
+    pub fn of(node: &Node) -> Self {
+        let disk_pressure = node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == "DiskPressure" && c.status == "True")
+            });
+        NodeState {
+            labels: node.metadata.labels.clone().unwrap_or_default(),
+            disk_pressure,
+        }
+    }
+}
+
+/// The agent's own Node as it changes, watched with the field selector `metadata.name=<name>`.
+/// Errors are logged and the watch retried with backoff.
+pub fn watch_node(client: kube::Client, name: &str) -> impl Stream<Item = NodeState> + use<> {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    watcher(Api::<Node>::all(client), config)
+        .default_backoff()
+        .applied_objects()
+        .filter_map(|r| async move {
+            r.map(|node| NodeState::of(&node))
+                .inspect_err(|e| tracing::warn!(error = %e, "watching the node failed; retrying"))
+                .ok()
+        })
+}
+
+/// The catalogue in ConfigMap `namespace/name` (key [`CATALOGUE_KEY`]) as it changes. A
+/// catalogue that does not parse is logged and skipped, so the last good one stays in force.
+pub fn watch_catalogue(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+) -> impl Stream<Item = Catalogue> + use<> {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    watcher(Api::<ConfigMap>::namespaced(client, namespace), config)
+        .default_backoff()
+        .applied_objects()
+        .filter_map(|r| async move {
+            let cm = r
+                .inspect_err(|e| tracing::warn!(error = %e, "watching the catalogue failed; retrying"))
+                .ok()?;
+            let json = cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get(CATALOGUE_KEY))
+                .map_or("[]", String::as_str);
+            Catalogue::parse(json)
+                .inspect_err(|e| tracing::warn!(error = %e, "ignoring the new catalogue; the last good one stays"))
+                .ok()
+        })
+}
+
 /// Keeps the agent's fields on its Node in step with the store.
 pub struct NodeLabeller {
     nodes: Api<Node>,
@@ -167,11 +243,59 @@ mod tests {
         body: Value,
     }
 
-    /// An in-process API server that records node PATCHes and answers as the real one does.
+    /// A Node as the API server returns it.
+    fn node_json(labels: Value, disk_pressure: &str, version: &str) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-a", "resourceVersion": version, "labels": labels},
+            "status": {"conditions": [
+                {"type": "Ready", "status": "True"},
+                {"type": "DiskPressure", "status": disk_pressure}
+            ]}
+        })
+    }
+
+    /// An in-process API server: it records node PATCHes and answers them as the real one does,
+    /// and serves node-a to a list and then one watch event (DiskPressure turns True).
     async fn fake_api_server() -> (String, Arc<Mutex<Vec<Seen>>>) {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let log = seen.clone();
+        let list_log = seen.clone();
         let app = axum::Router::new().route(
+            "/api/v1/nodes",
+            axum::routing::get(move |RawQuery(query): RawQuery| {
+                let log = list_log.clone();
+                async move {
+                    let query = query.unwrap_or_default();
+                    log.lock().unwrap().push(Seen {
+                        method: "GET".into(),
+                        path: "/api/v1/nodes".into(),
+                        query: query.clone(),
+                        content_type: String::new(),
+                        body: Value::Null,
+                    });
+                    let labels = json!({"prewarm.modelcache.dev/qwen": "true"});
+                    if query.split('&').any(|p| p == "watch=true") {
+                        let event = json!({
+                            "type": "MODIFIED",
+                            "object": node_json(labels, "True", "2"),
+                        });
+                        let line = format!("{event}\n");
+                        let body = futures::stream::iter([Ok::<_, std::io::Error>(line)])
+                            .chain(futures::stream::pending());
+                        axum::body::Body::from_stream(body)
+                    } else {
+                        let list = json!({
+                            "apiVersion": "v1", "kind": "NodeList",
+                            "metadata": {"resourceVersion": "1"},
+                            "items": [node_json(labels, "False", "1")],
+                        });
+                        axum::body::Body::from(list.to_string())
+                    }
+                }
+            }),
+        );
+        let app = app.route(
             "/api/v1/nodes/{name}",
             axum::routing::patch(
                 move |UrlPath(name): UrlPath<String>,
@@ -268,6 +392,45 @@ mod tests {
             second.body["metadata"]["annotations"][INVENTORY_ANNOTATION],
             "[]"
         );
+    }
+
+    #[tokio::test]
+    async fn the_node_is_watched_by_its_name_alone_and_its_disk_pressure_seen() {
+        let (url, seen) = fake_api_server().await;
+        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let states: Vec<NodeState> = watch_node(client, "node-a").take(2).collect().await;
+        let labels: BTreeMap<String, String> =
+            [("prewarm.modelcache.dev/qwen".to_owned(), "true".to_owned())].into();
+        assert_eq!(
+            states,
+            [
+                NodeState {
+                    labels: labels.clone(),
+                    disk_pressure: false
+                },
+                NodeState {
+                    labels,
+                    disk_pressure: true
+                },
+            ]
+        );
+        let requests = seen.lock().unwrap().clone();
+        assert_eq!(requests.len(), 2, "one list, one watch: {requests:?}");
+        for r in &requests {
+            assert_eq!(
+                (r.method.as_str(), r.path.as_str()),
+                ("GET", "/api/v1/nodes")
+            );
+            assert!(
+                r.query
+                    .split('&')
+                    .any(|p| p == "fieldSelector=metadata.name%3Dnode-a"),
+                "only this node is asked for: {}",
+                r.query
+            );
+        }
+        assert!(requests[1].query.contains("watch=true"));
+        assert!(requests[1].query.contains("resourceVersion=1"));
     }
 
     #[test]

@@ -3,8 +3,9 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use futures::StreamExt;
 use modelcache_agent::api::AgentApi;
-use modelcache_agent::cluster::NodeLabeller;
+use modelcache_agent::cluster::{self, NodeLabeller};
 use modelcache_agent::evict::Watermarks;
 use modelcache_agent::fetch::{Fetcher, Progress, Sources, Tier, Tuning};
 use modelcache_agent::filter::FileFilter;
@@ -12,6 +13,7 @@ use modelcache_agent::hub::catalog::Catalog;
 use modelcache_agent::hub::client::{DEFAULT_ENDPOINT, Token};
 use modelcache_agent::hub::{HubClient, server};
 use modelcache_agent::mounts::ProcMountTable;
+use modelcache_agent::prewarm::{Change, wanted_sets};
 use modelcache_agent::repo::{ModelRef, RepoId, RepoKind, Revision};
 use modelcache_agent::shared_cache::SharedCache;
 use modelcache_agent::store::Store;
@@ -244,11 +246,17 @@ enum Command {
         /// (e.g. 0.0.0.0:9090); off when not given.
         #[arg(long, env = "MODELCACHE_METRICS_LISTEN", value_name = "HOST:PORT")]
         metrics_listen: Option<String>,
-        /// This node's name (from the downward API's spec.nodeName): label the Node with the
-        /// models the store holds, through the in-cluster API (or KUBECONFIG). Off when not
-        /// given.
+        /// This node's name (from the downward API's spec.nodeName). Through the in-cluster API
+        /// (or KUBECONFIG): label the Node with the models the store holds, and watch it for
+        /// pre-warm labels and its DiskPressure condition (which makes eviction critical). Off
+        /// when not given.
         #[arg(long, env = "NODE_NAME", value_name = "NAME")]
         node_name: Option<String>,
+        /// The pre-warm catalogue's ConfigMap (key catalogue.json), watched with --node-name:
+        /// entries this node's labels ask for are fetched and kept, evicted last.
+        #[arg(long, env = "MODELCACHE_CATALOGUE", value_name = "NAMESPACE/NAME",
+              requires = "node_name", value_parser = parse_namespaced)]
+        catalogue: Option<(String, String)>,
         #[command(flatten)]
         hub: HubArgs,
         #[command(flatten)]
@@ -291,6 +299,15 @@ impl EvictionArgs {
         }
         .validate()
         .map_err(anyhow::Error::msg)
+    }
+}
+
+fn parse_namespaced(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_owned(), name.to_owned()))
+        }
+        _ => Err("write it as namespace/name".into()),
     }
 }
 
@@ -480,6 +497,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             metrics_listen,
             node_name,
+            catalogue,
             hub,
             eviction,
         } => {
@@ -509,8 +527,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let client = kube::Client::try_default().await.context(
                     "--node-name is set but no Kubernetes API is reachable: run in a pod with a service account, or set KUBECONFIG",
                 )?;
-                let labeller = NodeLabeller::new(client, node, fetcher_store.clone());
+                let labeller =
+                    NodeLabeller::new(client.clone(), node.clone(), fetcher_store.clone());
                 tokio::spawn(labeller.run(shutdown.clone()));
+                // The Node's DiskPressure feeds the evictor; its labels and the catalogue say
+                // what to pre-warm.
+                let evictor = api.evictor().clone();
+                let node_changes = cluster::watch_node(client.clone(), &node).map(move |state| {
+                    evictor.set_disk_pressure(state.disk_pressure);
+                    Change::NodeLabels(state.labels)
+                });
+                let catalogue_changes = match &catalogue {
+                    Some((namespace, name)) => cluster::watch_catalogue(client, namespace, name)
+                        .map(Change::Catalogue)
+                        .boxed(),
+                    None => futures::stream::empty().boxed(),
+                };
+                let changes = futures::stream::select(node_changes, catalogue_changes);
+                tokio::spawn(api.clone().prewarm(wanted_sets(changes)));
             }
             if let Some(addr) = metrics_listen {
                 let listener = tokio::net::TcpListener::bind(&addr)
