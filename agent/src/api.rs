@@ -8,6 +8,7 @@
 //! watches disk usage, and pins are reconciled with the mount table at start and every
 //! [`RECONCILE_INTERVAL`].
 
+use crate::events::{PodEvents, PodRef};
 use crate::evict::{Evictor, Statvfs, Watermarks};
 use crate::fetch::{FetchError, Fetcher, Progress};
 use crate::filter::FileFilter;
@@ -139,6 +140,7 @@ pub struct AgentApi {
     /// Wakes the evictor when a download finishes.
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
+    events: PodEvents,
     flights: Arc<Mutex<HashMap<FlightKey, Arc<Flight>>>>,
     shutdown: CancellationToken,
 }
@@ -171,11 +173,34 @@ impl AgentApi {
             mounts,
             wake: Arc::default(),
             metrics,
+            events: PodEvents::disabled(),
             flights: Arc::default(),
             shutdown,
         };
         api.reconcile_pins()?;
         Ok(api)
+    }
+
+    /// Reports fetches as events on the pods that asked.
+    pub fn with_events(mut self, events: PodEvents) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// Reports how an Ensure for `pod` went, as an event on it.
+    fn report(&self, pod: &PodRef, model: &ModelRef, state: &Result<Ensured, ApiError>) {
+        let name = model.repo.to_string();
+        match state {
+            Ok(Ensured::Ready(s)) => {
+                let meta = self.fetcher.store().peek_meta(s);
+                self.events
+                    .ready(pod, &name, &s.commit, meta.bytes, meta.files, &meta.source);
+            }
+            Ok(Ensured::Fetching { commit, progress }) => {
+                self.events.fetching(pod, &name, commit, *progress);
+            }
+            Err(e) => self.events.failed(pod, &name, &e.to_string()),
+        }
     }
 
     /// The evictor, for its counters.
@@ -589,7 +614,11 @@ impl pb::agent_server::Agent for AgentApi {
         let state = self
             .ensure(&model, &filter, Token::new(req.token), wait)
             .instrument(span)
-            .await?;
+            .await;
+        if let Some(pod) = PodRef::parse(&req.pod, &req.pod_uid) {
+            self.report(&pod, &model, &state);
+        }
+        let state = state?;
         let state = match state {
             Ensured::Ready(s) => {
                 let store = self.fetcher.store().clone();

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod cluster;
+pub mod events;
 pub mod evict;
 pub mod fetch;
 pub mod filter;

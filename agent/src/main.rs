@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use modelcache_agent::api::AgentApi;
 use modelcache_agent::cluster::{self, NodeLabeller};
+use modelcache_agent::events::PodEvents;
 use modelcache_agent::evict::Watermarks;
 use modelcache_agent::fetch::{Fetcher, Progress, Sources, Tier, Tuning};
 use modelcache_agent::filter::FileFilter;
@@ -516,17 +517,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 max_store_bytes = marks.max_store_bytes,
                 "agent starting"
             );
-            let api = Arc::new(AgentApi::new(
-                fetcher,
-                marks,
-                Arc::new(ProcMountTable),
-                shutdown.clone(),
-            )?);
+            // With the node's name, the Kubernetes API: the Node's labels and watch, pod events.
+            let cluster = match &node_name {
+                Some(node) => Some((
+                    node.clone(),
+                    kube::Client::try_default().await.context(
+                        "--node-name is set but no Kubernetes API is reachable: run in a pod with a service account, or set KUBECONFIG",
+                    )?,
+                )),
+                None => None,
+            };
+            let mut api =
+                AgentApi::new(fetcher, marks, Arc::new(ProcMountTable), shutdown.clone())?;
+            if let Some((node, client)) = &cluster {
+                api = api.with_events(PodEvents::new(client.clone(), node));
+            }
+            let api = Arc::new(api);
             tokio::spawn(api.clone().maintain());
-            if let Some(node) = node_name {
-                let client = kube::Client::try_default().await.context(
-                    "--node-name is set but no Kubernetes API is reachable: run in a pod with a service account, or set KUBECONFIG",
-                )?;
+            if let Some((node, client)) = cluster {
                 let labeller =
                     NodeLabeller::new(client.clone(), node.clone(), fetcher_store.clone());
                 tokio::spawn(labeller.run(shutdown.clone()));

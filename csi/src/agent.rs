@@ -91,6 +91,8 @@ impl ModelAgent for AgentClient {
             layout: layout as i32,
             wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
             token: token.unwrap_or_default(),
+            pod: volume.pod.clone().unwrap_or_default(),
+            pod_uid: volume.pod_uid.clone().unwrap_or_default(),
         };
         // Resolving the revision happens before the wait; give it some room, but keep the whole
         // call well inside kubelet's 2-minute operation timeout: past the deadline the call fails

@@ -27,6 +27,8 @@ pub struct VolumeAttributes {
     pub layout: Layout,
     /// `namespace/name` of the pod, when kubelet passes it (podInfoOnMount).
     pub pod: Option<String>,
+    /// The pod's uid, when kubelet passes it.
+    pub pod_uid: Option<String>,
 }
 
 fn attr_error(key: &str, msg: impl std::fmt::Display) -> Error {
@@ -106,6 +108,7 @@ impl VolumeAttributes {
             filter,
             layout,
             pod,
+            pod_uid: ctx.get("csi.storage.k8s.io/pod.uid").cloned(),
         })
     }
 }
