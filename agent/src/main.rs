@@ -253,6 +253,10 @@ enum Command {
         /// when not given.
         #[arg(long, env = "NODE_NAME", value_name = "NAME")]
         node_name: Option<String>,
+        /// With --node-name, a kubeconfig to reach the API with instead of the pod's service
+        /// account (for development).
+        #[arg(long, env = "KUBECONFIG", value_name = "FILE")]
+        kubeconfig: Option<PathBuf>,
         /// The pre-warm catalogue's ConfigMap (key catalogue.json), watched with --node-name:
         /// entries this node's labels ask for are fetched and kept, evicted last.
         #[arg(long, env = "MODELCACHE_CATALOGUE", value_name = "NAMESPACE/NAME",
@@ -301,6 +305,24 @@ impl EvictionArgs {
         .validate()
         .map_err(anyhow::Error::msg)
     }
+}
+
+/// A client of the Kubernetes API: from `kubeconfig` when given, else in-cluster (or the
+/// default kubeconfig).
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read the kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .with_context(|| format!("the kubeconfig {} is not usable", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "--node-name is set but no Kubernetes API is reachable: run in a pod with a service account, or give --kubeconfig",
+        )?,
+    };
+    Ok(kube::Client::try_from(config)?)
 }
 
 fn parse_namespaced(s: &str) -> Result<(String, String), String> {
@@ -498,6 +520,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             metrics_listen,
             node_name,
+            kubeconfig,
             catalogue,
             hub,
             eviction,
@@ -519,12 +542,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             // With the node's name, the Kubernetes API: the Node's labels and watch, pod events.
             let cluster = match &node_name {
-                Some(node) => Some((
-                    node.clone(),
-                    kube::Client::try_default().await.context(
-                        "--node-name is set but no Kubernetes API is reachable: run in a pod with a service account, or set KUBECONFIG",
-                    )?,
-                )),
+                Some(node) => Some((node.clone(), kube_client(kubeconfig.as_deref()).await?)),
                 None => None,
             };
             let mut api =

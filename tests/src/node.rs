@@ -299,6 +299,7 @@ pub fn publish_request(
         ("csi.storage.k8s.io/ephemeral", "true"),
         ("csi.storage.k8s.io/pod.name", "reader"),
         ("csi.storage.k8s.io/pod.namespace", "default"),
+        ("csi.storage.k8s.io/pod.uid", "0b3c7c4e-uid"),
     ] {
         volume_context.insert(k.into(), v.into());
     }

@@ -1,0 +1,126 @@
+//! A stand-in for the Kubernetes API server, in process, for the agent's cluster integration:
+//! it serves one Node (`node-a`) to lists and watches, answers server-side applies and event
+//! writes as the real server does, and records every request so tests can assert exact paths,
+//! queries, content types and bodies. The one part of the system that cannot run here for real.
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, RawQuery, Request};
+use axum::routing::{get, patch, post};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// A request the fake API server answered.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// `GET`, `PATCH`, `POST`.
+    pub method: String,
+    /// The URL path.
+    pub path: String,
+    /// The raw query.
+    pub query: String,
+    /// The Content-Type header.
+    pub content_type: String,
+    /// The body, as JSON (`null` when none).
+    pub body: Value,
+}
+
+/// A running fake API server.
+pub struct FakeKubeApi {
+    /// Its base URL.
+    pub url: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+fn node(version: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node-a", "resourceVersion": version, "labels": {}},
+        "status": {"conditions": [{"type": "DiskPressure", "status": "False"}]}
+    })
+}
+
+async fn record(seen: &Mutex<Vec<Seen>>, req: Request) -> Value {
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, 16 << 20)
+        .await
+        .unwrap_or_default();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    seen.lock().expect("seen lock").push(Seen {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().unwrap_or_default().to_owned(),
+        content_type: parts
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
+        body: body.clone(),
+    });
+    body
+}
+
+impl FakeKubeApi {
+    /// Starts it on a free port.
+    pub async fn start() -> FakeKubeApi {
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let (s1, s2, s3) = (seen.clone(), seen.clone(), seen.clone());
+        let app = axum::Router::new()
+            .route(
+                "/api/v1/nodes",
+                get(move |RawQuery(q): RawQuery, req: Request| async move {
+                    record(&s1, req).await;
+                    if q.unwrap_or_default().split('&').any(|p| p == "watch=true") {
+                        // Nothing changes: a watch that stays open.
+                        Body::from_stream(futures::stream::pending::<Result<String, std::io::Error>>().boxed())
+                    } else {
+                        let list = json!({"apiVersion": "v1", "kind": "NodeList",
+                                          "metadata": {"resourceVersion": "1"}, "items": [node("1")]});
+                        Body::from(list.to_string())
+                    }
+                }),
+            )
+            .route(
+                "/api/v1/nodes/{name}",
+                patch(move |UrlPath(_name): UrlPath<String>, req: Request| async move {
+                    let body = record(&s2, req).await;
+                    axum::Json(body)
+                }),
+            )
+            .route(
+                "/apis/events.k8s.io/v1/namespaces/{ns}/events",
+                post(move |req: Request| async move {
+                    let body = record(&s3, req).await;
+                    (axum::http::StatusCode::CREATED, axum::Json(body))
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the fake API server");
+        let url = format!("http://{}", listener.local_addr().expect("an address"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        FakeKubeApi { url, seen }
+    }
+
+    /// Every request so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("seen lock").clone()
+    }
+
+    /// Writes a kubeconfig for it into `dir`; its path.
+    pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]\n\
+             users: [{{name: fake, user: {{}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: fake}}}}]\n\
+             current-context: fake\n",
+            self.url
+        );
+        std::fs::write(&path, text).expect("write the kubeconfig");
+        path
+    }
+}
