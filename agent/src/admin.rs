@@ -145,16 +145,10 @@ pub fn inventory(store: &Store) -> Result<Inventory, AdminError> {
     let mut snapshots = Vec::new();
     for snap in store.list_snapshots()? {
         let meta = store.peek_meta(&snap);
-        let revisions = store
-            .refs(snap.kind, &snap.repo)
-            .into_iter()
-            .filter(|(_, c)| *c == snap.commit)
-            .map(|(r, _)| r)
-            .collect();
         snapshots.push(SnapshotRow {
             kind: snap.kind.singular(),
             repo: snap.repo.to_string(),
-            revisions,
+            revisions: store.revisions_of(&snap),
             commit: snap.commit.clone(),
             filter: snap.filter.clone(),
             files: meta.files,

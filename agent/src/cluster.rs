@@ -73,12 +73,7 @@ pub fn node_fields(node: &str, store: &Store) -> Result<Value, StoreError> {
         held.push(Held {
             kind: snap.kind.singular(),
             repo: snap.repo.to_string(),
-            revisions: store
-                .refs(snap.kind, &snap.repo)
-                .into_iter()
-                .filter(|(_, c)| *c == snap.commit)
-                .map(|(r, _)| r)
-                .collect(),
+            revisions: store.revisions_of(&snap),
             commit: snap.commit.clone(),
             filter: snap.filter.clone(),
             bytes: meta.bytes,

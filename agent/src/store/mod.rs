@@ -557,6 +557,15 @@ impl Store {
         out
     }
 
+    /// The branches and tags that last resolved to `snap`'s commit on this node.
+    pub fn revisions_of(&self, snap: &Snapshot) -> Vec<String> {
+        self.refs(snap.kind, &snap.repo)
+            .into_iter()
+            .filter(|(_, c)| *c == snap.commit)
+            .map(|(r, _)| r)
+            .collect()
+    }
+
     /// Bytes and file count of a snapshot (each file counted once).
     pub fn snapshot_usage(&self, snap: &Snapshot) -> (u64, u32) {
         let mut bytes = 0;
