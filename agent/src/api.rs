@@ -18,7 +18,7 @@ use crate::metrics::{CacheResult, Metrics};
 use crate::mounts::MountTable;
 use crate::prewarm::Catalogue;
 use crate::repo::{InvalidInput, ModelRef, RepoId, RepoKind, Revision, is_commit_id};
-use crate::store::{Layout, PinRecord, Pins, Reconciled, Snapshot, StoreError, unix};
+use crate::store::{Layout, PinRecord, Pins, Reconciled, Snapshot, Store, StoreError, unix};
 use modelcache_proto::agent_v1 as pb;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -201,6 +201,11 @@ impl AgentApi {
             }
             Err(e) => self.events.failed(pod, &name, &e.to_string()),
         }
+    }
+
+    /// The store served.
+    pub fn store(&self) -> &Arc<Store> {
+        self.fetcher.store()
     }
 
     /// The evictor, for its counters.

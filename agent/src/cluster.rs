@@ -14,8 +14,9 @@
 //! - Keys and values: see [`crate::labels`]. The annotation [`INVENTORY_ANNOTATION`] holds a JSON
 //!   list of `{kind, repo, revisions, commit, filter, bytes, state}`.
 
+use crate::api::AgentApi;
 use crate::labels::{commit_label_value, repo_label_key};
-use crate::prewarm::Catalogue;
+use crate::prewarm::{Catalogue, Change, wanted_sets};
 use crate::store::{Store, StoreError};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
@@ -91,6 +92,33 @@ pub fn node_fields(node: &str, store: &Store) -> Result<Value, StoreError> {
             "annotations": { INVENTORY_ANNOTATION: inventory },
         },
     }))
+}
+
+/// Starts the agent's work with the API server, until `shutdown`: the labeller of `node`, and
+/// its watch, whose `DiskPressure` condition feeds the evictor and whose labels, with the
+/// catalogue in ConfigMap `catalogue` (namespace, name) when given, say what to pre-warm.
+pub fn spawn(
+    api: Arc<AgentApi>,
+    client: kube::Client,
+    node: String,
+    catalogue: Option<(String, String)>,
+    shutdown: CancellationToken,
+) {
+    let labeller = NodeLabeller::new(client.clone(), node.clone(), api.store().clone());
+    tokio::spawn(labeller.run(shutdown));
+    let evictor = api.evictor().clone();
+    let node_changes = watch_node(client.clone(), &node).map(move |state| {
+        evictor.set_disk_pressure(state.disk_pressure);
+        Change::NodeLabels(state.labels)
+    });
+    let catalogue_changes = match &catalogue {
+        Some((namespace, name)) => watch_catalogue(client, namespace, name)
+            .map(Change::Catalogue)
+            .boxed(),
+        None => futures::stream::empty().boxed(),
+    };
+    let changes = futures::stream::select(node_changes, catalogue_changes);
+    tokio::spawn(api.prewarm(wanted_sets(changes)));
 }
 
 /// The ConfigMap key holding the pre-warm catalogue.

@@ -3,9 +3,8 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use futures::StreamExt;
 use modelcache_agent::api::AgentApi;
-use modelcache_agent::cluster::{self, NodeLabeller};
+use modelcache_agent::cluster;
 use modelcache_agent::events::PodEvents;
 use modelcache_agent::evict::Watermarks;
 use modelcache_agent::fetch::{Fetcher, Progress, Sources, Tier, Tuning};
@@ -14,7 +13,6 @@ use modelcache_agent::hub::catalog::Catalog;
 use modelcache_agent::hub::client::{DEFAULT_ENDPOINT, Token};
 use modelcache_agent::hub::{HubClient, server};
 use modelcache_agent::mounts::ProcMountTable;
-use modelcache_agent::prewarm::{Change, wanted_sets};
 use modelcache_agent::repo::{ModelRef, RepoId, RepoKind, Revision};
 use modelcache_agent::shared_cache::SharedCache;
 use modelcache_agent::store::Store;
@@ -528,7 +526,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let marks = eviction.watermarks()?;
             let socket = transport::unix_socket_path(&listen).map_err(anyhow::Error::msg)?;
             let fetcher = fetcher(&store, &hub)?;
-            let fetcher_store = fetcher.store().clone();
             let sources = fetcher.sources();
             tracing::info!(
                 store = %fetcher.store().root().display(),
@@ -553,24 +550,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let api = Arc::new(api);
             tokio::spawn(api.clone().maintain());
             if let Some((node, client)) = cluster {
-                let labeller =
-                    NodeLabeller::new(client.clone(), node.clone(), fetcher_store.clone());
-                tokio::spawn(labeller.run(shutdown.clone()));
-                // The Node's DiskPressure feeds the evictor; its labels and the catalogue say
-                // what to pre-warm.
-                let evictor = api.evictor().clone();
-                let node_changes = cluster::watch_node(client.clone(), &node).map(move |state| {
-                    evictor.set_disk_pressure(state.disk_pressure);
-                    Change::NodeLabels(state.labels)
-                });
-                let catalogue_changes = match &catalogue {
-                    Some((namespace, name)) => cluster::watch_catalogue(client, namespace, name)
-                        .map(Change::Catalogue)
-                        .boxed(),
-                    None => futures::stream::empty().boxed(),
-                };
-                let changes = futures::stream::select(node_changes, catalogue_changes);
-                tokio::spawn(api.clone().prewarm(wanted_sets(changes)));
+                cluster::spawn(api.clone(), client, node, catalogue, shutdown.clone());
             }
             if let Some(addr) = metrics_listen {
                 let listener = tokio::net::TcpListener::bind(&addr)
