@@ -373,9 +373,22 @@ async fn a_disk_that_fills_up_mid_download_is_evicted_and_the_download_tried_aga
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let st = nix::sys::statvfs::statvfs(&fs.0).unwrap();
-        let free = st.blocks_available() * st.fragment_size();
-        std::fs::write(fs.0.join("ballast"), vec![1u8; (free - (1 << 20)) as usize]).unwrap();
+        // MiB by MiB, as the download keeps writing too: stop at the last MiB, or when the
+        // disk is full already.
+        use std::io::Write;
+        let mut ballast = std::fs::File::create(fs.0.join("ballast")).unwrap();
+        let mib = vec![1u8; 1 << 20];
+        loop {
+            let st = nix::sys::statvfs::statvfs(&fs.0).unwrap();
+            if st.blocks_available() * st.fragment_size() <= 2 << 20 {
+                break;
+            }
+            match ballast.write_all(&mib) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("writing the ballast: {e}"),
+            }
+        }
     };
     let ((), published) = tokio::join!(filled, publish);
     published.unwrap();
