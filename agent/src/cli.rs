@@ -1,8 +1,18 @@
-//! What every modelcache binary's `main` does after parsing its flags: run the async program on
-//! a multi-threaded runtime and turn an error into `error: …` with its causes and exit code 1,
-//! never a backtrace.
+//! The command line of `modelcache-agent` (its flags, in the library so that tests can check
+//! what the Helm chart passes), and what every modelcache binary's `main` does after parsing its
+//! flags: run the async program on a multi-threaded runtime and turn an error into `error: …`
+//! with its causes and exit code 1, never a backtrace.
 
+use crate::evict::Watermarks;
+use crate::fetch::{Tier, Tuning};
+use crate::hub::client::DEFAULT_ENDPOINT;
+use crate::repo::RepoId;
+use crate::store::Store;
+use crate::telemetry::LogFormat;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
 use std::future::Future;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Runs `program` to completion and maps its result to the process exit code.
@@ -21,4 +31,316 @@ pub fn run_main(program: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// modelcache node agent: fills a node's model store from a Hugging Face–compatible hub and
+/// serves it to the modelcache CSI plugin.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+pub struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "MODELCACHE_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Fault injection for `serve-hub`, to test clients against a misbehaving hub.
+#[derive(clap::Args)]
+#[command(next_help_heading = "Fault injection")]
+pub struct FaultArgs {
+    /// Serve each response body at most this many bytes a second.
+    #[arg(long, value_name = "BYTES")]
+    pub max_bytes_per_second: Option<std::num::NonZeroU64>,
+    /// Share of requests answered 500 or 503 (0 to 1).
+    #[arg(long, value_name = "SHARE", default_value_t = 0.0, value_parser = share)]
+    pub server_errors: f64,
+    /// Share of requests answered 429 with Retry-After (0 to 1).
+    #[arg(long, value_name = "SHARE", default_value_t = 0.0, value_parser = share)]
+    pub rate_limits: f64,
+    /// Share of file bodies cut off halfway (0 to 1).
+    #[arg(long, value_name = "SHARE", default_value_t = 0.0, value_parser = share)]
+    pub truncations: f64,
+    /// Share of file bodies with one wrong byte (0 to 1).
+    #[arg(long, value_name = "SHARE", default_value_t = 0.0, value_parser = share)]
+    pub corruptions: f64,
+    /// Milliseconds added before every answer.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub latency_ms: u64,
+}
+
+fn share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a share between 0 and 1")),
+    }
+}
+
+/// The node's store, for every command that uses one.
+#[derive(clap::Args)]
+pub struct StoreArgs {
+    /// Store directory.
+    #[arg(long, env = "MODELCACHE_STORE", default_value = "/var/lib/modelcache")]
+    pub store: PathBuf,
+}
+
+impl StoreArgs {
+    /// Opens the store to write it, holding its lock.
+    pub fn open(&self) -> anyhow::Result<Store> {
+        Store::open(&self.store)
+            .with_context(|| format!("cannot open the store at {}", self.store.display()))
+    }
+
+    /// Opens the store to read it (and for `rm`/`verify`), beside a running agent.
+    pub fn inspect(&self) -> anyhow::Result<Store> {
+        // The store error names the path and the cause already.
+        Store::inspect(&self.store).map_err(anyhow::Error::msg)
+    }
+}
+
+/// Where models come from.
+#[derive(clap::Args)]
+pub struct HubArgs {
+    /// Hub base URL; HF_ENDPOINT overrides the default, as in huggingface_hub.
+    #[arg(long, env = "HF_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+    /// Hub token for gated and private repos (read from HF_TOKEN; never logged).
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Seconds the hub's answer on a revision (and on a token's access to it) is reused before
+    /// asking again.
+    #[arg(long, env = "MODELCACHE_ACCESS_CACHE_SECONDS", default_value_t = 30)]
+    pub access_cache_seconds: u64,
+    /// Files downloaded at once.
+    #[arg(long, env = "MODELCACHE_PARALLEL_FILES", default_value_t = Tuning::default().files)]
+    pub parallel_files: usize,
+    /// HTTP requests in flight at once, over all files (large files use several).
+    #[arg(long, env = "MODELCACHE_CONNECTIONS", default_value_t = Tuning::default().connections)]
+    pub connections: usize,
+    /// Files larger than this many MiB are fetched in ranges of this size, in parallel and
+    /// resumably.
+    #[arg(long, env = "MODELCACHE_CHUNK_MIB", default_value_t = Tuning::default().chunk_size >> 20,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub chunk_mib: u64,
+    /// An HF cache on a shared volume (its HF_HOME, or HF_HOME/hub), as `huggingface-cli
+    /// download` fills it: the files it holds are imported from it, verified, instead of
+    /// downloaded. Symlinks leading outside a repo's folder are refused.
+    #[arg(
+        long,
+        env = "MODELCACHE_SHARED_CACHE",
+        value_name = "DIR",
+        help_heading = "Sources"
+    )]
+    pub shared_cache: Option<PathBuf>,
+    /// Where files come from, tried in order per file: `pvc` (the shared cache), `hub`.
+    /// Default: pvc,hub with --shared-cache, else hub. With pvc alone, revisions resolve through
+    /// the cache's refs/ and no hub is asked.
+    #[arg(
+        long,
+        env = "MODELCACHE_SOURCES",
+        value_delimiter = ',',
+        value_name = "TIER,...",
+        help_heading = "Sources"
+    )]
+    pub sources: Vec<Tier>,
+}
+
+/// The subcommands. (Flattened argument groups carry their own docs.)
+#[allow(missing_docs)]
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve repos from a directory over the Hub's HTTP protocol (read-only).
+    ///
+    /// ROOT/models/<org>/<name>/ holds a model's files, ROOT/datasets/<org>/<name>/ a
+    /// dataset's; each is served as revision `main`. Point --endpoint (or HF_ENDPOINT) at it.
+    ServeHub {
+        /// Directory of repos.
+        #[arg(long, env = "MODELCACHE_HUB_ROOT")]
+        root: PathBuf,
+        /// Address to listen on.
+        #[arg(long, env = "MODELCACHE_HUB_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Gate a repo: only requests with one of these tokens may read it (repeatable).
+        #[arg(long, value_name = "ORG/NAME=TOKEN[,TOKEN...]", value_parser = parse_gated)]
+        gated: Vec<(RepoId, Vec<String>)>,
+        /// Redirect LFS files to this base URL's /cdn/ route (this server under another host
+        /// name, e.g. http://localhost:8080 when listening on 127.0.0.1:8080), as the Hub
+        /// redirects to its CDN.
+        #[arg(long, value_name = "URL")]
+        cdn_url: Option<String>,
+        /// How long a CDN link stays valid (403 after), as presigned URLs do.
+        #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+        cdn_link_seconds: u64,
+        #[command(flatten)]
+        faults: FaultArgs,
+    },
+    /// Download a repo into the store, verify every file, and print the snapshot directory
+    /// as the last line.
+    Pull {
+        /// Repo id, `org/name`.
+        repo: String,
+        /// Branch, tag or 40-hex commit.
+        #[arg(long, default_value = "main")]
+        revision: String,
+        /// The repo is a dataset.
+        #[arg(long)]
+        dataset: bool,
+        /// Only files matching these globs (comma-separated or repeated), as huggingface_hub's
+        /// allow_patterns.
+        #[arg(long, value_delimiter = ',')]
+        include: Vec<String>,
+        /// Minus files matching these globs, as huggingface_hub's ignore_patterns.
+        #[arg(long, value_delimiter = ',')]
+        exclude: Vec<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        hub: HubArgs,
+    },
+    /// List what a node's store holds: snapshots, the revisions that last resolved to them,
+    /// sizes, and the volumes that have them mounted. Changes nothing.
+    Ls {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a repo's snapshots from the store (only one commit's with --commit), then the
+    /// blobs nothing else uses. Refuses, removing nothing, while a volume has one mounted.
+    Rm {
+        /// Repo id, `org/name`.
+        repo: String,
+        /// Only the snapshots of this 40-hex commit.
+        #[arg(long)]
+        commit: Option<String>,
+        /// The repo is a dataset.
+        #[arg(long)]
+        dataset: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every blob in the store. A corrupt blob is moved to quarantine/ and the unpinned
+    /// snapshots that showed it are removed, so the next pull fetches them again; mounted ones
+    /// are kept and named. Exits with status 1 when anything was corrupt.
+    Verify {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Only report; move and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the node daemon: serve the agent API on a unix socket.
+    Run {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Agent API endpoint.
+        #[arg(
+            long,
+            env = "MODELCACHE_AGENT_LISTEN",
+            default_value = "unix:///run/modelcache/agent.sock"
+        )]
+        listen: String,
+        /// Serve Prometheus metrics on /metrics, and /healthz and /readyz, at this address
+        /// (e.g. 0.0.0.0:9090); off when not given.
+        #[arg(long, env = "MODELCACHE_METRICS_LISTEN", value_name = "HOST:PORT")]
+        metrics_listen: Option<String>,
+        /// This node's name (from the downward API's spec.nodeName). Through the in-cluster API
+        /// (or KUBECONFIG): label the Node with the models the store holds, and watch it for
+        /// pre-warm labels and its DiskPressure condition (which makes eviction critical). Off
+        /// when not given.
+        #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+        node_name: Option<String>,
+        /// With --node-name, a kubeconfig to reach the API with instead of the pod's service
+        /// account (for development).
+        #[arg(long, env = "KUBECONFIG", value_name = "FILE")]
+        kubeconfig: Option<PathBuf>,
+        /// The pre-warm catalogue's ConfigMap (key catalogue.json), watched with --node-name:
+        /// entries this node's labels ask for are fetched and kept, evicted last.
+        #[arg(long, env = "MODELCACHE_CATALOGUE", value_name = "NAMESPACE/NAME",
+              requires = "node_name", value_parser = parse_namespaced)]
+        catalogue: Option<(String, String)>,
+        #[command(flatten)]
+        hub: HubArgs,
+        #[command(flatten)]
+        eviction: EvictionArgs,
+    },
+}
+
+/// When the agent gives disk space back.
+#[derive(clap::Args)]
+#[command(next_help_heading = "Eviction")]
+pub struct EvictionArgs {
+    /// Evict models no volume uses when the store's filesystem is fuller than this percent
+    /// (kubelet evicts pods at 90% by default).
+    #[arg(long, env = "MODELCACHE_HIGH_WATERMARK", value_name = "PCT",
+          default_value_t = Watermarks::default().high,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub high_watermark: u8,
+    /// ... until it is under this percent.
+    #[arg(long, env = "MODELCACHE_LOW_WATERMARK", value_name = "PCT",
+          default_value_t = Watermarks::default().low,
+          value_parser = clap::value_parser!(u8).range(0..=99))]
+    pub low_watermark: u8,
+    /// Also count the store as full at this size, whatever the filesystem's: the watermarks
+    /// apply to it too.
+    #[arg(long, env = "MODELCACHE_MAX_STORE_GIB", value_name = "GIB")]
+    pub max_store_gib: Option<f64>,
+}
+
+impl EvictionArgs {
+    /// The watermarks these flags ask for, checked.
+    pub fn watermarks(&self) -> anyhow::Result<Watermarks> {
+        let max_store_bytes = match self.max_store_gib {
+            Some(g) if g.is_finite() && g > 0.0 => Some((g * (1u64 << 30) as f64) as u64),
+            Some(g) => anyhow::bail!("--max-store-gib {g} is not a positive size"),
+            None => None,
+        };
+        Watermarks {
+            high: self.high_watermark,
+            low: self.low_watermark,
+            max_store_bytes,
+        }
+        .validate()
+        .map_err(anyhow::Error::msg)
+    }
+}
+
+fn parse_namespaced(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_owned(), name.to_owned()))
+        }
+        _ => Err("write it as namespace/name".into()),
+    }
+}
+
+fn parse_gated(s: &str) -> Result<(RepoId, Vec<String>), String> {
+    let (repo, tokens) = s
+        .split_once('=')
+        .ok_or("write it as org/name=token[,token...]")?;
+    let repo = RepoId::parse(repo).map_err(|e| e.to_string())?;
+    let tokens: Vec<String> = tokens
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if tokens.is_empty() {
+        return Err("a gated repo needs at least one token".into());
+    }
+    Ok((repo, tokens))
 }

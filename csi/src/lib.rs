@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod attributes;
 pub mod capability;
+pub mod cli;
 pub mod controller;
 pub mod error;
 pub mod identity;

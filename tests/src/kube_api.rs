@@ -1,5 +1,5 @@
 //! A stand-in for the Kubernetes API server, in process, for the agent's cluster integration:
-//! it serves one Node (`node-a`) to lists and watches, answers server-side applies and event
+//! it serves one Node (`node-a`) and an empty pre-warm catalogue ConfigMap to lists and watches, answers server-side applies and event
 //! writes as the real server does, and records every request so tests can assert exact paths,
 //! queries, content types and bodies. The one part of the system that cannot run here for real.
 
@@ -62,24 +62,28 @@ async fn record(seen: &Mutex<Vec<Seen>>, req: Request) -> Value {
     body
 }
 
+/// A watch that stays open (nothing changes), or a list of one item.
+fn watch_or_list(query: &str, list_kind: &str, item: Value) -> Body {
+    if query.split('&').any(|p| p == "watch=true") {
+        Body::from_stream(futures::stream::pending::<Result<String, std::io::Error>>().boxed())
+    } else {
+        let list = json!({"apiVersion": "v1", "kind": list_kind,
+                          "metadata": {"resourceVersion": "1"}, "items": [item]});
+        Body::from(list.to_string())
+    }
+}
+
 impl FakeKubeApi {
     /// Starts it on a free port.
     pub async fn start() -> FakeKubeApi {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let (s1, s2, s3) = (seen.clone(), seen.clone(), seen.clone());
+        let (s1, s2, s3, s4) = (seen.clone(), seen.clone(), seen.clone(), seen.clone());
         let app = axum::Router::new()
             .route(
                 "/api/v1/nodes",
                 get(move |RawQuery(q): RawQuery, req: Request| async move {
                     record(&s1, req).await;
-                    if q.unwrap_or_default().split('&').any(|p| p == "watch=true") {
-                        // Nothing changes: a watch that stays open.
-                        Body::from_stream(futures::stream::pending::<Result<String, std::io::Error>>().boxed())
-                    } else {
-                        let list = json!({"apiVersion": "v1", "kind": "NodeList",
-                                          "metadata": {"resourceVersion": "1"}, "items": [node("1")]});
-                        Body::from(list.to_string())
-                    }
+                    watch_or_list(&q.unwrap_or_default(), "NodeList", node("1"))
                 }),
             )
             .route(
@@ -87,6 +91,21 @@ impl FakeKubeApi {
                 patch(move |UrlPath(_name): UrlPath<String>, req: Request| async move {
                     let body = record(&s2, req).await;
                     axum::Json(body)
+                }),
+            )
+            .route(
+                "/api/v1/namespaces/{ns}/configmaps",
+                get(move |RawQuery(q): RawQuery, UrlPath(ns): UrlPath<String>, req: Request| async move {
+                    record(&s4, req).await;
+                    let q = q.unwrap_or_default();
+                    let name = q
+                        .split('&')
+                        .find_map(|p| p.strip_prefix("fieldSelector=metadata.name%3D"))
+                        .unwrap_or_default();
+                    let item = json!({"apiVersion": "v1", "kind": "ConfigMap",
+                                      "metadata": {"name": name, "namespace": ns, "resourceVersion": "1"},
+                                      "data": {"catalogue.json": "[]"}});
+                    watch_or_list(&q, "ConfigMapList", item)
                 }),
             )
             .route(

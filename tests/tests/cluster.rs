@@ -1,11 +1,14 @@
 //! The agent in a cluster, end to end but for the API server (a faithful in-process stand-in):
 //! started with `--node-name` and a kubeconfig, it watches only its own Node, labels it with
 //! the model a pod's volume brought, by server-side apply as `modelcache-agent`, and tells the
-//! pod how its model came, with events.
+//! pod how its model came, with events. The chart's RBAC allows every request it made, and grants
+//! nothing it did not use.
 
 use modelcache_tests::kube_api::FakeKubeApi;
 use modelcache_tests::models::generate_model;
 use modelcache_tests::node::{Hub, LocalNode};
+use modelcache_tests::{helm, rbac};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -24,6 +27,9 @@ async fn a_node_labels_itself_with_what_it_holds_and_tells_the_pod() {
             "node-a",
             "--kubeconfig",
             kubeconfig.to_str().unwrap(),
+            // As the chart runs it: release "modelcache" in namespace "modelcache".
+            "--catalogue",
+            "modelcache/modelcache-catalogue",
         ],
     )
     .unwrap();
@@ -78,16 +84,67 @@ async fn a_node_labels_itself_with_what_it_holds_and_tells_the_pod() {
         "{note}"
     );
 
-    // Only its own Node was ever asked for.
-    for r in api.seen().iter().filter(|r| r.method == "GET") {
-        assert_eq!(r.path, "/api/v1/nodes");
+    // Only its own Node and the catalogue were ever asked for.
+    let seen = api.seen();
+    for r in seen.iter().filter(|r| r.method == "GET") {
+        let wanted = match r.path.as_str() {
+            "/api/v1/nodes" => "fieldSelector=metadata.name%3Dnode-a",
+            "/api/v1/namespaces/modelcache/configmaps" => {
+                "fieldSelector=metadata.name%3Dmodelcache-catalogue"
+            }
+            other => panic!("unexpected GET {other}"),
+        };
+        assert!(r.query.split('&').any(|p| p == wanted), "{}", r.query);
+    }
+    assert!(
+        seen.iter()
+            .any(|r| r.path == "/api/v1/namespaces/modelcache/configmaps"),
+        "the catalogue was never read"
+    );
+
+    // The chart's RBAC, evaluated as the API server would for the agent's ServiceAccount:
+    // everything the agent did is allowed, and every grant but one was used.
+    let chart = helm::render(&[], None).expect("the chart renders with its defaults");
+    let rules = rbac::rules_of(&chart.objects, "modelcache", "modelcache-node");
+    let mut used = BTreeSet::new();
+    for r in &seen {
+        let a = rbac::attributes(&r.method, &r.path, &r.query);
         assert!(
-            r.query
-                .split('&')
-                .any(|p| p == "fieldSelector=metadata.name%3Dnode-a"),
-            "{}",
+            rbac::allows(&rules, &a),
+            "the chart's RBAC forbids {a:?} ({} {}?{})",
+            r.method,
+            r.path,
             r.query
         );
+        used.insert((a.group, a.resource, a.verb));
     }
+    let mut granted = BTreeSet::new();
+    for (_, rule) in &rules {
+        for list in ["apiGroups", "resources", "verbs"] {
+            assert!(
+                !rule[list].as_array().unwrap().iter().any(|v| v == "*"),
+                "wildcard in {rule}"
+            );
+        }
+        for g in rule["apiGroups"].as_array().unwrap() {
+            for res in rule["resources"].as_array().unwrap() {
+                for v in rule["verbs"].as_array().unwrap() {
+                    let s = |v: &serde_json::Value| v.as_str().unwrap().to_owned();
+                    granted.insert((s(g), s(res), s(v)));
+                }
+            }
+        }
+    }
+    let unused: Vec<_> = granted.difference(&used).collect();
+    // kube's event recorder patches an event when it repeats (its series count).
+    assert_eq!(
+        unused,
+        [&(
+            "events.k8s.io".to_owned(),
+            "events".to_owned(),
+            "patch".to_owned()
+        )],
+        "granted but never used"
+    );
     node.unpublish("vol-m", &target).await.unwrap();
 }

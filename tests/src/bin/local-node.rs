@@ -198,6 +198,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         "  from the Hugging Face Hub: sudo hack/local-node.sh --endpoint https://huggingface.co --model Qwen/Qwen3-0.6B"
     );
     println!("  run the pieces yourself:   modelcache-agent --help, modelcache-csi --help");
+    println!(
+        "  on a cluster:              helm install modelcache deploy/helm/modelcache -n modelcache --create-namespace"
+    );
+    println!("                             then examples/ (inline pod, PVC, vLLM, pre-warm)");
     Ok(())
 }
 

@@ -1,0 +1,68 @@
+//! The command line of `modelcache-csi`, in the library so that tests can check what the Helm
+//! chart passes.
+
+use clap::Parser;
+use modelcache_agent::telemetry::LogFormat;
+
+/// modelcache CSI plugin: mounts models from the node's store into pods, read-only (node mode),
+/// and creates StorageClass-backed volumes for external-provisioner (controller mode).
+#[derive(Parser)]
+#[command(version)]
+pub struct Cli {
+    /// Which CSI services to serve.
+    #[arg(long, value_enum, env = "MODELCACHE_CSI_MODE", default_value = "node")]
+    pub mode: Mode,
+    /// CSI endpoint kubelet (node) or external-provisioner (controller) connects to.
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    pub endpoint: String,
+    /// This node's name, from the downward API (spec.nodeName). Required in node mode.
+    #[arg(long, env = "MODELCACHE_NODE_ID")]
+    pub node_id: Option<String>,
+    /// The node agent's endpoint.
+    #[arg(
+        long,
+        env = "MODELCACHE_AGENT_ENDPOINT",
+        default_value = "unix:///run/modelcache/agent.sock"
+    )]
+    pub agent: String,
+    /// Seconds NodePublishVolume waits for a model before answering UNAVAILABLE with progress.
+    /// A publish answers within this plus 15 s; keep the sum under kubelet's 2-minute timeout.
+    #[arg(long, env = "MODELCACHE_PUBLISH_WAIT_SECONDS", default_value_t = 60)]
+    pub publish_wait_seconds: u64,
+    /// Log format.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        env = "MODELCACHE_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// The services a plugin process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Identity + Node, on every node, next to the agent.
+    Node,
+    /// Identity + Controller, next to external-provisioner.
+    Controller,
+}
+
+impl Cli {
+    /// What clap cannot check: a wait that fits kubelet's timeout, and a node id in node mode.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.publish_wait_seconds <= 100,
+            "--publish-wait-seconds {} is too long: with the 15 s margin a publish would outlast kubelet's 2-minute timeout; use at most 100",
+            self.publish_wait_seconds
+        );
+        if self.mode == Mode::Node {
+            anyhow::ensure!(
+                self.node_id.as_deref().is_some_and(|n| !n.is_empty()),
+                "--node-id (or MODELCACHE_NODE_ID) is required in node mode: pass the node's name, \
+                 e.g. from the downward API's spec.nodeName"
+            );
+        }
+        Ok(())
+    }
+}
