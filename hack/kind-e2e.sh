@@ -69,10 +69,13 @@ kubectl -n "$ns" rollout status deployment/modelcache-controller --timeout=3m
 
 step "a pod with an inline volume, and a pod with a PVC, read $model"
 kubectl create namespace e2e --dry-run=client -o yaml | kubectl apply -f -
-kubectl -n e2e apply -f - <<EOF
+# A pod that lists the model, reads a file, and fails unless writing into the volume fails.
+reader_pod() { # name, the volume's source (YAML, indented 6)
+  cat <<EOF
+---
 apiVersion: v1
 kind: Pod
-metadata: { name: inline }
+metadata: { name: $1 }
 spec:
   containers:
     - name: reader
@@ -81,10 +84,12 @@ spec:
       volumeMounts: [{ name: model, mountPath: /model, readOnly: true }]
   volumes:
     - name: model
-      csi:
-        driver: csi.modelcache.dev
-        readOnly: true
-        volumeAttributes: { model: "$model" }
+$2
+EOF
+}
+{
+  reader_pod inline "      csi: { driver: csi.modelcache.dev, readOnly: true, volumeAttributes: { model: \"$model\" } }"
+  cat <<EOF
 ---
 apiVersion: v1
 kind: PersistentVolumeClaim
@@ -93,20 +98,9 @@ spec:
   storageClassName: e2e-model
   accessModes: [ReadOnlyMany]
   resources: { requests: { storage: 1Mi } }
----
-apiVersion: v1
-kind: Pod
-metadata: { name: claimed }
-spec:
-  containers:
-    - name: reader
-      image: busybox:1.36
-      command: [sh, -c, "ls -l /model && cat /model/config.json >/dev/null && ! touch /model/x && sleep 3600"]
-      volumeMounts: [{ name: model, mountPath: /model, readOnly: true }]
-  volumes:
-    - name: model
-      persistentVolumeClaim: { claimName: model, readOnly: true }
 EOF
+  reader_pod claimed "      persistentVolumeClaim: { claimName: model, readOnly: true }"
+} | kubectl -n e2e apply -f -
 kubectl -n e2e wait --for=condition=Ready pod/inline pod/claimed --timeout=10m
 
 step "what the pods see"

@@ -72,10 +72,9 @@ def render(args):
     report = helm.lint(args.chart, values, strict=True, namespace=args.namespace)
     findings = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2]
     if findings or report.get("errors"):
-        for m in findings:
-            print(f"lint: {m.get('path')}: {m.get('error')}", file=sys.stderr)
-        for e in report.get("errors") or []:
-            print(f"lint: {e}", file=sys.stderr)
+        lines = [f"lint: {m.get('path')}: {m.get('error')}".strip() for m in findings]
+        lines += [f"lint: {e}".strip() for e in report.get("errors") or []]
+        print("\n".join(dict.fromkeys(lines)), file=sys.stderr)
         # A template that fails on these values is a refusal, not a lint finding.
         text = " ".join(str(m.get("error")) for m in findings) + " ".join(report.get("errors") or [])
         return 1 if ("execution error" in text or "values don't meet" in text) else 2
