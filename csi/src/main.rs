@@ -31,6 +31,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut server = tonic::transport::Server::builder();
     let router = match cli.mode {
         Mode::Node => {
+            // `check` made sure node mode has one.
             let node_id = cli.node_id.clone().unwrap_or_default();
             let agent_socket =
                 transport::unix_socket_path(&cli.agent).map_err(anyhow::Error::msg)?;

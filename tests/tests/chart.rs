@@ -192,13 +192,20 @@ fn the_defaults_run_a_node_the_binaries_accept() {
     assert!(provisioner.contains(&"--csi-address=/csi/csi.sock".to_owned()));
     assert!(provisioner.contains(&"--leader-election=false".to_owned()));
     assert!(m.of_kind("StorageClass").is_empty());
-    assert!(
-        m.notes
-            .contains("kubectl label node <node> prewarm.modelcache.dev/<name>=true")
-            || m.notes.contains("prewarm.modelcache.dev/<name>=true"),
-        "{}",
-        m.notes
-    );
+    // NOTES.txt tells the admin how to go on.
+    for step in [
+        "kubectl get csinode",
+        "driver: csi.modelcache.dev",
+        "label nodes prewarm.modelcache.dev/<name>=true",
+        "models.modelcache.dev/Qwen--Qwen3-0.6B",
+        "No default hub token",
+    ] {
+        assert!(
+            m.notes.contains(step),
+            "NOTES.txt lacks {step:?}:\n{}",
+            m.notes
+        );
+    }
 }
 
 #[test]
