@@ -3,6 +3,7 @@
 //! allowed to the agent's ServiceAccount, and nothing more is granted than it uses.
 
 use serde_json::Value;
+use std::collections::BTreeSet;
 
 /// What the authorizer sees of a request (the API server's RequestInfo).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,4 +134,27 @@ pub fn allows(rules: &[(Option<String>, &Value)], a: &Attributes) -> bool {
     rules.iter().any(|(scope, rule)| {
         scope.as_ref().is_none_or(|ns| *ns == a.namespace) && rule_allows(rule, a)
     })
+}
+
+/// Every (group, resource, verb) that `rules` grant, to compare with what was used.
+pub fn grants(rules: &[(Option<String>, &Value)]) -> BTreeSet<(String, String, String)> {
+    let list = |rule: &Value, key: &str| -> Vec<String> {
+        rule[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    };
+    let mut out = BTreeSet::new();
+    for (_, rule) in rules {
+        for g in list(rule, "apiGroups") {
+            for r in list(rule, "resources") {
+                for v in list(rule, "verbs") {
+                    out.insert((g.clone(), r.clone(), v));
+                }
+            }
+        }
+    }
+    out
 }

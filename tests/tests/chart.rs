@@ -435,7 +435,7 @@ fn bad_values_are_refused_saying_what_to_fix() {
     }
 }
 
-/// A volume's `csi` source, with a pod's name for messages.
+/// The `csi` sources of modelcache volumes in a pod or a workload's pod template.
 fn csi_volumes(o: &Value) -> Vec<&Value> {
     let spec = match o["kind"].as_str() {
         Some("Pod") => &o["spec"],
