@@ -101,7 +101,7 @@ impl From<ApiError> for Status {
                 }
             },
         };
-        Status::new(code, e.to_string())
+        Status::new(code, crate::repo::clip(&e.to_string()))
     }
 }
 
@@ -143,6 +143,9 @@ pub struct AgentApi {
     events: PodEvents,
     flights: Arc<Mutex<HashMap<FlightKey, Arc<Flight>>>>,
     shutdown: CancellationToken,
+    /// The agent's own token: for pre-warming, and for volumes only when lent.
+    agent_token: Option<Token>,
+    lend_token: bool,
 }
 
 impl AgentApi {
@@ -176,9 +179,24 @@ impl AgentApi {
             events: PodEvents::disabled(),
             flights: Arc::default(),
             shutdown,
+            agent_token: None,
+            lend_token: false,
         };
         api.reconcile_pins()?;
         Ok(api)
+    }
+
+    /// The agent's own token, used to pre-warm; `lend` also gives it to volumes that bring none
+    /// (off by default: a volume's access is decided by its own token alone).
+    pub fn with_agent_token(mut self, token: Option<Token>, lend: bool) -> Self {
+        self.agent_token = token;
+        self.lend_token = lend;
+        self
+    }
+
+    /// The token a volume reads with: its own, or the agent's when lent.
+    fn volume_token(&self, own: Option<Token>) -> Option<Token> {
+        own.or_else(|| self.agent_token.clone().filter(|_| self.lend_token))
     }
 
     /// Reports fetches as events on the pods that asked.
@@ -437,7 +455,12 @@ impl AgentApi {
                 let span =
                     tracing::info_span!("prewarm", entry = %name, model.repo = %entry.model.repo);
                 let ensured = self
-                    .ensure(&entry.model, &entry.filter, None, Duration::ZERO)
+                    .ensure(
+                        &entry.model,
+                        &entry.filter,
+                        self.agent_token.clone(),
+                        Duration::ZERO,
+                    )
                     .instrument(span)
                     .await;
                 let snap = match ensured {
@@ -522,12 +545,40 @@ impl AgentApi {
         (meta.bytes, meta.files)
     }
 
-    /// Removes a volume's pin; unknown volumes are fine.
-    pub fn unpin(&self, volume_id: &str) -> Result<bool, ApiError> {
+    /// Removes a volume's pin at `target_path`; unknown volumes are fine.
+    pub fn unpin(&self, volume_id: &str, target_path: &str) -> Result<bool, ApiError> {
         if volume_id.is_empty() {
             return Err(ApiError::Missing("volume_id"));
         }
-        Ok(self.pins.lock().expect("pins lock").unpin(volume_id)?)
+        Ok(self
+            .pins
+            .lock()
+            .expect("pins lock")
+            .unpin(volume_id, target_path)?)
+    }
+
+    /// A volume's pin at `target_path`, with the directories a mount of its snapshot shows.
+    pub fn get_pin(&self, volume_id: &str, target_path: &str) -> Option<pb::PinInfo> {
+        let store = self.fetcher.store();
+        let pins = self.pins.lock().expect("pins lock");
+        let pin = pins.get(volume_id, target_path)?.clone();
+        drop(pins);
+        let kind = match pin.kind.as_str() {
+            "dataset" => RepoKind::Dataset,
+            _ => RepoKind::Model,
+        };
+        let paths = RepoId::parse(&pin.repo)
+            .ok()
+            .and_then(|repo| store.snapshot(kind, &repo, &pin.commit, pin.filter.as_deref()))
+            .map(|s| store.shown_dirs(&s))
+            .unwrap_or_default();
+        Some(pb::PinInfo {
+            kind: kind_to_proto(kind) as i32,
+            repo: pin.repo,
+            commit: pin.commit,
+            filter: pin.filter.unwrap_or_default(),
+            paths: paths.iter().map(|p| p.display().to_string()).collect(),
+        })
     }
 
     /// Every snapshot with its size and pins.
@@ -617,7 +668,12 @@ impl pb::agent_server::Agent for AgentApi {
             }
         };
         let state = self
-            .ensure(&model, &filter, Token::new(req.token), wait)
+            .ensure(
+                &model,
+                &filter,
+                self.volume_token(Token::new(req.token)),
+                wait,
+            )
             .instrument(span)
             .await;
         if let Some(pod) = PodRef::parse(&req.pod, &req.pod_uid) {
@@ -682,11 +738,24 @@ impl pb::agent_server::Agent for AgentApi {
         &self,
         req: Request<pb::UnpinRequest>,
     ) -> Result<Response<pb::UnpinResponse>, Status> {
-        let volume_id = req.into_inner().volume_id;
-        if self.unpin(&volume_id)? {
-            tracing::info!(volume.id = %volume_id, "unpinned");
+        let req = req.into_inner();
+        if self.unpin(&req.volume_id, &req.target_path)? {
+            tracing::info!(volume.id = %req.volume_id, target = %req.target_path, "unpinned");
         }
         Ok(Response::new(pb::UnpinResponse {}))
+    }
+
+    async fn get_pin(
+        &self,
+        req: Request<pb::GetPinRequest>,
+    ) -> Result<Response<pb::GetPinResponse>, Status> {
+        let req = req.into_inner();
+        if req.volume_id.is_empty() {
+            return Err(ApiError::Missing("volume_id").into());
+        }
+        Ok(Response::new(pb::GetPinResponse {
+            pin: self.get_pin(&req.volume_id, &req.target_path),
+        }))
     }
 
     async fn list(
@@ -773,7 +842,7 @@ mod tests {
         use pb::agent_server::Agent;
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(crate::store::Store::open(dir.path()).unwrap());
-        let hub = crate::hub::HubClient::new("http://127.0.0.1:9", None).unwrap();
+        let hub = crate::hub::HubClient::new("http://127.0.0.1:9").unwrap();
         let api = AgentApi::new(
             Fetcher::new(hub, store, Default::default()),
             Watermarks::default(),

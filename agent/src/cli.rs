@@ -111,9 +111,16 @@ pub struct HubArgs {
     /// Hub base URL; HF_ENDPOINT overrides the default, as in huggingface_hub.
     #[arg(long, env = "HF_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
     pub endpoint: String,
-    /// Hub token for gated and private repos (read from HF_TOKEN; never logged).
+    /// Hub token for gated and private repos (read from HF_TOKEN; never logged). `run` uses it
+    /// to pre-warm, never for a volume: a volume reads with its own token alone (see
+    /// --lend-token-to-volumes).
     #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Volumes that bring no token of their own read with --token. Off by default: with it on,
+    /// every pod on the node may mount whatever --token can read, gated and private repos
+    /// included. For single-tenant clusters only.
+    #[arg(long, env = "MODELCACHE_LEND_TOKEN_TO_VOLUMES")]
+    pub lend_token_to_volumes: bool,
     /// Seconds the hub's answer on a revision (and on a token's access to it) is reused before
     /// asking again.
     #[arg(long, env = "MODELCACHE_ACCESS_CACHE_SECONDS", default_value_t = 30)]

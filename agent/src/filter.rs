@@ -32,10 +32,24 @@ impl std::hash::Hash for FileFilter {
     }
 }
 
+/// The most patterns a filter holds, include and exclude together. huggingface_hub users write
+/// a handful; the bound keeps compiling and matching cheap whatever a pod spec says.
+pub const MAX_PATTERNS: usize = 64;
+
+/// The longest pattern, in bytes.
+pub const MAX_PATTERN_BYTES: usize = 256;
+
 fn compile(
     what: &'static str,
     patterns: &[String],
 ) -> Result<(Vec<String>, Option<GlobSet>), InvalidInput> {
+    if let Some(long) = patterns.iter().find(|p| p.len() > MAX_PATTERN_BYTES) {
+        return Err(InvalidInput {
+            what,
+            value: crate::repo::clip_to(long, 64),
+            reason: "is longer than 256 bytes (MAX_PATTERN_BYTES), the longest pattern a volume may set",
+        });
+    }
     let mut normalized: Vec<String> = patterns
         .iter()
         .map(|p| p.trim())
@@ -61,14 +75,14 @@ fn compile(
             .build()
             .map_err(|_| InvalidInput {
                 what,
-                value: p.clone(),
+                value: crate::repo::clip_to(p, 64),
                 reason: "is not a valid glob pattern (fnmatch syntax: *, ?, [abc])",
             })?;
         set.add(glob);
     }
     let set = set.build().map_err(|_| InvalidInput {
         what,
-        value: normalized.join(","),
+        value: crate::repo::clip_to(&normalized.join(","), 64),
         reason: "cannot be compiled",
     })?;
     Ok((normalized, Some(set)))
@@ -77,6 +91,14 @@ fn compile(
 impl FileFilter {
     /// Compiles include and exclude patterns; empty lists mean "everything" and "nothing".
     pub fn new(include: &[String], exclude: &[String]) -> Result<Self, InvalidInput> {
+        let count = include.len() + exclude.len();
+        if count > MAX_PATTERNS {
+            return Err(InvalidInput {
+                what: "include/exclude",
+                value: format!("{count} patterns"),
+                reason: "are more than 64 (MAX_PATTERNS), the most a volume may set",
+            });
+        }
         let (include, include_set) = compile("include pattern", include)?;
         let (exclude, exclude_set) = compile("exclude pattern", exclude)?;
         Ok(FileFilter {
@@ -141,6 +163,29 @@ mod tests {
 
     fn f(include: &str, exclude: &str) -> FileFilter {
         FileFilter::from_lists(include, exclude).unwrap()
+    }
+
+    #[test]
+    fn pattern_count_and_length_are_bounded_and_errors_stay_short() {
+        let many: Vec<String> = (0..=MAX_PATTERNS).map(|i| format!("f{i}.json")).collect();
+        let err = FileFilter::new(&many, &[]).unwrap_err();
+        assert!(err.to_string().contains(&MAX_PATTERNS.to_string()), "{err}");
+        let (half, rest) = many.split_at(MAX_PATTERNS / 2 + 1);
+        assert!(
+            FileFilter::new(half, rest).is_err(),
+            "include and exclude count together"
+        );
+        FileFilter::new(&many[..MAX_PATTERNS], &[]).unwrap();
+        let long = "a".repeat(MAX_PATTERN_BYTES + 1);
+        let err = FileFilter::new(&[], &[long]).unwrap_err();
+        assert!(
+            err.to_string().contains(&MAX_PATTERN_BYTES.to_string()),
+            "{err}"
+        );
+        assert!(err.to_string().len() < 300, "{}", err.to_string().len());
+        FileFilter::new(&["a".repeat(MAX_PATTERN_BYTES)], &[]).unwrap();
+        let bad = format!("[{}", "x".repeat(200));
+        assert!(FileFilter::new(&[bad], &[]).unwrap_err().to_string().len() < 300);
     }
 
     #[test]

@@ -41,7 +41,7 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
 
 fn fetcher(store: &StoreArgs, hub: &HubArgs) -> anyhow::Result<Fetcher> {
     let store = store.open()?;
-    let client = HubClient::new(&hub.endpoint, hub.token.clone().and_then(Token::new))?;
+    let client = HubClient::new(&hub.endpoint)?;
     let tuning = Tuning {
         files: hub.parallel_files,
         connections: hub.connections,
@@ -119,7 +119,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 revision: Revision::parse(&revision)?,
             };
             let fetcher = fetcher(&store, &hub)?;
-            let commit = fetcher.resolve(&model, None).await?;
+            let token = hub.token.clone().and_then(Token::new);
+            let commit = fetcher.resolve(&model, token.as_ref()).await?;
             let span =
                 tracing::info_span!("pull", model.repo = %model.repo, model.commit = %commit);
             let _enter = span.enter();
@@ -132,7 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ));
             let filter = FileFilter::new(&include, &exclude)?;
             let result = tokio::select! {
-                r = fetcher.fetch(model.kind, &model.repo, &commit, &filter, None, &progress) => r,
+                r = fetcher.fetch(model.kind, &model.repo, &commit, &filter, token.as_ref(), &progress) => r,
                 () = shutdown.cancelled() => anyhow::bail!("interrupted; run the same command again to continue"),
             };
             done.cancel();
@@ -232,8 +233,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(node) => Some((node.clone(), kube_client(kubeconfig.as_deref()).await?)),
                 None => None,
             };
+            let agent_token = hub.token.clone().and_then(Token::new);
+            if hub.lend_token_to_volumes {
+                tracing::warn!(
+                    "--lend-token-to-volumes: volumes without a token of their own read with the agent's token"
+                );
+            }
             let mut api =
-                AgentApi::new(fetcher, marks, Arc::new(ProcMountTable), shutdown.clone())?;
+                AgentApi::new(fetcher, marks, Arc::new(ProcMountTable), shutdown.clone())?
+                    .with_agent_token(agent_token, hub.lend_token_to_volumes);
             if let Some((node, client)) = &cluster {
                 api = api.with_events(PodEvents::new(client.clone(), node));
             }

@@ -23,6 +23,31 @@ pub trait MountTable: Send + Sync + std::fmt::Debug {
     fn mounts_of(&self, store_root: &Path) -> std::io::Result<Vec<MountedDir>>;
 }
 
+/// A mount point as the kernel writes it in `/proc/self/mountinfo`, with its escapes decoded:
+/// space, tab, newline and backslash appear as `\040`, `\011`, `\012` and `\134`.
+pub fn unescape(path: &Path) -> PathBuf {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let raw = path.as_os_str().as_bytes();
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let octal = raw.get(i + 1..i + 4).filter(|d| {
+            raw[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)) && d[0] <= b'3'
+        });
+        match octal {
+            Some(d) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(raw[i]);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
 /// `/proc/self/mountinfo`: the agent's mount namespace, which must see kubelet's pod
 /// directories (the Helm chart mounts them with HostToContainer propagation).
 #[derive(Debug, Default)]
@@ -42,14 +67,33 @@ impl MountTable for ProcMountTable {
                 continue;
             }
             // A mount point that went away between reading the table and here is no mount.
-            if let Ok(st) = stat(&m.mount_point) {
+            let path = unescape(&m.mount_point);
+            if let Ok(st) = stat(&path) {
                 out.push(MountedDir {
-                    path: m.mount_point,
+                    path,
                     dev: st.st_dev,
                     ino: st.st_ino,
                 });
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        let cases = [
+            ("/k/pods/a\\040b/mount", "/k/pods/a b/mount"),
+            ("/t\\011ab\\012nl\\134bs", "/t\tab\nnl\\bs"),
+            ("/plain/path", "/plain/path"),
+            ("/not\\09octal\\", "/not\\09octal\\"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(unescape(Path::new(raw)), PathBuf::from(want), "{raw}");
+        }
     }
 }

@@ -20,9 +20,35 @@ pub struct InvalidInput {
 fn invalid(what: &'static str, value: &str, reason: &'static str) -> InvalidInput {
     InvalidInput {
         what,
-        value: value.chars().take(300).collect(),
+        value: clip_to(value, 300),
         reason,
     }
+}
+
+/// `value`'s first `max` characters, with `…` when there were more: for echoing what a user
+/// (or an attacker) wrote into a message.
+pub fn clip_to(value: &str, max: usize) -> String {
+    match value.char_indices().nth(max) {
+        Some((end, _)) => format!("{}…", &value[..end]),
+        None => value.to_owned(),
+    }
+}
+
+/// The longest message a gRPC status carries: past it, a client's header limit (8 KiB in many)
+/// would turn the answer into a transport error.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// `text`, cut to [`MAX_MESSAGE`] bytes on a character boundary, saying how much was cut. For
+/// every message and echoed value that reaches gRPC.
+pub fn clip(text: &str) -> String {
+    if text.len() <= MAX_MESSAGE {
+        return text.to_owned();
+    }
+    let mut end = MAX_MESSAGE;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes more)", &text[..end], text.len() - end)
 }
 
 /// Whether a repository holds a model or a dataset; the hub's URLs differ.

@@ -22,14 +22,26 @@ pub fn unix_socket_path(endpoint: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(path))
 }
 
-/// Binds a unix socket, replacing a stale socket a previous run left (never any other file).
+/// Binds a unix socket readable and writable by its owner alone (0600), whatever the umask:
+/// the socket is made under a temporary name, its mode set, then renamed into place, so no
+/// client ever sees it open to others. A stale socket a previous run left is replaced; a socket
+/// another process still serves, or any other file, is an error.
 pub fn bind_unix(path: &Path) -> io::Result<UnixListenerStream> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir)?;
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "{} is served by another running process; stop it first, or choose another --listen/--endpoint path",
+                        path.display()
+                    ),
+                ));
+            }
+        }
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -42,7 +54,17 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListenerStream> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    Ok(UnixListenerStream::new(UnixListener::bind(path)?))
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&temp);
+    let listener = UnixListener::bind(&temp)?;
+    let placed = std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&temp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e);
+    }
+    Ok(UnixListenerStream::new(listener))
 }
 
 /// A channel to a gRPC server on a unix socket. Connects lazily, and reconnects after the
@@ -77,6 +99,34 @@ mod tests {
         );
         assert!(unix_socket_path("tcp://1.2.3.4:5").is_err());
         assert!(unix_socket_path("unix://relative.sock").is_err());
+    }
+
+    #[tokio::test]
+    async fn sockets_are_owner_only_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let bound = bind_unix(&sock);
+        nix::sys::stat::umask(old);
+        let _listener = bound.unwrap();
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_live_socket_is_never_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        let _live = bind_unix(&sock).unwrap();
+        let err = bind_unix(&sock).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
+        assert!(err.to_string().contains("another running process"), "{err}");
     }
 
     #[tokio::test]

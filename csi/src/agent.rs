@@ -47,8 +47,10 @@ pub trait ModelAgent: Send + Sync + 'static {
         commit: &str,
         target: &str,
     ) -> Result<(), Status>;
-    /// Releases a volume's pin.
-    async fn unpin(&self, volume_id: &str) -> Result<(), Status>;
+    /// Releases a volume's pin at `target`.
+    async fn unpin(&self, volume_id: &str, target: &str) -> Result<(), Status>;
+    /// The volume's pin at `target`, with the store directories a mount of it shows.
+    async fn get_pin(&self, volume_id: &str, target: &str) -> Result<Option<pb::PinInfo>, Status>;
     /// Succeeds when the agent answers.
     async fn ready(&self) -> Result<(), Status>;
 }
@@ -134,15 +136,29 @@ impl ModelAgent for AgentClient {
         Ok(())
     }
 
-    async fn unpin(&self, volume_id: &str) -> Result<(), Status> {
+    async fn unpin(&self, volume_id: &str, target: &str) -> Result<(), Status> {
         let req = pb::UnpinRequest {
             volume_id: volume_id.to_owned(),
+            target_path: target.to_owned(),
         };
         self.client
             .clone()
             .unpin(with_timeout(req, Duration::from_secs(30)))
             .await?;
         Ok(())
+    }
+
+    async fn get_pin(&self, volume_id: &str, target: &str) -> Result<Option<pb::PinInfo>, Status> {
+        let req = pb::GetPinRequest {
+            volume_id: volume_id.to_owned(),
+            target_path: target.to_owned(),
+        };
+        let resp = self
+            .client
+            .clone()
+            .get_pin(with_timeout(req, Duration::from_secs(30)))
+            .await?;
+        Ok(resp.into_inner().pin)
     }
 
     async fn ready(&self) -> Result<(), Status> {

@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use modelcache_agent::filter::FileFilter;
-use modelcache_agent::repo::{ModelRef, RepoId, RepoKind, Revision};
+use modelcache_agent::repo::{ModelRef, RepoId, RepoKind, Revision, clip_to};
 use modelcache_agent::store::Layout;
 use std::collections::HashMap;
 
@@ -12,6 +12,14 @@ use std::collections::HashMap;
 pub const KNOWN_KEYS: &[&str] = &[
     "model", "dataset", "revision", "include", "exclude", "layout",
 ];
+
+/// The most bytes of keys and values a volume's attributes may hold: a pod spec must not be able
+/// to make the plugin or the agent work or allocate in proportion to what it sends.
+pub const MAX_ATTRIBUTE_BYTES: usize = 16 << 10;
+
+/// The key and value the controller adds to a PV's volume context: whatever access mode a claim
+/// names, the volume is mounted read-only.
+pub const READ_ONLY_KEY: (&str, &str) = ("csi.modelcache.dev/mount", "read-only");
 
 /// Prefix of the keys kubelet adds (pod name, namespace, uid, service account, ephemeral).
 pub const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
@@ -38,10 +46,27 @@ fn attr_error(key: &str, msg: impl std::fmt::Display) -> Error {
 impl VolumeAttributes {
     /// Parses and validates `volume_context`.
     pub fn parse(ctx: &HashMap<String, String>) -> Result<Self> {
+        let size: usize = ctx.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if size > MAX_ATTRIBUTE_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "volume attributes hold {size} bytes; at most {MAX_ATTRIBUTE_BYTES} are accepted"
+            )));
+        }
+        if let Some(v) = ctx.get(READ_ONLY_KEY.0)
+            && v != READ_ONLY_KEY.1
+        {
+            return Err(attr_error(
+                READ_ONLY_KEY.0,
+                format!("can only be {:?}", READ_ONLY_KEY.1),
+            ));
+        }
         for key in ctx.keys() {
-            if !KNOWN_KEYS.contains(&key.as_str()) && !key.starts_with(KUBELET_PREFIX) {
+            if !KNOWN_KEYS.contains(&key.as_str())
+                && !key.starts_with(KUBELET_PREFIX)
+                && key != READ_ONLY_KEY.0
+            {
                 return Err(attr_error(
-                    key,
+                    &clip_to(key, 64),
                     format!("unknown attribute; supported: {}", KNOWN_KEYS.join(", ")),
                 ));
             }
@@ -79,10 +104,21 @@ impl VolumeAttributes {
             }
             (None, None) => Revision::main(),
         };
-        let filter = FileFilter::new(&split_list(ctx.get("include")), &[])
-            .map_err(|e| attr_error("include", e))?;
-        let filter = FileFilter::new(filter.include(), &split_list(ctx.get("exclude")))
-            .map_err(|e| attr_error("exclude", e))?;
+        // Compiled once, both lists together; the error names the pattern at fault.
+        let filter = FileFilter::new(
+            &split_list(ctx.get("include")),
+            &split_list(ctx.get("exclude")),
+        )
+        .map_err(|e| {
+            attr_error(
+                if e.what.starts_with("exclude") {
+                    "exclude"
+                } else {
+                    "include"
+                },
+                e,
+            )
+        })?;
         let layout = match ctx.get("layout") {
             None => Layout::Snapshot,
             Some(v) => Layout::parse(v).ok_or_else(|| {
@@ -163,6 +199,37 @@ mod tests {
         assert_eq!(a.filter.include(), ["*.json", "*.safetensors"]);
         assert_eq!(a.filter.exclude(), ["onnx/*"]);
         assert!(a.filter.admits("model.safetensors") && !a.filter.admits("onnx/model.json"));
+    }
+
+    #[test]
+    fn oversized_attributes_are_refused_naming_the_limit_in_a_short_message() {
+        let many = (0..30_000)
+            .map(|i| format!("f{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let huge = "x".repeat(100_000);
+        let key = "k".repeat(10_000);
+        let fits = (0..65)
+            .map(|i| format!("f{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("model", "o/r"), ("include", &many)], "at most 16384"),
+            (&[("model", "o/r"), ("exclude", &huge)], "at most 16384"),
+            (&[("model", "o/r"), (&key, "v")], "unknown attribute"),
+            (&[("model", "o/r"), ("include", &fits)], "more than 64"),
+            (
+                &[("model", "o/r"), ("exclude", &"y".repeat(300))],
+                "longer than 256",
+            ),
+        ];
+        for (pairs, want) in cases {
+            let err = parse(pairs).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)));
+            let msg = err.to_string();
+            assert!(msg.contains(want), "{msg}");
+            assert!(msg.len() < 400, "{} bytes: {}", msg.len(), &msg[..200]);
+        }
     }
 
     #[test]

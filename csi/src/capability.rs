@@ -1,18 +1,14 @@
 //! Volume capabilities: what a CO may ask of a modelcache volume. Always a filesystem (mount)
-//! volume; always read-only in fact, because the store is shared.
+//! volume, in any access mode; always mounted read-only, because the store is shared. Writer
+//! modes are accepted because kubelet picks an inline volume's mode, and many PVC templates say
+//! `ReadWriteOnce` out of habit: the volume context says `csi.modelcache.dev/mount: read-only`.
 
 use crate::error::{Error, Result};
 use csi::volume_capability::{AccessType, access_mode::Mode};
 use modelcache_proto::csi_v1 as csi;
 
-/// Access modes that only read: what StorageClass PVCs must ask for (ReadOnlyMany, or
-/// ReadWriteOncePod-style single-node readers).
-pub const READER_MODES: &[Mode] = &[Mode::SingleNodeReaderOnly, Mode::MultiNodeReaderOnly];
-
-/// Checks one capability. `readers_only` refuses writer access modes (CreateVolume and
-/// ValidateVolumeCapabilities); NodePublishVolume accepts them and mounts read-only anyway, since
-/// an inline volume's access mode is chosen by kubelet, not the user.
-pub fn check(field: &str, cap: Option<&csi::VolumeCapability>, readers_only: bool) -> Result<()> {
+/// Checks one capability: a mount volume with an access mode.
+pub fn check(field: &str, cap: Option<&csi::VolumeCapability>) -> Result<()> {
     let cap = cap.ok_or_else(|| Error::InvalidArgument(format!("{field} is required")))?;
     match &cap.access_type {
         Some(AccessType::Mount(_)) => {}
@@ -37,22 +33,16 @@ pub fn check(field: &str, cap: Option<&csi::VolumeCapability>, readers_only: boo
             "{field}.access_mode is required"
         )));
     }
-    if readers_only && !READER_MODES.contains(&mode) {
-        return Err(Error::InvalidArgument(format!(
-            "{field}.access_mode {}: modelcache volumes are read-only; use accessModes: [ReadOnlyMany]",
-            mode.as_str_name()
-        )));
-    }
     Ok(())
 }
 
 /// Checks a list of capabilities, which must not be empty.
-pub fn check_all(field: &str, caps: &[csi::VolumeCapability], readers_only: bool) -> Result<()> {
+pub fn check_all(field: &str, caps: &[csi::VolumeCapability]) -> Result<()> {
     if caps.is_empty() {
         return Err(Error::InvalidArgument(format!("{field} is required")));
     }
     for (i, cap) in caps.iter().enumerate() {
-        check(&format!("{field}[{i}]"), Some(cap), readers_only)?;
+        check(&format!("{field}[{i}]"), Some(cap))?;
     }
     Ok(())
 }
@@ -72,17 +62,21 @@ mod tests {
     #[test]
     fn capabilities() {
         let mount = || Some(AccessType::Mount(MountVolume::default()));
-        check("c", Some(&cap(mount(), Mode::MultiNodeReaderOnly)), true).unwrap();
-        check("c", Some(&cap(mount(), Mode::SingleNodeWriter)), false).unwrap();
-        let err = check("c", Some(&cap(mount(), Mode::SingleNodeWriter)), true).unwrap_err();
-        assert!(err.to_string().contains("SINGLE_NODE_WRITER"), "{err}");
+        for mode in [
+            Mode::MultiNodeReaderOnly,
+            Mode::SingleNodeReaderOnly,
+            Mode::SingleNodeWriter,
+            Mode::MultiNodeMultiWriter,
+        ] {
+            check("c", Some(&cap(mount(), mode))).unwrap();
+        }
         let block = Some(AccessType::Block(BlockVolume {}));
-        assert!(check("c", Some(&cap(block, Mode::MultiNodeReaderOnly)), false).is_err());
-        assert!(check("c", Some(&cap(None, Mode::MultiNodeReaderOnly)), false).is_err());
-        assert!(check("c", Some(&cap(mount(), Mode::Unknown)), false).is_err());
-        assert!(check("c", None, false).is_err());
+        assert!(check("c", Some(&cap(block, Mode::MultiNodeReaderOnly))).is_err());
+        assert!(check("c", Some(&cap(None, Mode::MultiNodeReaderOnly))).is_err());
+        assert!(check("c", Some(&cap(mount(), Mode::Unknown))).is_err());
+        assert!(check("c", None).is_err());
         assert!(
-            check_all("caps", &[], true)
+            check_all("caps", &[])
                 .unwrap_err()
                 .to_string()
                 .contains("caps is required")
@@ -91,11 +85,13 @@ mod tests {
             "caps",
             &[
                 cap(mount(), Mode::MultiNodeReaderOnly),
-                cap(mount(), Mode::MultiNodeMultiWriter),
+                cap(
+                    Some(AccessType::Block(BlockVolume {})),
+                    Mode::MultiNodeReaderOnly,
+                ),
             ],
-            true,
         )
         .unwrap_err();
-        assert!(err.to_string().starts_with("caps[1].access_mode"), "{err}");
+        assert!(err.to_string().starts_with("caps[1]"), "{err}");
     }
 }

@@ -25,6 +25,14 @@ pub struct Cli {
         default_value = "unix:///run/modelcache/agent.sock"
     )]
     pub agent: String,
+    /// The node's store, as the agent's `--store` (the plugin sees it at the same path). Targets
+    /// inside it, or above it, are refused; the agent's snapshots must be in it.
+    #[arg(long, env = "MODELCACHE_STORE", default_value = "/var/lib/modelcache")]
+    pub store: std::path::PathBuf,
+    /// When set, every target path must be below this directory: kubelet's pods directory
+    /// (`<kubeletDir>/pods`; the Helm chart sets it). Symlinks in it are followed, none below.
+    #[arg(long, env = "MODELCACHE_TARGET_ROOT")]
+    pub target_root: Option<std::path::PathBuf>,
     /// Seconds NodePublishVolume waits for a model before answering UNAVAILABLE with progress.
     /// A publish answers within this plus 15 s; keep the sum under kubelet's 2-minute timeout.
     #[arg(long, env = "MODELCACHE_PUBLISH_WAIT_SECONDS", default_value_t = 60)]
@@ -56,6 +64,20 @@ impl Cli {
             "--publish-wait-seconds {} is too long: with the 15 s margin a publish would outlast kubelet's 2-minute timeout; use at most 100",
             self.publish_wait_seconds
         );
+        for (flag, dir) in [
+            ("--store", Some(&self.store)),
+            ("--target-root", self.target_root.as_ref()),
+        ] {
+            if let Some(dir) = dir {
+                let text = dir.to_string_lossy();
+                let normal = crate::node::normalize(flag, &text)?;
+                anyhow::ensure!(
+                    normal == *dir,
+                    "{flag} {} must be written plainly (absolute, no '.', '..' or '//')",
+                    dir.display()
+                );
+            }
+        }
         if self.mode == Mode::Node {
             anyhow::ensure!(
                 self.node_id.as_deref().is_some_and(|n| !n.is_empty()),

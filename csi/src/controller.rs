@@ -1,17 +1,63 @@
 //! CSI Controller, for StorageClass-backed PVCs (and generic ephemeral volumes) through
-//! external-provisioner. Stateless: a modelcache volume is its attributes, so CreateVolume
-//! validates the StorageClass parameters and returns them as the volume context, with the
-//! request name as the volume id; the node plugin does the real work at publish time.
+//! external-provisioner. A modelcache volume is its attributes, so CreateVolume validates the
+//! StorageClass parameters and returns them as the volume context; the node plugin does the real
+//! work at publish time.
+//!
+//! Volume ids are verifiable without state: `<name>.<check>`, where the check is a hash of the
+//! name part, so ValidateVolumeCapabilities answers NOT_FOUND for an id this driver never issued.
+//! Names longer than [`MAX_NAME_IN_ID`] are replaced by their hash, keeping ids within the CSI
+//! spec's 128 bytes. What the controller issued in its lifetime is remembered (bounded) so that
+//! a second CreateVolume of a name with other parameters or capacity is ALREADY_EXISTS.
 
-use crate::attributes::VolumeAttributes;
+use crate::attributes::{READ_ONLY_KEY, VolumeAttributes};
 use crate::capability;
 use crate::error::{Error, Result};
 use modelcache_proto::csi_v1 as csi;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Mutex;
 use tonic::{Request, Response, Status};
 
+/// Longest volume name kept as it is in the volume id.
+pub const MAX_NAME_IN_ID: usize = 100;
+
+/// How many issued volumes the controller remembers, to refuse a name reused differently.
+const REMEMBERED: usize = 100_000;
+
+/// The check part of an id.
+fn check(body: &str) -> String {
+    let digest = Sha256::digest(format!("csi.modelcache.dev volume\0{body}").as_bytes());
+    hex::encode(&digest[..8])
+}
+
+/// The volume id for a CreateVolume name.
+pub fn volume_id(name: &str) -> String {
+    let body = if name.len() <= MAX_NAME_IN_ID && !name.contains('.') {
+        name.to_owned()
+    } else {
+        format!("h-{}", hex::encode(&Sha256::digest(name.as_bytes())[..24]))
+    };
+    format!("{body}.{}", check(&body))
+}
+
+/// True when this driver issued `id`.
+pub fn is_issued(id: &str) -> bool {
+    id.rsplit_once('.')
+        .is_some_and(|(body, tag)| !body.is_empty() && tag == check(body))
+}
+
+/// What a volume was created with, to compare a repeated CreateVolume against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Issued {
+    parameters: Vec<(String, String)>,
+    capacity: Option<(i64, i64)>,
+}
+
 /// The Controller service.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct ControllerService;
+#[derive(Debug, Default)]
+pub struct ControllerService {
+    issued: Mutex<HashMap<String, Issued>>,
+}
 
 impl ControllerService {
     /// CreateVolume's logic.
@@ -19,17 +65,64 @@ impl ControllerService {
         if req.name.is_empty() {
             return Err(Error::InvalidArgument("name is required".into()));
         }
-        capability::check_all("volume_capabilities", &req.volume_capabilities, true)?;
+        capability::check_all("volume_capabilities", &req.volume_capabilities)?;
         VolumeAttributes::parse(&req.parameters)?;
+        let mut parameters: Vec<(String, String)> = req
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        parameters.sort();
+        let issued = Issued {
+            parameters,
+            capacity: req
+                .capacity_range
+                .as_ref()
+                .map(|c| (c.required_bytes, c.limit_bytes)),
+        };
+        let id = volume_id(&req.name);
+        let mut known = self.issued.lock().expect("issued lock");
+        match known.get(&id) {
+            Some(before) if *before != issued => {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {} exists with other parameters or capacity",
+                    crate::error::clip(&req.name)
+                )));
+            }
+            Some(_) => {}
+            None => {
+                if known.len() >= REMEMBERED {
+                    known.clear();
+                }
+                known.insert(id.clone(), issued);
+            }
+        }
+        let mut context = req.parameters.clone();
+        context.insert(READ_ONLY_KEY.0.into(), READ_ONLY_KEY.1.into());
         Ok(csi::Volume {
-            capacity_bytes: 0,
-            volume_id: req.name.clone(),
-            volume_context: req.parameters.clone(),
+            // A model volume has no size of its own to promise; the request's is kept so that
+            // Kubernetes shows what the claim asked for.
+            capacity_bytes: req
+                .capacity_range
+                .as_ref()
+                .map_or(0, |c| c.required_bytes.max(0)),
+            volume_id: id,
+            volume_context: context,
         })
     }
 
-    /// ValidateVolumeCapabilities' logic: confirmed when the context and every capability are
-    /// supported, otherwise a message saying why (not an error, as the spec asks).
+    /// DeleteVolume's logic: nothing to free (snapshots are reclaimed by eviction).
+    pub fn delete(&self, volume_id: &str) -> Result<()> {
+        if volume_id.is_empty() {
+            return Err(Error::InvalidArgument("volume_id is required".into()));
+        }
+        self.issued.lock().expect("issued lock").remove(volume_id);
+        Ok(())
+    }
+
+    /// ValidateVolumeCapabilities' logic: NOT_FOUND for an id this driver never issued;
+    /// confirmed when the context and every capability are supported, otherwise a message
+    /// saying why (not an error, as the spec asks).
     pub fn validate(
         &self,
         req: &csi::ValidateVolumeCapabilitiesRequest,
@@ -42,9 +135,21 @@ impl ControllerService {
                 "volume_capabilities is required".into(),
             ));
         }
-        let verdict = VolumeAttributes::parse(&req.volume_context).and_then(|_| {
-            capability::check_all("volume_capabilities", &req.volume_capabilities, true)
-        });
+        if !is_issued(&req.volume_id) {
+            return Err(Error::NotFound(format!(
+                "volume {} was not created by csi.modelcache.dev",
+                crate::error::clip(&req.volume_id)
+            )));
+        }
+        let context = || {
+            if req.volume_context.is_empty() {
+                Ok(())
+            } else {
+                VolumeAttributes::parse(&req.volume_context).map(drop)
+            }
+        };
+        let verdict = context()
+            .and_then(|()| capability::check_all("volume_capabilities", &req.volume_capabilities));
         Ok(match verdict {
             Ok(()) => csi::ValidateVolumeCapabilitiesResponse {
                 confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
@@ -84,10 +189,7 @@ impl csi::controller_server::Controller for ControllerService {
         req: Request<csi::DeleteVolumeRequest>,
     ) -> std::result::Result<Response<csi::DeleteVolumeResponse>, Status> {
         let req = req.into_inner();
-        if req.volume_id.is_empty() {
-            return Err(Error::InvalidArgument("volume_id is required".into()).into());
-        }
-        // Nothing to free: the store's snapshots are reclaimed by eviction, not per volume.
+        self.delete(&req.volume_id)?;
         tracing::info!(volume.id = %req.volume_id, "volume deleted");
         Ok(Response::new(csi::DeleteVolumeResponse {}))
     }
@@ -118,14 +220,11 @@ impl csi::controller_server::Controller for ControllerService {
 mod tests {
     use super::*;
     use csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
-    use std::collections::HashMap;
 
-    fn rox() -> csi::VolumeCapability {
+    fn cap(mode: Mode) -> csi::VolumeCapability {
         csi::VolumeCapability {
             access_type: Some(AccessType::Mount(MountVolume::default())),
-            access_mode: Some(AccessMode {
-                mode: Mode::MultiNodeReaderOnly as i32,
-            }),
+            access_mode: Some(AccessMode { mode: mode as i32 }),
         }
     }
 
@@ -136,22 +235,34 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn create_is_deterministic_and_validates() {
-        let c = ControllerService;
-        let req = csi::CreateVolumeRequest {
-            name: "pvc-1234".into(),
-            volume_capabilities: vec![rox()],
+    fn create_req(name: &str) -> csi::CreateVolumeRequest {
+        csi::CreateVolumeRequest {
+            name: name.into(),
+            volume_capabilities: vec![cap(Mode::MultiNodeReaderOnly)],
             parameters: params(&[("model", "org/m"), ("revision", "v1")]),
             ..Default::default()
-        };
-        let v = c.create(&req).unwrap();
-        assert_eq!(v.volume_id, "pvc-1234");
-        assert_eq!(v.capacity_bytes, 0);
-        assert_eq!(v.volume_context, req.parameters);
-        assert_eq!(c.create(&req).unwrap(), v, "same request, same volume");
+        }
+    }
 
-        let mut bad = req.clone();
+    #[test]
+    fn create_is_idempotent_accepts_writer_modes_and_says_read_only() {
+        let c = ControllerService::default();
+        let req = create_req("pvc-1234");
+        let v = c.create(&req).unwrap();
+        assert!(v.volume_id.starts_with("pvc-1234."), "{}", v.volume_id);
+        assert!(is_issued(&v.volume_id));
+        assert_eq!(
+            v.volume_context
+                .get("csi.modelcache.dev/mount")
+                .map(String::as_str),
+            Some("read-only")
+        );
+        VolumeAttributes::parse(&v.volume_context).expect("the node accepts the context");
+        assert_eq!(c.create(&req).unwrap(), v, "same request, same volume");
+        let mut rwo = create_req("pvc-rwo");
+        rwo.volume_capabilities = vec![cap(Mode::SingleNodeWriter)];
+        c.create(&rwo).unwrap();
+        let mut bad = create_req("pvc-bad");
         bad.parameters = params(&[("model", "org/m"), ("revison", "v1")]);
         assert!(
             c.create(&bad)
@@ -159,33 +270,58 @@ mod tests {
                 .to_string()
                 .contains("\"revison\"")
         );
-        let mut rwx = req.clone();
-        rwx.volume_capabilities[0].access_mode = Some(AccessMode {
-            mode: Mode::MultiNodeMultiWriter as i32,
+        let mut other = req.clone();
+        other.parameters = params(&[("model", "org/other")]);
+        assert!(matches!(c.create(&other), Err(Error::AlreadyExists(_))));
+        let mut bigger = req.clone();
+        bigger.capacity_range = Some(csi::CapacityRange {
+            required_bytes: 2 << 30,
+            limit_bytes: 0,
         });
-        assert!(matches!(c.create(&rwx), Err(Error::InvalidArgument(_))));
+        assert!(matches!(c.create(&bigger), Err(Error::AlreadyExists(_))));
         let mut unnamed = req;
         unnamed.name.clear();
         assert!(c.create(&unnamed).unwrap_err().to_string().contains("name"));
     }
 
     #[test]
-    fn validate_confirms_or_explains() {
-        let c = ControllerService;
+    fn ids_are_verifiable_and_short() {
+        let long = "n".repeat(128);
+        for name in ["pvc-1", "a.b", long.as_str()] {
+            let id = volume_id(name);
+            assert!(is_issued(&id), "{id}");
+            assert!(id.len() <= 128, "{} bytes", id.len());
+            assert_eq!(volume_id(name), id, "deterministic");
+        }
+        assert_ne!(volume_id("a.b"), volume_id("a.c"));
+        for forged in ["pvc-1", "pvc-1.0000000000000000", "", ".", "some-vol-id"] {
+            assert!(!is_issued(forged), "{forged}");
+        }
+    }
+
+    #[test]
+    fn validate_confirms_only_issued_ids() {
+        let c = ControllerService::default();
+        let v = c.create(&create_req("pvc-1")).unwrap();
         let mut req = csi::ValidateVolumeCapabilitiesRequest {
-            volume_id: "pvc-1".into(),
-            volume_context: params(&[("model", "org/m")]),
-            volume_capabilities: vec![rox()],
+            volume_id: v.volume_id.clone(),
+            volume_context: v.volume_context.clone(),
+            volume_capabilities: vec![cap(Mode::SingleNodeWriter)],
             ..Default::default()
         };
         assert!(c.validate(&req).unwrap().confirmed.is_some());
-        req.volume_capabilities[0].access_mode = Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        });
+        req.volume_context.clear();
+        assert!(
+            c.validate(&req).unwrap().confirmed.is_some(),
+            "context is optional"
+        );
+        req.volume_context = params(&[("model", "../etc")]);
         let r = c.validate(&req).unwrap();
         assert!(r.confirmed.is_none());
-        assert!(r.message.contains("read-only"), "{}", r.message);
+        assert!(r.message.contains("\"model\""), "{}", r.message);
+        req.volume_id = "never-issued".into();
+        assert!(matches!(c.validate(&req), Err(Error::NotFound(_))));
         req.volume_id.clear();
-        assert!(c.validate(&req).is_err());
+        assert!(matches!(c.validate(&req), Err(Error::InvalidArgument(_))));
     }
 }

@@ -19,6 +19,9 @@ pub enum Error {
     /// The target is already published with something else.
     #[error("{0}")]
     AlreadyExists(String),
+    /// The volume is not published at the target named.
+    #[error("{0}")]
+    NotFound(String),
     /// The agent failed or refused; its code is kept.
     #[error("agent: {action}: {}", status.message())]
     Agent {
@@ -47,6 +50,7 @@ impl From<Error> for Status {
             Error::Busy(_) => Code::Aborted,
             Error::Fetching(_) => Code::Unavailable,
             Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::NotFound(_) => Code::NotFound,
             Error::Agent { status, .. } => match status.code() {
                 // The agent is down or restarting: kubelet should retry.
                 Code::Unknown | Code::Cancelled => Code::Unavailable,
@@ -54,9 +58,11 @@ impl From<Error> for Status {
             },
             Error::Mount { .. } => Code::Internal,
         };
-        Status::new(code, e.to_string())
+        Status::new(code, clip(&e.to_string()))
     }
 }
+
+pub use modelcache_agent::repo::{MAX_MESSAGE, clip};
 
 /// Result of a CSI operation.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -98,5 +104,23 @@ mod tests {
             .message()
             .to_owned();
         assert_eq!(msg, "agent: ensure: repo o/r was not found");
+    }
+
+    #[test]
+    fn messages_are_capped() {
+        let long = "é".repeat(100_000);
+        let status = Status::from(Error::InvalidArgument(long.clone()));
+        assert!(
+            status.message().len() < MAX_MESSAGE + 40,
+            "{}",
+            status.message().len()
+        );
+        assert!(status.message().ends_with("bytes more)"));
+        let agent = Status::from(Error::Agent {
+            action: "ensure",
+            status: Status::invalid_argument(long),
+        });
+        assert!(agent.message().len() < MAX_MESSAGE + 40);
+        assert_eq!(clip("short"), "short");
     }
 }

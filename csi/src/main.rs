@@ -11,7 +11,7 @@ use modelcache_csi::cli::{Cli, Mode};
 use modelcache_csi::controller::ControllerService;
 use modelcache_csi::identity::IdentityService;
 use modelcache_csi::mounter::LinuxMounter;
-use modelcache_csi::node::NodeService;
+use modelcache_csi::node::{NodeService, Paths};
 use modelcache_proto::csi_v1::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
 };
@@ -36,11 +36,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let agent_socket =
                 transport::unix_socket_path(&cli.agent).map_err(anyhow::Error::msg)?;
             let agent = Arc::new(AgentClient::new(&agent_socket));
+            // The agent names snapshots by the store's canonical path.
+            let store = std::fs::canonicalize(&cli.store).unwrap_or_else(|_| cli.store.clone());
+            let paths = Paths {
+                store,
+                target_root: cli.target_root.clone(),
+            };
+            let trusted = [Some(&paths.store), paths.target_root.as_ref()]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
             let node = NodeService::new(
                 node_id.clone(),
-                LinuxMounter,
+                LinuxMounter::new(trusted),
                 agent.clone(),
                 Duration::from_secs(cli.publish_wait_seconds),
+                paths,
             );
             tracing::info!(node.id = %node_id, agent = %agent_socket.display(), "node mode");
             server
@@ -53,7 +65,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .add_service(IdentityServer::new(IdentityService::<AgentClient>::new(
                     None,
                 )))
-                .add_service(ControllerServer::new(ControllerService))
+                .add_service(ControllerServer::new(ControllerService::default()))
         }
     };
     let incoming = transport::bind_unix(&socket)

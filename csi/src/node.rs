@@ -3,14 +3,17 @@
 //! Publish: validate → one operation per volume → agent Ensure (bounded wait; UNAVAILABLE with
 //! progress while fetching) → pin → create target → bind, remount read-only. Pinning before
 //! mounting means the snapshot can never be evicted between "ensured" and "mounted".
-//! Unpublish: unmount if mounted → remove target → unpin; every step is idempotent.
+//! Unpublish: unmount what this volume's pin names → remove the target → unpin; every step is
+//! idempotent. Target paths are validated, confined and never followed through a symlink (see
+//! [`crate::mounter`]).
 
 use crate::agent::{Ensured, ModelAgent};
 use crate::attributes::VolumeAttributes;
 use crate::capability;
 use crate::error::{Error, Result};
 use crate::limiter::VolumeLocks;
-use crate::mounter::Mounter;
+use crate::mounter::{DirId, Mounter, TargetState, libc_errno};
+use modelcache_proto::agent_v1 as pb;
 use modelcache_proto::csi_v1 as csi;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +24,18 @@ use tracing::Instrument;
 /// Secret keys that may hold the hub token for a volume.
 const TOKEN_KEYS: &[&str] = &["token", "HF_TOKEN"];
 
+/// How many mounts stacked at one target an unpublish takes down at most.
+const MAX_STACKED: usize = 8;
+
+/// Where targets may be, and where they may not.
+#[derive(Debug, Clone, Default)]
+pub struct Paths {
+    /// The store (snapshots the agent names must be inside, targets outside).
+    pub store: PathBuf,
+    /// When set, every target must be below it (kubelet's root directory).
+    pub target_root: Option<PathBuf>,
+}
+
 /// The Node service.
 pub struct NodeService<M, A> {
     node_id: String,
@@ -28,42 +43,161 @@ pub struct NodeService<M, A> {
     agent: Arc<A>,
     locks: VolumeLocks,
     publish_wait: Duration,
+    paths: Paths,
+}
+
+/// An absolute path without `..`, with `.` and repeated separators folded.
+pub fn normalize(field: &str, path: &str) -> Result<PathBuf> {
+    use std::path::Component;
+    if path.is_empty() {
+        return Err(Error::InvalidArgument(format!("{field} is required")));
+    }
+    let p = Path::new(path);
+    if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) {
+        return Err(Error::InvalidArgument(format!(
+            "{field} {} must be an absolute path without '..'",
+            crate::error::clip(path)
+        )));
+    }
+    let normal: PathBuf = p.components().filter(|c| *c != Component::CurDir).collect();
+    if normal.parent().is_none() {
+        return Err(Error::InvalidArgument(format!("{field} must not be /")));
+    }
+    Ok(normal)
+}
+
+fn mount_error<'a>(
+    action: &'static str,
+    target: &'a Path,
+) -> impl Fn(std::io::Error) -> Error + 'a {
+    move |source| {
+        if source.raw_os_error() == Some(libc_errno::ELOOP) {
+            return Error::InvalidArgument(format!(
+                "target_path {}: a component is a symlink; modelcache never follows one",
+                target.display()
+            ));
+        }
+        Error::Mount {
+            action,
+            target: target.display().to_string(),
+            source,
+        }
+    }
 }
 
 impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
     /// A node service for `node_id`. Publish waits up to `publish_wait` for a model before
     /// answering UNAVAILABLE with progress (kubelet retries).
-    pub fn new(node_id: String, mounter: M, agent: Arc<A>, publish_wait: Duration) -> Self {
+    pub fn new(
+        node_id: String,
+        mounter: M,
+        agent: Arc<A>,
+        publish_wait: Duration,
+        paths: Paths,
+    ) -> Self {
         NodeService {
             node_id,
             mounter,
             agent,
             locks: VolumeLocks::default(),
             publish_wait,
+            paths,
         }
     }
 
-    fn target(path: &str) -> Result<PathBuf> {
-        if path.is_empty() {
-            return Err(Error::InvalidArgument("target_path is required".into()));
-        }
-        let p = Path::new(path);
-        if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
+    /// The target, normalized: below the target root when one is set, and neither inside the
+    /// store nor above it (a mount there would hide the store).
+    fn target(&self, path: &str) -> Result<PathBuf> {
+        let target = normalize("target_path", path)?;
+        if let Some(root) = &self.paths.target_root
+            && (!target.starts_with(root) || target == *root)
+        {
             return Err(Error::InvalidArgument(format!(
-                "target_path {path:?} must be an absolute path without '..'"
+                "target_path {} is not below kubelet's directory {}",
+                target.display(),
+                root.display()
             )));
         }
-        Ok(p.to_path_buf())
+        let store = &self.paths.store;
+        if target.starts_with(store) || store.starts_with(&target) {
+            return Err(Error::InvalidArgument(format!(
+                "target_path {} overlaps the store {}; a volume cannot be mounted there",
+                target.display(),
+                store.display()
+            )));
+        }
+        Ok(target)
+    }
+
+    /// The store directory the agent named, refused when it is not in the store.
+    fn source(&self, path: &Path) -> Result<PathBuf> {
+        let text = path.to_string_lossy();
+        match normalize("snapshot_path", &text) {
+            Ok(p) if p.starts_with(&self.paths.store) && p != self.paths.store => Ok(p),
+            _ => Err(Error::Agent {
+                action: "ensure",
+                status: Status::internal(format!(
+                    "the agent named {} to mount, which is not in the store {}",
+                    path.display(),
+                    self.paths.store.display()
+                )),
+            }),
+        }
+    }
+
+    /// Runs mount-table and mount calls on the blocking pool, never on the async workers.
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&M) -> T + Send + 'static) -> T {
+        let mounter = self.mounter.clone();
+        tokio::task::spawn_blocking(move || f(&mounter))
+            .await
+            .expect("mount calls do not panic")
+    }
+
+    async fn inspect(&self, target: &Path) -> Result<TargetState> {
+        let t = target.to_path_buf();
+        self.blocking(move |m| m.inspect(&t))
+            .await
+            .map_err(mount_error("inspect", target))
+    }
+
+    /// The volume's pin at `target`, if the agent has one.
+    async fn pin_at(&self, volume_id: &str, target: &Path) -> Result<Option<pb::PinInfo>> {
+        self.agent
+            .get_pin(volume_id, &target.display().to_string())
+            .await
+            .map_err(|status| Error::Agent {
+                action: "get pin",
+                status,
+            })
+    }
+
+    /// True when the mount showing `shown` is what `pin` names.
+    async fn shows_pin(&self, pin: &pb::PinInfo, shown: DirId) -> bool {
+        // A pin whose snapshot left the store (it cannot, while pinned, but a store moved by
+        // hand could) still names this target: the mount there is the volume's.
+        let paths = pin.paths.clone();
+        paths.is_empty()
+            || self
+                .blocking(move |m| {
+                    paths
+                        .iter()
+                        .any(|p| m.dir_id(Path::new(p)).ok() == Some(shown))
+                })
+                .await
     }
 
     /// NodePublishVolume's logic.
-    pub async fn publish(&self, req: csi::NodePublishVolumeRequest) -> Result<()> {
+    pub async fn publish(&self, mut req: csi::NodePublishVolumeRequest) -> Result<()> {
         if req.volume_id.is_empty() {
             return Err(Error::InvalidArgument("volume_id is required".into()));
         }
-        let target = Self::target(&req.target_path)?;
-        capability::check("volume_capability", req.volume_capability.as_ref(), false)?;
-        let attrs = VolumeAttributes::parse(&req.volume_context)?;
+        let target = self.target(&req.target_path)?;
+        capability::check("volume_capability", req.volume_capability.as_ref())?;
+        // Bounded, but still CPU work a pod spec chooses: off the async workers.
+        let ctx = std::mem::take(&mut req.volume_context);
+        let attrs = tokio::task::spawn_blocking(move || VolumeAttributes::parse(&ctx))
+            .await
+            .expect("attribute parsing does not panic")?;
         let token = TOKEN_KEYS
             .iter()
             .find_map(|k| req.secrets.get(*k))
@@ -77,6 +211,27 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
             tracing::debug!("readonly requested; every modelcache mount is read-only anyway");
         }
         let model = &attrs.model;
+        let mounted = match self.inspect(&target).await? {
+            TargetState::Other => {
+                return Err(Error::InvalidArgument(format!(
+                    "target_path {} exists and is not a directory (a file or a symlink, which \
+                     modelcache never follows)",
+                    target.display()
+                )));
+            }
+            TargetState::Mounted(shown) => Some(shown),
+            TargetState::Missing | TargetState::Dir => None,
+        };
+        if let Some(shown) = mounted
+            && let Some(pin) = self.pin_at(&req.volume_id, &target).await?
+            && pin_matches(&pin, &attrs)
+            && self.shows_pin(&pin, shown).await
+        {
+            // A retry of a publish that succeeded, even if the revision has moved since: the
+            // volume keeps the snapshot it was published with.
+            tracing::info!(model.commit = %pin.commit, "already published");
+            return Ok(());
+        }
         let (snapshot, commit) = match self
             .agent
             .ensure(&attrs, token, self.publish_wait)
@@ -85,15 +240,16 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
                 action: "ensure",
                 status,
             })? {
-            Ensured::Ready { path, commit } => (path, commit),
+            Ensured::Ready { path, commit } => (self.source(&path)?, commit),
             Ensured::Fetching(f) => return Err(Error::Fetching(fetching_message(model, &f))),
         };
         tracing::Span::current().record("model.commit", commit.as_str());
-
-        if self.is_mounted(&target)? {
-            if self.mounter.shows(&snapshot, &target) {
-                // A retry of a publish that succeeded: make sure the pin is there, and succeed.
-                self.pin(&req.volume_id, &attrs, &commit, &req.target_path)
+        let target_str = target.display().to_string();
+        if let Some(shown) = mounted {
+            let snap = snapshot.clone();
+            if self.blocking(move |m| m.dir_id(&snap).ok()).await == Some(shown) {
+                // Mounted before the pin was recorded: record it, and succeed.
+                self.pin(&req.volume_id, &attrs, &commit, &target_str)
                     .await?;
                 tracing::info!("already published");
                 return Ok(());
@@ -103,10 +259,15 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
                 target.display()
             )));
         }
-        self.pin(&req.volume_id, &attrs, &commit, &req.target_path)
+        self.pin(&req.volume_id, &attrs, &commit, &target_str)
             .await?;
-        if let Err(e) = self.mount(&snapshot, &target) {
-            if let Err(u) = self.agent.unpin(&req.volume_id).await {
+        let (source, dest) = (snapshot.clone(), target.clone());
+        if let Err(e) = self
+            .blocking(move |m| m.bind_read_only(&source, &dest))
+            .await
+            .map_err(mount_error("bind-mount read-only at", &target))
+        {
+            if let Err(u) = self.agent.unpin(&req.volume_id, &target_str).await {
                 tracing::warn!(error = %u.message(), "unpin after a failed mount failed");
             }
             return Err(e);
@@ -131,59 +292,60 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
             })
     }
 
-    fn is_mounted(&self, target: &Path) -> Result<bool> {
-        self.mounter
-            .is_mount_point(target)
-            .map_err(|source| Error::Mount {
-                action: "read the mount table for",
-                target: target.display().to_string(),
-                source,
-            })
-    }
-
-    fn mount(&self, snapshot: &Path, target: &Path) -> Result<()> {
-        let err = |action, source| Error::Mount {
-            action,
-            target: target.display().to_string(),
-            source,
-        };
-        std::fs::create_dir_all(target).map_err(|e| err("create", e))?;
-        self.mounter
-            .bind_read_only(snapshot, target)
-            .map_err(|e| err("bind-mount read-only at", e))
-    }
-
-    /// NodeUnpublishVolume's logic.
+    /// NodeUnpublishVolume's logic. Unmounts only what this volume's pin at this target names;
+    /// removes the target only when it is an empty directory; never follows a symlink.
     pub async fn unpublish(&self, req: csi::NodeUnpublishVolumeRequest) -> Result<()> {
         if req.volume_id.is_empty() {
             return Err(Error::InvalidArgument("volume_id is required".into()));
         }
-        let target = Self::target(&req.target_path)?;
+        let target = self.target(&req.target_path)?;
         let _guard = self
             .locks
             .try_lock(&req.volume_id)
             .ok_or_else(|| Error::Busy(req.volume_id.clone()))?;
-        let err = |action, source| Error::Mount {
-            action,
-            target: target.display().to_string(),
-            source,
-        };
+        let pin = self.pin_at(&req.volume_id, &target).await?;
         // Stacked mounts (a crash between two publishes) all go.
-        for _ in 0..8 {
-            if !self.is_mounted(&target)? {
-                break;
+        for _ in 0..MAX_STACKED {
+            match self.inspect(&target).await? {
+                TargetState::Mounted(shown) => {
+                    let ours = match &pin {
+                        Some(p) => self.shows_pin(p, shown).await,
+                        None => false,
+                    };
+                    if !ours {
+                        return Err(Error::NotFound(format!(
+                            "volume {} is not published at {}: what is mounted there is not its \
+                             snapshot; nothing was unmounted",
+                            crate::error::clip(&req.volume_id),
+                            target.display()
+                        )));
+                    }
+                    let t = target.clone();
+                    self.blocking(move |m| m.unmount(&t))
+                        .await
+                        .map_err(mount_error("unmount", &target))?;
+                }
+                TargetState::Dir => {
+                    let t = target.clone();
+                    match self.blocking(move |m| m.remove_dir(&t)).await {
+                        Ok(()) => {}
+                        Err(e) if e.raw_os_error() == Some(libc_errno::ENOENT) => {}
+                        Err(e) if e.raw_os_error() == Some(libc_errno::ENOTEMPTY) => {
+                            tracing::warn!(target = %target.display(), "target is a directory with files modelcache did not put there; left as it is");
+                        }
+                        Err(e) => return Err(mount_error("remove", &target)(e)),
+                    }
+                    break;
+                }
+                TargetState::Other => {
+                    tracing::warn!(target = %target.display(), "target is not a directory modelcache made; left as it is");
+                    break;
+                }
+                TargetState::Missing => break,
             }
-            self.mounter
-                .unmount(&target)
-                .map_err(|e| err("unmount", e))?;
-        }
-        match std::fs::remove_dir(&target) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(err("remove", e)),
         }
         self.agent
-            .unpin(&req.volume_id)
+            .unpin(&req.volume_id, &target.display().to_string())
             .await
             .map_err(|status| Error::Agent {
                 action: "unpin",
@@ -192,6 +354,18 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
         tracing::info!(target = %target.display(), "unpublished");
         Ok(())
     }
+}
+
+/// True when a pin is of the repo and file filter the volume names (its revision may have
+/// moved since the pin was made).
+fn pin_matches(pin: &pb::PinInfo, attrs: &VolumeAttributes) -> bool {
+    let kind = match attrs.model.kind {
+        modelcache_agent::repo::RepoKind::Model => pb::RepoKind::Model,
+        modelcache_agent::repo::RepoKind::Dataset => pb::RepoKind::Dataset,
+    };
+    pin.kind == kind as i32
+        && pin.repo == attrs.model.repo.as_str()
+        && pin.filter == attrs.filter.key().unwrap_or_default()
 }
 
 fn fetching_message(

@@ -172,13 +172,33 @@ async fn controller_mode_creates_validates_and_deletes() {
         .into_inner()
         .volume
         .unwrap();
-    assert_eq!((v.volume_id.as_str(), v.capacity_bytes), ("pvc-6f1e", 0));
-    assert_eq!(v.volume_context, params);
+    assert!(v.volume_id.starts_with("pvc-6f1e."), "{}", v.volume_id);
+    assert_eq!(v.capacity_bytes, 0);
+    let mut read_only = params.clone();
+    read_only.insert("csi.modelcache.dev/mount".into(), "read-only".into());
+    assert_eq!(v.volume_context, read_only);
+    // A claim that says ReadWriteOnce gets the same read-only volume.
     let mut rwo = req.clone();
+    rwo.name = "pvc-rwo".into();
     rwo.volume_capabilities = vec![cap(Mode::SingleNodeWriter)];
-    let err = ctl.create_volume(rwo).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("ReadOnlyMany"), "{}", err.message());
+    let rwo = ctl
+        .create_volume(rwo)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(rwo.volume_context, read_only);
+    // An id this driver never issued is not found.
+    let err = ctl
+        .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: "pvc-6f1e".into(),
+            volume_capabilities: vec![cap(Mode::MultiNodeReaderOnly)],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
 
     let confirmed = ctl
         .validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {

@@ -90,6 +90,7 @@ impl LocalNode {
         agent_args.extend_from_slice(agent_extra);
         let mut agent_proc = Proc::start("agent", &agent_bin, &agent_args, workdir)?;
         let wait = publish_wait_secs.to_string();
+        let kubelet_pods = workdir.join("kubelet/pods");
         let mut csi = Proc::start(
             "csi",
             &bin("modelcache-csi")?,
@@ -100,6 +101,10 @@ impl LocalNode {
                 "local-node",
                 "--agent",
                 &agent_ep,
+                "--store",
+                store.to_str().expect("UTF-8 path"),
+                "--target-root",
+                kubelet_pods.to_str().expect("UTF-8 path"),
                 "--publish-wait-seconds",
                 &wait,
             ],
@@ -166,6 +171,16 @@ impl LocalNode {
         let mut out = vec![self.csi.log_path(), self.agent_proc.log_path()];
         out.extend(self.hub.as_ref().map(Proc::log_path));
         out
+    }
+
+    /// The CSI plugin's socket.
+    pub fn csi_socket(&self) -> PathBuf {
+        self.workdir.join("csi.sock")
+    }
+
+    /// The directory that stands in for kubelet's pods directory (the plugin's target root).
+    pub fn kubelet_pods(&self) -> PathBuf {
+        self.workdir.join("kubelet/pods")
     }
 
     /// The store directory.

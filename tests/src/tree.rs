@@ -1,5 +1,6 @@
 //! Comparing directory trees byte for byte, and reading the mount table.
 
+use modelcache_agent::mounts::unescape;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -49,7 +50,7 @@ pub fn mount_options(target: &Path) -> Option<Vec<String>> {
         .expect("read mountinfo");
     mounts
         .into_iter()
-        .find(|m| m.mount_point == target)
+        .find(|m| unescape(&m.mount_point) == target)
         .map(|m| {
             let mut opts: Vec<String> = m.mount_options.into_keys().collect();
             opts.sort();
@@ -63,7 +64,7 @@ pub fn mount_count(target: &Path) -> usize {
         .and_then(|p| p.mountinfo())
         .expect("read mountinfo")
         .into_iter()
-        .filter(|m| m.mount_point == target)
+        .filter(|m| unescape(&m.mount_point) == target)
         .count()
 }
 
@@ -74,7 +75,7 @@ pub fn unmount_all_below(dir: &Path) {
     };
     let mut below: Vec<PathBuf> = mounts
         .into_iter()
-        .map(|m| m.mount_point)
+        .map(|m| unescape(&m.mount_point))
         .filter(|p| p.starts_with(dir))
         .collect();
     below.sort_by_key(|p| std::cmp::Reverse(p.components().count()));

@@ -147,3 +147,47 @@ async fn a_gated_model_reaches_only_volumes_whose_token_has_access() {
         "only tenant A's volumes hold the gated model"
     );
 }
+
+/// The agent's own token (the chart's `hub.tokenSecret`) pre-warms and pulls, but a volume
+/// without a token of its own, or with a blank one, is not let in with it — unless the operator
+/// opts in with `--lend-token-to-volumes`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agents_token_is_never_a_volumes_unless_lent() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub_root = dir.path().join("hub");
+    generate_model(&hub_root.join("models").join(GATED), 256 << 10).unwrap();
+    let gate = vec!["--gated".into(), format!("{GATED}=agent-token")];
+    for lend in [false, true] {
+        let mut flags = vec!["--token", "agent-token"];
+        if lend {
+            flags.push("--lend-token-to-volumes");
+        }
+        let mut node = LocalNode::start_with(
+            &dir.path().join(format!("node-{lend}")),
+            Hub::Serve(hub_root.clone(), gate.clone()),
+            30,
+            &flags,
+        )
+        .unwrap();
+        node.wait_ready().await.unwrap();
+        let secrets: &[Pairs] = &[&[], &[("token", "")], &[("token", "   ")]];
+        for (i, secrets) in secrets.iter().enumerate() {
+            let vol = format!("vol-{i}");
+            let target = node.target(&vol);
+            let req = publish_request(&vol, &target, &[("model", GATED)], secrets);
+            let res = publish_until_done(&mut node.node, req, |_| {}).await;
+            if lend {
+                res.unwrap();
+            } else {
+                let err = res.unwrap_err();
+                assert_eq!(
+                    err.code(),
+                    Code::PermissionDenied,
+                    "{secrets:?}: {}",
+                    err.message()
+                );
+                assert!(!target.exists());
+            }
+        }
+    }
+}

@@ -63,13 +63,12 @@ pub struct Resolved {
 pub struct HubClient {
     http: reqwest::Client,
     endpoint: String,
-    default_token: Option<Token>,
 }
 
 impl HubClient {
-    /// A client of `endpoint` (e.g. `https://huggingface.co`), using `default_token` when a
-    /// request brings none.
-    pub fn new(endpoint: &str, default_token: Option<Token>) -> Result<Self, HubError> {
+    /// A client of `endpoint` (e.g. `https://huggingface.co`). Every request names its token,
+    /// or none: there is no default, so no caller can lend one by accident.
+    pub fn new(endpoint: &str) -> Result<Self, HubError> {
         // reqwest is built without a TLS crypto provider of its own; use ring, once per process.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let endpoint = endpoint.trim_end_matches('/').to_owned();
@@ -82,11 +81,7 @@ impl HubClient {
                 url: endpoint.clone(),
                 source,
             })?;
-        Ok(HubClient {
-            http,
-            endpoint,
-            default_token,
-        })
+        Ok(HubClient { http, endpoint })
     }
 
     /// The base URL.
@@ -98,7 +93,7 @@ impl HubClient {
     /// named is presigned, and must not see it.
     fn get(&self, url: &str, token: Option<&Token>) -> reqwest::RequestBuilder {
         let req = self.http.get(url);
-        match token.or(self.default_token.as_ref()) {
+        match token {
             Some(t) if same_origin(url, &self.endpoint) => {
                 req.header(reqwest::header::AUTHORIZATION, t.bearer())
             }
@@ -345,7 +340,7 @@ pub struct FileSource<'a> {
     pub commit: &'a str,
     /// The file.
     pub path: &'a RepoPath,
-    /// The volume's token, if any (else the client's default).
+    /// The token to ask with, if any.
     pub token: Option<&'a Token>,
 }
 

@@ -131,6 +131,12 @@ impl Store {
             fs::create_dir_all(&d).ctx("create", &d)?;
         }
         let root = fs::canonicalize(&root).ctx("resolve", &root)?;
+        // Closed to other local users: gated models are in here. Pods see snapshots through
+        // bind mounts, which do not need the way through the store root.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).ctx("restrict", &root)?;
+        }
         // One writer per store: another would sweep this one's staging and partial downloads.
         let lock_path = root.join("lock");
         let file = fs::OpenOptions::new()

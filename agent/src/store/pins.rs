@@ -1,5 +1,9 @@
-//! Which volume uses which snapshot, kept in `pins.json` so that a restart of the agent forgets
-//! no pin. Written atomically after every change.
+//! Which volume uses which snapshot at which target path, kept in `pins.json` so that a restart
+//! of the agent forgets no pin. Written atomically after every change.
+//!
+//! A pin is keyed by volume id *and* target path: kubelet publishes one persistent volume at one
+//! target per pod, so a ReadOnlyMany PVC used by two pods on a node has two pins, and the first
+//! pod's unpublish leaves the second one's pin in place.
 
 use super::{Result, Snapshot, Store, write_atomic};
 use crate::mounts::MountedDir;
@@ -51,11 +55,33 @@ impl PinRecord {
     }
 }
 
-/// All pins, by volume id.
+/// One pin as `pins.json` holds it: the volume id beside its record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct PinEntry {
+    volume_id: String,
+    #[serde(flatten)]
+    record: PinRecord,
+}
+
+/// `pins.json`: a list of pins; files written before pins were keyed by target are a map from
+/// volume id to record, and still load.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PinsFile {
+    List(Vec<PinEntry>),
+    ByVolume(BTreeMap<String, PinRecord>),
+}
+
+/// The volume id of a pin made by reconciliation for a mount that had none.
+pub fn recovered_volume_id(target_path: &str) -> String {
+    format!("recovered:{target_path}")
+}
+
+/// All pins, by volume id and target path.
 #[derive(Debug)]
 pub struct Pins {
     path: PathBuf,
-    by_volume: BTreeMap<String, PinRecord>,
+    by_volume: BTreeMap<(String, String), PinRecord>,
 }
 
 impl Pins {
@@ -63,44 +89,66 @@ impl Pins {
     /// error: dropping pins silently could let a mounted model be evicted.
     pub fn load(store_root: &std::path::Path) -> std::io::Result<Self> {
         let path = store_root.join("pins.json");
-        let by_volume = match std::fs::read(&path) {
+        let file = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
                 std::io::Error::other(format!(
                     "{} is corrupt ({e}); move it aside and restart the agent to rebuild pins from the mount table",
                     path.display()
                 ))
             })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => PinsFile::List(Vec::new()),
             Err(e) => return Err(e),
+        };
+        let by_volume = match file {
+            PinsFile::List(entries) => entries
+                .into_iter()
+                .map(|e| ((e.volume_id, e.record.target_path.clone()), e.record))
+                .collect(),
+            PinsFile::ByVolume(map) => map
+                .into_iter()
+                .map(|(v, r)| ((v, r.target_path.clone()), r))
+                .collect(),
         };
         Ok(Pins { path, by_volume })
     }
 
-    /// Pins a snapshot for a volume (replacing the volume's previous pin).
+    /// Pins a snapshot for a volume at `record.target_path` (replacing the pin the volume had
+    /// at that target).
     pub fn pin(&mut self, volume_id: &str, record: PinRecord) -> Result<()> {
-        if self.by_volume.get(volume_id) == Some(&record) {
+        let key = (volume_id.to_owned(), record.target_path.clone());
+        if self.by_volume.get(&key) == Some(&record) {
             return Ok(());
         }
-        self.by_volume.insert(volume_id.to_owned(), record);
+        self.by_volume.insert(key, record);
         self.save()
     }
 
-    /// Removes a volume's pin; true if there was one.
-    pub fn unpin(&mut self, volume_id: &str) -> Result<bool> {
-        if self.by_volume.remove(volume_id).is_none() {
+    /// Removes a volume's pin at `target_path`, and the pin reconciliation recovered for that
+    /// target, if any; true if there was one. The volume's pins at other targets stay.
+    pub fn unpin(&mut self, volume_id: &str, target_path: &str) -> Result<bool> {
+        let mine = self
+            .by_volume
+            .remove(&(volume_id.to_owned(), target_path.to_owned()));
+        let recovered = self
+            .by_volume
+            .remove(&(recovered_volume_id(target_path), target_path.to_owned()));
+        if mine.is_none() && recovered.is_none() {
             return Ok(false);
         }
         self.save()?;
         Ok(true)
     }
 
-    /// Volume ids pinning a snapshot.
+    /// Volume ids pinning a snapshot, each once.
     pub fn volumes_of(&self, snap: &super::Snapshot) -> Vec<String> {
-        self.by_volume
+        let mut volumes: Vec<String> = self
+            .by_volume
             .iter()
             .filter(|(_, r)| r.holds(snap))
-            .map(|(v, _)| v.clone())
-            .collect()
+            .map(|((v, _), _)| v.clone())
+            .collect();
+        volumes.dedup();
+        volumes
     }
 
     /// How many volumes have a pin.
@@ -113,9 +161,15 @@ impl Pins {
         self.by_volume.is_empty()
     }
 
-    /// A volume's pin.
-    pub fn get(&self, volume_id: &str) -> Option<&PinRecord> {
-        self.by_volume.get(volume_id)
+    /// A volume's pin at `target_path`, or the one reconciliation recovered for that target.
+    pub fn get(&self, volume_id: &str, target_path: &str) -> Option<&PinRecord> {
+        let target = target_path.to_owned();
+        self.by_volume
+            .get(&(volume_id.to_owned(), target.clone()))
+            .or_else(|| {
+                self.by_volume
+                    .get(&(recovered_volume_id(target_path), target))
+            })
     }
 
     /// Makes the pins agree with what is mounted, as after a crash or a lost `pins.json`:
@@ -134,11 +188,7 @@ impl Pins {
         use std::os::unix::fs::MetadataExt;
         let mut shows: HashMap<(u64, u64), Snapshot> = HashMap::new();
         for snap in store.list_snapshots()? {
-            let mut dirs = vec![snap.path.clone()];
-            if let Ok(views) = std::fs::read_dir(store.views_of(&snap)) {
-                dirs.extend(views.flatten().map(|e| e.path()));
-            }
-            for dir in dirs {
+            for dir in store.shown_dirs(&snap) {
                 if let Ok(m) = std::fs::metadata(&dir) {
                     shows.insert((m.dev(), m.ino()), snap.clone());
                 }
@@ -149,7 +199,7 @@ impl Pins {
             .filter_map(|m| Some((m.path.to_str()?, m)))
             .collect();
         let mut done = Reconciled::default();
-        self.by_volume.retain(|volume, pin| {
+        self.by_volume.retain(|(volume, _), pin| {
             let settled = now.saturating_sub(pin.pinned_at) >= PIN_SETTLE_SECONDS;
             let keep = targets.contains_key(pin.target_path.as_str()) || !settled;
             if !keep {
@@ -165,9 +215,9 @@ impl Pins {
             if self.by_volume.values().any(|p| p.target_path == target) {
                 continue;
             }
-            let volume = format!("recovered:{target}");
+            let volume = recovered_volume_id(&target);
             self.by_volume.insert(
-                volume.clone(),
+                (volume.clone(), target.clone()),
                 PinRecord {
                     kind: snap.kind.singular().to_owned(),
                     repo: snap.repo.to_string(),
@@ -187,7 +237,15 @@ impl Pins {
     }
 
     fn save(&self) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(&self.by_volume).expect("pins serialize");
+        let entries: Vec<PinEntry> = self
+            .by_volume
+            .iter()
+            .map(|((volume_id, _), record)| PinEntry {
+                volume_id: volume_id.clone(),
+                record: record.clone(),
+            })
+            .collect();
+        let bytes = serde_json::to_vec_pretty(&entries).expect("pins serialize");
         write_atomic(&self.path, &bytes)
     }
 }

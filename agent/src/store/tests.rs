@@ -171,11 +171,12 @@ fn pins_survive_reload_and_corruption_is_an_error() {
         pins.volumes_of(&filtered).is_empty(),
         "another filter is another snapshot"
     );
-    assert!(pins.unpin("vol-1").unwrap());
-    assert!(!pins.unpin("vol-1").unwrap());
+    let t = rec.target_path.as_str();
+    assert!(pins.unpin("vol-1", t).unwrap());
+    assert!(!pins.unpin("vol-1", t).unwrap());
     let pins = Pins::load(dir.path()).unwrap();
-    assert_eq!(pins.get("vol-2"), Some(&rec));
-    assert!(pins.get("vol-1").is_none());
+    assert_eq!(pins.get("vol-2", t), Some(&rec));
+    assert!(pins.get("vol-1", t).is_none());
     std::fs::write(dir.path().join("pins.json"), b"{not json").unwrap();
     let err = Pins::load(dir.path()).unwrap_err();
     assert!(err.to_string().contains("corrupt"), "{err}");
@@ -285,5 +286,58 @@ fn reconcile_drops_pins_of_unmounted_volumes_and_pins_mounted_snapshots() {
         reloaded.volumes_of(&snap),
         ["recovered:/k/mounted", "settling"]
     );
-    assert!(reloaded.get("gone").is_none());
+    assert!(reloaded.get("gone", "/k/gone").is_none());
+}
+
+#[test]
+fn the_store_root_is_closed_to_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let store = Store::open(&root).unwrap();
+    let mode = std::fs::metadata(store.root())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700, "{mode:o}");
+}
+
+#[test]
+fn a_volume_pinned_at_two_targets_keeps_one_when_the_other_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = |target: &str| PinRecord {
+        kind: "model".into(),
+        repo: "org/model".into(),
+        commit: "c".repeat(40),
+        target_path: target.into(),
+        pod: None,
+        filter: None,
+        pinned_at: 1,
+    };
+    let mut pins = Pins::load(dir.path()).unwrap();
+    pins.pin("pv-1", rec("/k/pod-a/mount")).unwrap();
+    pins.pin("pv-1", rec("/k/pod-b/mount")).unwrap();
+    assert_eq!(pins.len(), 2);
+    assert!(pins.unpin("pv-1", "/k/pod-a/mount").unwrap());
+    let pins = Pins::load(dir.path()).unwrap();
+    assert!(pins.get("pv-1", "/k/pod-a/mount").is_none());
+    assert_eq!(
+        pins.get("pv-1", "/k/pod-b/mount"),
+        Some(&rec("/k/pod-b/mount"))
+    );
+}
+
+#[test]
+fn pins_written_by_volume_id_still_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = r#"{"vol-1": {"kind": "model", "repo": "org/model", "commit": "cccccccccccccccccccccccccccccccccccccccc", "target_path": "/k/t", "pinned_at": 5}}"#;
+    std::fs::write(dir.path().join("pins.json"), old).unwrap();
+    let mut pins = Pins::load(dir.path()).unwrap();
+    assert_eq!(pins.get("vol-1", "/k/t").map(|r| r.pinned_at), Some(5));
+    // Saved again in the new form, which loads too.
+    assert!(pins.unpin("vol-1", "/k/t").unwrap());
+    assert!(Pins::load(dir.path()).unwrap().is_empty());
 }

@@ -50,6 +50,15 @@ impl Store {
             .join(snap_dir)
     }
 
+    /// Every directory a mount of `snap` may show: the snapshot and its views.
+    pub fn shown_dirs(&self, snap: &Snapshot) -> Vec<PathBuf> {
+        let mut dirs = vec![snap.path.clone()];
+        if let Ok(views) = std::fs::read_dir(self.views_of(snap)) {
+            dirs.extend(views.flatten().map(|e| e.path()));
+        }
+        dirs
+    }
+
     /// The directory to mount for `snap` in `layout`; for `hf-cache`, built on first use. The
     /// revision the volume named goes into `refs/`, so huggingface_hub resolves it offline.
     pub fn view(&self, snap: &Snapshot, layout: Layout, revision: &Revision) -> Result<PathBuf> {

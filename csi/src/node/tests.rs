@@ -6,13 +6,19 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use tonic::Code;
 
+/// A pin the fake agent holds: repo, commit, snapshot directory.
+type FakePin = (String, String, PathBuf);
+
 /// An agent that answers from a script and records calls.
 #[derive(Default)]
 struct FakeAgent {
     calls: Mutex<Vec<String>>,
     fetching: Mutex<bool>,
     ensure_error: Mutex<Option<Status>>,
-    snapshot: PathBuf,
+    /// What Ensure answers: the snapshot directory and its commit (`main` may move).
+    ready: Mutex<(PathBuf, String)>,
+    /// Pins by (volume, target): repo, commit, snapshot directory.
+    pins: Mutex<HashMap<(String, String), FakePin>>,
     /// Held during ensure, to test concurrent calls.
     gate: tokio::sync::Mutex<()>,
 }
@@ -45,30 +51,53 @@ impl ModelAgent for FakeAgent {
                 files_total: 4,
             }));
         }
-        Ok(Ensured::Ready {
-            path: self.snapshot.clone(),
-            commit: COMMIT.into(),
-        })
+        let (path, commit) = self.ready.lock().unwrap().clone();
+        Ok(Ensured::Ready { path, commit })
     }
     async fn pin(
         &self,
         volume_id: &str,
         volume: &VolumeAttributes,
         commit: &str,
-        _target: &str,
+        target: &str,
     ) -> std::result::Result<(), Status> {
         self.calls
             .lock()
             .unwrap()
             .push(format!("pin {volume_id} {} {commit}", volume.model.repo));
+        let (path, _) = self.ready.lock().unwrap().clone();
+        self.pins.lock().unwrap().insert(
+            (volume_id.into(), target.into()),
+            (volume.model.repo.to_string(), commit.into(), path),
+        );
         Ok(())
     }
-    async fn unpin(&self, volume_id: &str) -> std::result::Result<(), Status> {
+    async fn unpin(&self, volume_id: &str, target: &str) -> std::result::Result<(), Status> {
         self.calls
             .lock()
             .unwrap()
             .push(format!("unpin {volume_id}"));
+        self.pins
+            .lock()
+            .unwrap()
+            .remove(&(volume_id.into(), target.into()));
         Ok(())
+    }
+    async fn get_pin(
+        &self,
+        volume_id: &str,
+        target: &str,
+    ) -> std::result::Result<Option<pb::PinInfo>, Status> {
+        let pins = self.pins.lock().unwrap();
+        Ok(pins
+            .get(&(volume_id.into(), target.into()))
+            .map(|(repo, commit, path)| pb::PinInfo {
+                kind: pb::RepoKind::Model as i32,
+                repo: repo.clone(),
+                commit: commit.clone(),
+                filter: String::new(),
+                paths: vec![path.display().to_string()],
+            }))
     }
     async fn ready(&self) -> std::result::Result<(), Status> {
         Ok(())
@@ -86,7 +115,7 @@ fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let mounter = Arc::new(FakeMounter::default());
     let agent = Arc::new(FakeAgent {
-        snapshot: dir.path().join("store/snap"),
+        ready: Mutex::new((dir.path().join("store/snap"), COMMIT.into())),
         ..Default::default()
     });
     let node = NodeService::new(
@@ -94,12 +123,22 @@ fn fixture() -> Fixture {
         mounter.clone(),
         agent.clone(),
         Duration::from_millis(10),
+        Paths {
+            store: dir.path().join("store"),
+            target_root: Some(dir.path().join("pods")),
+        },
     );
     Fixture {
         dir,
         mounter,
         agent,
         node,
+    }
+}
+
+impl Fixture {
+    fn snapshot(&self) -> PathBuf {
+        self.agent.ready.lock().unwrap().0.clone()
     }
 }
 
@@ -141,7 +180,7 @@ async fn publish_pins_then_binds_read_only_and_is_idempotent() {
     f.node.publish(req.clone()).await.unwrap();
     let target = PathBuf::from(&req.target_path);
     assert!(target.is_dir(), "target created");
-    assert_eq!(f.mounter.source_of(&target), Some(f.agent.snapshot.clone()));
+    assert_eq!(f.mounter.source_of(&target), Some(f.snapshot()));
     let (agent, mounts) = calls(&f);
     assert_eq!(
         agent,
@@ -154,7 +193,7 @@ async fn publish_pins_then_binds_read_only_and_is_idempotent() {
         mounts,
         [format!(
             "bind_ro {} {}",
-            f.agent.snapshot.display(),
+            f.snapshot().display(),
             target.display()
         )]
     );
@@ -317,4 +356,178 @@ async fn unpublish_unmounts_removes_and_unpins_idempotently() {
         .filter(|c| c.starts_with("unmount"))
         .count();
     assert_eq!(unmounts, 1);
+}
+
+fn unpublish_req(volume: &str, target: &str) -> csi::NodeUnpublishVolumeRequest {
+    csi::NodeUnpublishVolumeRequest {
+        volume_id: volume.into(),
+        target_path: target.into(),
+    }
+}
+
+#[tokio::test]
+async fn a_retry_after_the_revision_moved_is_success_with_the_pinned_snapshot() {
+    let f = fixture();
+    let req = publish_req(&f, "vol-1", &[("model", "org/m")]);
+    f.node.publish(req.clone()).await.unwrap();
+    // `main` moves on between kubelet's call and its retry.
+    *f.agent.ready.lock().unwrap() = (f.dir.path().join("store/next"), "f".repeat(40));
+    f.node.publish(req.clone()).await.unwrap();
+    let target = PathBuf::from(&req.target_path);
+    assert_eq!(
+        f.mounter.source_of(&target),
+        Some(f.dir.path().join("store/snap"))
+    );
+    let (agent, mounts) = calls(&f);
+    assert_eq!(mounts.len(), 1, "no second mount: {mounts:?}");
+    assert_eq!(
+        agent.len(),
+        2,
+        "the retry asks neither the hub nor for a pin: {agent:?}"
+    );
+    // Another model at the same target is still refused.
+    let other = publish_req(&f, "vol-1", &[("model", "org/other")]);
+    let err = f.node.publish(other).await.unwrap_err();
+    assert_eq!(Status::from(err).code(), Code::AlreadyExists);
+}
+
+#[tokio::test]
+async fn unpublish_of_another_volumes_target_unmounts_nothing_and_keeps_pins() {
+    let f = fixture();
+    let a = publish_req(&f, "vol-a", &[("model", "org/m")]);
+    let b = publish_req(&f, "vol-b", &[("model", "org/m")]);
+    f.node.publish(a.clone()).await.unwrap();
+    f.node.publish(b.clone()).await.unwrap();
+    let err = f
+        .node
+        .unpublish(unpublish_req("vol-b", &a.target_path))
+        .await
+        .unwrap_err();
+    assert_eq!(Status::from(err).code(), Code::NotFound);
+    assert!(
+        f.mounter.source_of(Path::new(&a.target_path)).is_some(),
+        "A still mounted"
+    );
+    let pins = f.agent.pins.lock().unwrap().clone();
+    assert!(pins.contains_key(&("vol-a".into(), a.target_path.clone())));
+    assert!(pins.contains_key(&("vol-b".into(), b.target_path.clone())));
+}
+
+#[tokio::test]
+async fn one_volume_at_two_targets_keeps_the_other_pin() {
+    // A ReadOnlyMany PVC used by two pods on one node: one volume id, two targets.
+    let f = fixture();
+    let first = publish_req(&f, "pv-1", &[("model", "org/m")]);
+    let mut second = first.clone();
+    second.target_path = f.dir.path().join("pods/other-pod").display().to_string();
+    f.node.publish(first.clone()).await.unwrap();
+    f.node.publish(second.clone()).await.unwrap();
+    f.node
+        .unpublish(unpublish_req("pv-1", &first.target_path))
+        .await
+        .unwrap();
+    let pins = f.agent.pins.lock().unwrap().clone();
+    assert_eq!(pins.len(), 1);
+    assert!(pins.contains_key(&("pv-1".into(), second.target_path.clone())));
+    assert!(
+        f.mounter
+            .source_of(Path::new(&second.target_path))
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn targets_are_confined_normalized_and_kept_out_of_the_store() {
+    let f = fixture();
+    let root = f.dir.path();
+    for (target, want) in [
+        ("/etc".to_owned(), "not below kubelet"),
+        (root.join("pods").display().to_string(), "not below kubelet"),
+        (
+            root.join("store/snapshots/x").display().to_string(),
+            "not below kubelet",
+        ),
+        ("/".to_owned(), "must not be /"),
+    ] {
+        let mut req = publish_req(&f, "vol-1", &[("model", "org/m")]);
+        req.target_path = target.clone();
+        let status = Status::from(f.node.publish(req).await.unwrap_err());
+        assert_eq!(status.code(), Code::InvalidArgument, "{target}");
+        assert!(
+            status.message().contains(want),
+            "{target}: {}",
+            status.message()
+        );
+    }
+    // Without confinement, the store and its parents are still refused.
+    let open = NodeService::new(
+        "n".into(),
+        f.mounter.clone(),
+        f.agent.clone(),
+        Duration::from_millis(10),
+        Paths {
+            store: root.join("store"),
+            target_root: None,
+        },
+    );
+    for target in [root.join("store/snapshots/x"), root.to_path_buf()] {
+        let mut req = publish_req(&f, "vol-1", &[("model", "org/m")]);
+        req.target_path = target.display().to_string();
+        let status = Status::from(open.publish(req).await.unwrap_err());
+        assert!(
+            status.message().contains("overlaps the store"),
+            "{}",
+            status.message()
+        );
+    }
+    assert!(calls(&f).1.is_empty(), "nothing mounted");
+    // `//` and `/./` are folded before the pin records the target.
+    let mut req = publish_req(&f, "vol-1", &[("model", "org/m")]);
+    let plain = req.target_path.clone();
+    req.target_path = format!("{}/.//pods//vol-1", root.display());
+    f.node.publish(req).await.unwrap();
+    assert!(
+        f.agent
+            .pins
+            .lock()
+            .unwrap()
+            .contains_key(&("vol-1".into(), plain))
+    );
+}
+
+#[tokio::test]
+async fn unpublish_leaves_what_modelcache_did_not_make_and_succeeds() {
+    let f = fixture();
+    let full = f.dir.path().join("pods/full");
+    std::fs::create_dir_all(&full).unwrap();
+    std::fs::write(full.join("keep"), b"user data").unwrap();
+    let file = f.dir.path().join("pods/file");
+    std::fs::write(&file, b"x").unwrap();
+    for target in [&full, &file] {
+        f.node
+            .unpublish(unpublish_req("vol-1", &target.display().to_string()))
+            .await
+            .unwrap();
+    }
+    assert_eq!(std::fs::read(full.join("keep")).unwrap(), b"user data");
+    assert!(file.exists());
+}
+
+#[tokio::test]
+async fn an_agent_path_outside_the_store_is_never_mounted() {
+    let f = fixture();
+    *f.agent.ready.lock().unwrap() = (PathBuf::from("/etc"), COMMIT.into());
+    let err = f
+        .node
+        .publish(publish_req(&f, "vol-1", &[("model", "org/m")]))
+        .await
+        .unwrap_err();
+    let status = Status::from(err);
+    assert_eq!(status.code(), Code::Internal);
+    assert!(
+        status.message().contains("not in the store"),
+        "{}",
+        status.message()
+    );
+    assert!(calls(&f).1.is_empty());
 }

@@ -188,7 +188,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn bind_read_only(source: &Path, target: &Path) -> anyhow::Result<()> {
-    Ok(LinuxMounter.bind_read_only(source, target)?)
+    Ok(LinuxMounter::default().bind_read_only(source, target)?)
 }
 
 fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
