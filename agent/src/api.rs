@@ -128,6 +128,9 @@ pub enum Ensured {
     },
 }
 
+/// Room made when the disk is too full to record a pin: pins.json and a snapshot record.
+const PIN_ROOM: u64 = 1 << 20;
+
 /// How often pins are checked against the mount table.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -532,10 +535,27 @@ impl AgentApi {
             filter: snap.filter.clone(),
             pinned_at: unix(std::time::SystemTime::now()),
         };
-        pins.pin(volume_id, record)?;
+        let mut saved = pins.pin(volume_id, record.clone());
+        if let Err(e) = &saved
+            && e.is_no_space()
+        {
+            // A full disk must not fail a warm publish while unused models can go: evict (the
+            // snapshot being pinned is leased), then record the pin again.
+            drop(pins);
+            tracing::warn!(error = %e, "disk full while recording a pin; evicting to make room");
+            if let Err(no) = crate::fetch::Room::make_room(self.evictor.as_ref(), PIN_ROOM) {
+                tracing::warn!(error = %no, "nothing to evict");
+            }
+            pins = self.pins.lock().expect("pins lock");
+            saved = pins.pin(volume_id, record);
+        }
+        saved?;
         drop(pins);
         self.evictor.release(&snap);
-        store.touch(&snap)?;
+        // The last-use time orders eviction; failing to record it must not fail the publish.
+        if let Err(e) = store.touch(&snap) {
+            tracing::warn!(error = %e, "cannot record the snapshot's last use");
+        }
         Ok(snap)
     }
 

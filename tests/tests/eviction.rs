@@ -403,3 +403,69 @@ async fn a_disk_that_fills_up_mid_download_is_evicted_and_the_download_tried_aga
     drop(node);
     drop(fs);
 }
+
+/// A disk filled to the last byte by something else: a warm publish still succeeds, because
+/// recording its pin evicts an unused model when the write fails with ENOSPC, and the error class
+/// (RESOURCE_EXHAUSTED, never INTERNAL) is kept when nothing can go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_warm_publish_on_a_full_disk_evicts_an_unused_model_and_succeeds() {
+    require_root().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let hub_root = dir.path().join("hub");
+    for i in 0..2 {
+        generate_model(&hub_root.join(format!("models/org/m{i}")), 8 << 20).unwrap();
+    }
+    let node_dir = dir.path().join("node");
+    let fs = Tmpfs::mount(&node_dir.join("store"), 40 << 20);
+    // No background eviction (watermarks 100/99): only the pin path may make room.
+    let mut node = LocalNode::start(&node_dir, Hub::Serve(hub_root.clone(), vec![]), 20).unwrap();
+    node.wait_ready().await.unwrap();
+    let (a, b) = (node.target("vol-a"), node.target("vol-b"));
+    node.publish("vol-a", &a, &[("model", "org/m0")], log_retry)
+        .await
+        .unwrap();
+    node.publish("vol-b", &b, &[("model", "org/m1")], log_retry)
+        .await
+        .unwrap();
+    node.unpublish("vol-b", &b).await.unwrap();
+    let before = read_tree(&a);
+
+    // Fill the disk to the last byte.
+    let filler = fs.0.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![7u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.write_all(&[7u8; 512]);
+    }
+    assert_eq!(fs.used_pct(), 100);
+
+    let c = node.target("vol-c");
+    node.publish("vol-c", &c, &[("model", "org/m0")], log_retry)
+        .await
+        .unwrap();
+    assert_same_tree(&hub_root.join("models/org/m0"), &c);
+    assert!(
+        node.snapshots_of("org/m1").await.unwrap().is_empty(),
+        "the unused model made room"
+    );
+    assert_eq!(read_tree(&a), before, "the mounted model is untouched");
+
+    // Nothing left to evict: the answer says the disk is full, in its class.
+    let mut pad = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&filler)
+        .unwrap();
+    {
+        use std::io::Write;
+        while pad.write_all(&[7u8; 4096]).is_ok() {}
+    }
+    let d = node.target("vol-d");
+    let err = node
+        .publish("vol-d", &d, &[("model", "org/m0")], log_retry)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    assert!(!d.exists(), "a refused publish leaves no target");
+}

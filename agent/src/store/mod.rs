@@ -60,6 +60,14 @@ impl StoreError {
     pub fn io(&self) -> &io::Error {
         &self.source
     }
+
+    /// True when the disk (or a quota) is full: evicting may cure it.
+    pub fn is_no_space(&self) -> bool {
+        matches!(
+            self.source.raw_os_error(),
+            Some(nix::libc::ENOSPC | nix::libc::EDQUOT)
+        )
+    }
 }
 
 /// `io::Result` with the path and action attached.
@@ -383,15 +391,28 @@ impl Store {
         if revision.is_commit() {
             return Ok(());
         }
-        // Revisions are validated: no '..', no leading '/', so this stays below refs/.
-        let path = self.repo_dir("refs", kind, repo).join(revision.as_str());
-        write_atomic(&path, commit.as_bytes())
+        if self.read_ref(kind, repo, revision).as_deref() == Some(commit) {
+            // Unchanged: a warm publish writes nothing, so a full disk does not fail it.
+            return Ok(());
+        }
+        write_atomic(&self.ref_path(kind, repo, revision), commit.as_bytes())
+    }
+
+    /// One flat file per revision, `/` and `%` escaped: `v1` and `v1/x` are two files, not a
+    /// file and a directory that cannot both exist.
+    fn ref_path(&self, kind: RepoKind, repo: &RepoId, revision: &Revision) -> PathBuf {
+        let name = revision.as_str().replace('%', "%25").replace('/', "%2F");
+        self.repo_dir("refs", kind, repo).join(name)
     }
 
     /// The commit a branch or tag last resolved to, if known.
     pub fn read_ref(&self, kind: RepoKind, repo: &RepoId, revision: &Revision) -> Option<String> {
-        let path = self.repo_dir("refs", kind, repo).join(revision.as_str());
-        let commit = fs::read_to_string(path).ok()?;
+        let flat = self.ref_path(kind, repo, revision);
+        // Stores written before refs were flat keep `a/b` as nested directories.
+        let nested = self.repo_dir("refs", kind, repo).join(revision.as_str());
+        let commit = fs::read_to_string(flat)
+            .or_else(|_| fs::read_to_string(nested))
+            .ok()?;
         let commit = commit.trim();
         is_commit_id(commit).then(|| commit.to_owned())
     }
@@ -598,17 +619,33 @@ fn parse_repo_dir(name: &str) -> Option<(RepoKind, RepoId)> {
 }
 
 /// Writes a small file so that readers see the old or the new content, never a mix.
+/// Writes `path` whole or not at all: a temporary file beside it, fsynced, renamed over it.
+/// Errors keep the OS's code (ENOSPC, EMFILE…), which decides how a caller reacts.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let dir = path.parent().expect("file has a parent");
     fs::create_dir_all(dir).ctx("create", dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).ctx("create temp file in", dir)?;
-    tmp.write_all(bytes).ctx("write", tmp.path())?;
-    tmp.as_file().sync_all().ctx("fsync", tmp.path())?;
-    tmp.persist(path).map_err(|e| StoreError {
-        action: "rename into",
-        path: path.to_path_buf(),
-        source: e.error,
-    })?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = (|| {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .ctx("create", &tmp)?;
+        file.write_all(bytes).ctx("write", &tmp)?;
+        file.sync_all().ctx("fsync", &tmp)?;
+        fs::rename(&tmp, path).ctx("rename into", path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
     sync_dir(dir)
 }
 

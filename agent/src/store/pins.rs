@@ -119,8 +119,16 @@ impl Pins {
         if self.by_volume.get(&key) == Some(&record) {
             return Ok(());
         }
-        self.by_volume.insert(key, record);
-        self.save()
+        let before = self.by_volume.insert(key.clone(), record);
+        let saved = self.save();
+        if saved.is_err() {
+            // Memory keeps what the file holds: a retry writes again.
+            match before {
+                Some(r) => self.by_volume.insert(key, r),
+                None => self.by_volume.remove(&key),
+            };
+        }
+        saved
     }
 
     /// Removes a volume's pin at `target_path`, and the pin reconciliation recovered for that
@@ -135,7 +143,17 @@ impl Pins {
         if mine.is_none() && recovered.is_none() {
             return Ok(false);
         }
-        self.save()?;
+        if let Err(e) = self.save() {
+            let key = |v: String| (v, target_path.to_owned());
+            if let Some(r) = mine {
+                self.by_volume.insert(key(volume_id.to_owned()), r);
+            }
+            if let Some(r) = recovered {
+                self.by_volume
+                    .insert(key(recovered_volume_id(target_path)), r);
+            }
+            return Err(e);
+        }
         Ok(true)
     }
 

@@ -341,3 +341,49 @@ fn pins_written_by_volume_id_still_load() {
     assert!(pins.unpin("vol-1", "/k/t").unwrap());
     assert!(Pins::load(dir.path()).unwrap().is_empty());
 }
+
+#[test]
+fn a_pin_that_cannot_be_saved_is_not_kept_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = PinRecord {
+        kind: "model".into(),
+        repo: "org/model".into(),
+        commit: "c".repeat(40),
+        target_path: "/k/t".into(),
+        pod: None,
+        filter: None,
+        pinned_at: 1,
+    };
+    let mut pins = Pins::load(dir.path()).unwrap();
+    // pins.json cannot be replaced while a directory stands there.
+    std::fs::create_dir(dir.path().join("pins.json")).unwrap();
+    assert!(pins.pin("vol-1", rec.clone()).is_err());
+    assert!(
+        pins.get("vol-1", "/k/t").is_none(),
+        "memory follows the file"
+    );
+    std::fs::remove_dir(dir.path().join("pins.json")).unwrap();
+    pins.pin("vol-1", rec.clone()).unwrap();
+    assert_eq!(
+        Pins::load(dir.path()).unwrap().get("vol-1", "/k/t"),
+        Some(&rec)
+    );
+}
+
+#[test]
+fn refs_of_revisions_that_are_path_prefixes_do_not_collide() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (c1, c2) = ("1".repeat(40), "2".repeat(40));
+    for (rev, c) in [("v1", &c1), ("v1/x", &c2)] {
+        let rev = Revision::parse(rev).unwrap();
+        store.write_ref(RepoKind::Model, &repo(), &rev, c).unwrap();
+    }
+    for (rev, c) in [("v1", &c1), ("v1/x", &c2)] {
+        let rev = Revision::parse(rev).unwrap();
+        assert_eq!(
+            store.read_ref(RepoKind::Model, &repo(), &rev).as_ref(),
+            Some(c)
+        );
+    }
+}
