@@ -20,6 +20,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// The agent's metrics.
 #[derive(Debug)]
@@ -192,9 +193,77 @@ impl Metrics {
                     }
                 }),
             );
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
+        serve_bounded(listener, app, Limits::default(), shutdown).await;
+        Ok(())
+    }
+}
+
+/// What the metrics listener allows, so that it can never starve the node of file descriptors
+/// or hold a connection for ever.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once; past it a new connection is closed at once.
+    pub connections: usize,
+    /// Time to send a request's headers.
+    pub header_timeout: Duration,
+    /// Time a connection may stay open in all.
+    pub deadline: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections: 32,
+            header_timeout: Duration::from_secs(5),
+            deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves `app` over HTTP/1 on `listener` within `limits`, until `shutdown`. One request per
+/// connection (Prometheus and kubelet's probes open one each time).
+pub async fn serve_bounded(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    limits: Limits,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shutdown.cancelled() => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and the like: wait instead of spinning, keep serving.
+                tracing::warn!(error = %e, "metrics listener cannot accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .keep_alive(false);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = tokio::time::timeout(limits.deadline, conn) => {}
+                () = stop.cancelled() => {}
+            }
+        });
     }
 }
 
@@ -270,5 +339,77 @@ impl prometheus_client::collector::Collector for StoreCollector {
             per_reason(&|r| stats.of(r).bytes.load(Ordering::Relaxed)),
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_listener_bounds_connections_and_time() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route("/x", axum::routing::get(|| async { "ok" }));
+        let limits = Limits {
+            connections: 4,
+            header_timeout: Duration::from_millis(300),
+            deadline: Duration::from_secs(2),
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(serve_bounded(listener, app, limits, stop.clone()));
+
+        let get = move || {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c.write_all(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out);
+            out
+        };
+        assert!(
+            tokio::task::spawn_blocking(get)
+                .await
+                .unwrap()
+                .starts_with("HTTP/1.1 200")
+        );
+
+        // A request that never finishes its headers is closed after the header timeout.
+        let slow = tokio::task::spawn_blocking(move || {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(b"GET /x HTTP/1.1\r\n").unwrap();
+            let started = std::time::Instant::now();
+            let mut buf = [0u8; 256];
+            let _ = c.read(&mut buf);
+            started.elapsed()
+        });
+        assert!(slow.await.unwrap() < Duration::from_secs(3));
+
+        // Many idle connections: the server holds at most `connections` of them.
+        let before = open_fds();
+        let idle: Vec<TcpStream> = (0..60).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let held = open_fds() - before - idle.len();
+        assert!(
+            held <= limits.connections + 2,
+            "the server holds {held} descriptors"
+        );
+        // Once they time out, the listener answers again.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(
+            tokio::task::spawn_blocking(get)
+                .await
+                .unwrap()
+                .starts_with("HTTP/1.1 200")
+        );
+        drop(idle);
+        stop.cancel();
     }
 }

@@ -522,9 +522,10 @@ impl Fetcher {
                 exclude: filter.exclude().join(","),
             });
         }
-        progress
-            .bytes_total
-            .store(files.iter().map(|f| f.size).sum(), Ordering::Relaxed);
+        progress.bytes_total.store(
+            plan::total_size(&files).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         progress
             .files_total
             .store(files.len() as u32, Ordering::Relaxed);
@@ -592,11 +593,9 @@ impl Fetcher {
         let Some(room) = self.room.clone() else {
             return Ok(());
         };
-        let missing: u64 = files
-            .iter()
-            .filter(|f| !self.store.has_blob(&f.hash))
-            .map(|f| f.size)
-            .sum();
+        // `plan` checked that the sizes add up within a u64.
+        let missing = plan::total_size(files.iter().filter(|f| !self.store.has_blob(&f.hash)))
+            .unwrap_or(u64::MAX);
         if missing == 0 {
             return Ok(());
         }

@@ -8,6 +8,11 @@ use crate::hub::wire::TreeEntry;
 use crate::repo::{InvalidInput, RepoId, RepoPath};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// The largest file a tree may announce: 2 TiB, far above any model shard or dataset file the
+/// Hub holds (its own limit for one LFS file is 50 GB). A hub that announces more is refused
+/// before a byte is written or a chunk list is built.
+pub const MAX_FILE_BYTES: u64 = 2 << 40;
+
 /// One file to fetch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedFile {
@@ -43,6 +48,16 @@ pub fn plan(
             }
             _ => e.size,
         };
+        if size > MAX_FILE_BYTES {
+            return Err(FetchError::unsafe_tree(
+                repo,
+                commit,
+                format!(
+                    "{}: size {size} is larger than {MAX_FILE_BYTES} bytes, the most modelcache accepts for one file",
+                    e.path
+                ),
+            ));
+        }
         let planned = PlannedFile {
             path: path.clone(),
             hash,
@@ -71,7 +86,22 @@ pub fn plan(
             format!("{clash} is both a file and a directory"),
         ));
     }
-    Ok(files.into_values().collect())
+    let files: Vec<PlannedFile> = files.into_values().collect();
+    if total_size(&files).is_none() {
+        return Err(FetchError::unsafe_tree(
+            repo,
+            commit,
+            "the sizes of its files add up past 2^64 bytes",
+        ));
+    }
+    Ok(files)
+}
+
+/// The bytes of `files` together; None when the sum does not fit a u64.
+pub fn total_size<'a>(files: impl IntoIterator<Item = &'a PlannedFile>) -> Option<u64> {
+    files
+        .into_iter()
+        .try_fold(0u64, |sum, f| sum.checked_add(f.size))
 }
 
 #[cfg(test)]
@@ -91,6 +121,33 @@ mod tests {
 
     fn plan_of(tree: &[TreeEntry]) -> Result<Vec<PlannedFile>, FetchError> {
         plan(&RepoId::parse("o/r").unwrap(), &"c".repeat(40), tree)
+    }
+
+    #[test]
+    fn huge_or_wrapping_sizes_are_refused() {
+        let oid = "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391";
+        let big = entry("a", oid, MAX_FILE_BYTES + 1);
+        let err = plan_of(&[big]).unwrap_err().to_string();
+        assert!(err.contains("larger than"), "{err}");
+        plan_of(&[entry("a", oid, MAX_FILE_BYTES)]).unwrap();
+        // 2^62 four times wraps a u64 to 0; refused by the bound, whatever the sum.
+        let wrap: Vec<TreeEntry> = (0..4)
+            .map(|i| entry(&format!("f{i}"), oid, 1 << 62))
+            .collect();
+        assert!(plan_of(&wrap).is_err());
+        let sum = |sizes: &[u64]| {
+            let files: Vec<PlannedFile> = sizes
+                .iter()
+                .map(|&size| PlannedFile {
+                    path: RepoPath::parse("x").unwrap(),
+                    hash: ContentHash::for_entry(oid, None).unwrap(),
+                    size,
+                })
+                .collect();
+            total_size(&files)
+        };
+        assert_eq!(sum(&[1 << 62; 4]), None);
+        assert_eq!(sum(&[3, 4]), Some(7));
     }
 
     #[test]
