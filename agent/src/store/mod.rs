@@ -70,6 +70,10 @@ impl StoreError {
     }
 }
 
+/// Replicas a blob may have: with ext4's 65,000 links each, 64 of them serve over four million
+/// files showing one blob.
+const MAX_REPLICAS: u32 = 64;
+
 /// `io::Result` with the path and action attached.
 pub type Result<T> = std::result::Result<T, StoreError>;
 
@@ -257,6 +261,72 @@ impl Store {
             .join(hash.hex())
     }
 
+    /// Links the blob `hash` at `dest`, never failing on the link limit (see
+    /// [`Store::link_shared`]).
+    pub fn link_blob(&self, hash: &ContentHash, dest: &Path) -> Result<()> {
+        let key = format!("{}/{}", hash.algo().dir_name(), hash.hex());
+        self.link_shared(&self.blob_path(hash), dest, &key)
+    }
+
+    /// Hard-links `source` (a blob, or a file of a snapshot) at `dest`. A blob is one inode
+    /// with a link per file that shows it, and filesystems limit links (ext4: 65,000): past the
+    /// limit the link goes to a replica, `blobs/replicas/<key>.<n>`, a copy (a reflink where the
+    /// filesystem can) made on first need and shared by later links like the original.
+    pub(crate) fn link_shared(&self, source: &Path, dest: &Path, key: &str) -> Result<()> {
+        let mut from = source.to_path_buf();
+        for n in 1..=MAX_REPLICAS {
+            match fs::hard_link(&from, dest) {
+                Err(e) if e.raw_os_error() == Some(nix::libc::EMLINK) => {}
+                r => return r.ctx("hardlink blob to", dest),
+            }
+            let replica = self.root.join("blobs/replicas").join(format!("{key}.{n}"));
+            if !replica.exists() {
+                tracing::info!(source = %source.display(), replica = %replica.display(), "at the link limit; replicating");
+                self.replicate(source, &replica)?;
+            }
+            from = replica;
+        }
+        fs::hard_link(&from, dest).ctx("hardlink blob replica to", dest)
+    }
+
+    /// Copies `from` (verified, read-only) to `to` whole or not at all.
+    fn replicate(&self, from: &Path, to: &Path) -> Result<()> {
+        let dir = to.parent().expect("replica has a parent");
+        fs::create_dir_all(dir).ctx("create", dir)?;
+        let tmp = self.staging_file()?;
+        // copy_file_range: a reflink on btrfs and XFS, a copy elsewhere.
+        fs::copy(from, tmp.path()).ctx("replicate", from)?;
+        tmp.as_file().sync_all().ctx("fsync", tmp.path())?;
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o444))
+            .ctx("chmod", tmp.path())?;
+        // A link, not a rename: a replica another snapshot made meanwhile is kept.
+        match fs::hard_link(tmp.path(), to) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(e).ctx("place replica", to);
+            }
+            _ => {}
+        }
+        sync_dir(dir)
+    }
+
+    /// Every replica (see [`Store::link_shared`]).
+    fn replicas(&self) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for kind in ["sha256", "sha1", "inode"] {
+            let dir = self.root.join("blobs/replicas").join(kind);
+            match fs::read_dir(&dir) {
+                Ok(entries) => {
+                    for e in entries {
+                        out.push(e.ctx("list", &dir)?.path());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).ctx("list", &dir),
+            }
+        }
+        Ok(out)
+    }
+
     /// True when the blob is in the store.
     pub fn has_blob(&self, hash: &ContentHash) -> bool {
         self.blob_path(hash).is_file()
@@ -349,8 +419,7 @@ impl Store {
             if let Some(parent) = dest.parent() {
                 fs::create_dir_all(parent).ctx("create", parent)?;
             }
-            let blob = self.blob_path(&f.hash);
-            fs::hard_link(&blob, &dest).ctx("hardlink blob to", &dest)?;
+            self.link_blob(&f.hash, &dest)?;
         }
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))
             .ctx("chmod", tmp.path())?;
@@ -544,6 +613,14 @@ impl Store {
                 bytes += meta.len();
             }
         }
+        for path in self.replicas()? {
+            let meta = fs::metadata(&path).ctx("stat", &path)?;
+            if meta.nlink() == 1 {
+                fs::remove_file(&path).ctx("remove unused replica", &path)?;
+                count += 1;
+                bytes += meta.len();
+            }
+        }
         if count > 0 {
             for algo in [Algo::Sha256, Algo::GitSha1] {
                 sync_dir(&self.root.join("blobs").join(algo.dir_name()))?;
@@ -555,7 +632,8 @@ impl Store {
     /// Bytes of every blob and partial download: what the store takes on disk.
     pub fn bytes_on_disk(&self) -> Result<u64> {
         let mut bytes = 0;
-        for (_, path) in self.blobs()? {
+        let replicas = self.replicas()?;
+        for path in self.blobs()?.into_iter().map(|(_, p)| p).chain(replicas) {
             bytes += fs::metadata(&path).ctx("stat", &path)?.len();
         }
         let partial = self.root.join("partial");

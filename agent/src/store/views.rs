@@ -16,7 +16,7 @@ use super::{Context, Result, Snapshot, Store, sync_dir};
 use crate::repo::{Revision, cache_folder};
 use sha2::{Digest, Sha256};
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// How a volume shows its files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -100,7 +100,7 @@ impl Store {
                 if let Some(parent) = out.parent() {
                     fs::create_dir_all(parent).ctx("create", parent)?;
                 }
-                fs::hard_link(entry.path(), &out).ctx("hardlink", &out)?;
+                self.link_shared(entry.path(), &out, &inode_key(entry.path())?)?;
             }
         }
         fs::create_dir_all(&files_dir).ctx("create", &files_dir)?;
@@ -122,6 +122,24 @@ impl Store {
         sync_dir(parent)?;
         Ok(dest)
     }
+}
+
+/// Names the inode a snapshot file shows, for its replicas past the link limit: the inode number
+/// and its birth time, since numbers are reused once an inode is freed (the change time, where
+/// the filesystem keeps no birth time: correct, but then replicas are not shared).
+fn inode_key(path: &Path) -> super::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path).ctx("stat", path)?;
+    let born = match meta.created() {
+        Ok(t) => t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+        Err(_) => {
+            u128::from(meta.ctime().unsigned_abs()) * 1_000_000_000
+                + u128::from(meta.ctime_nsec().unsigned_abs())
+        }
+    };
+    Ok(format!("inode/{}-{born}", meta.ino()))
 }
 
 #[cfg(test)]
