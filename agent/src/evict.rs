@@ -369,6 +369,20 @@ impl Evictor {
                 .bytes
                 .fetch_add(orphans, Ordering::Relaxed);
         }
+        // Partial downloads no running fetch has open: a failed download's bytes.
+        let (_, partials) = self.store.reclaim_partials()?;
+        if partials > 0 {
+            tracing::info!(
+                reason = reason.as_str(),
+                bytes = partials,
+                "evicted abandoned partial downloads"
+            );
+            self.stats
+                .of(reason)
+                .bytes
+                .fetch_add(partials, Ordering::Relaxed);
+        }
+        let orphans = orphans + partials;
         report.orphan_bytes = orphans;
         let now = unix(SystemTime::now());
         // Pre-warmed last, then least recently used first.
@@ -439,13 +453,14 @@ impl Evictor {
     /// At most the bytes that evicting every snapshot not in use would free.
     fn reclaimable(&self) -> Result<u64, StoreError> {
         let pins = self.pins.lock().expect("pins lock");
-        Ok(self
+        let snapshots: u64 = self
             .store
             .list_snapshots()?
             .iter()
             .filter(|s| pins.volumes_of(s).is_empty() && !self.leased(s))
             .map(|s| self.store.peek_meta(s).bytes)
-            .sum())
+            .sum();
+        Ok(snapshots.saturating_add(self.store.abandoned_partial_bytes()))
     }
 
     /// Checks usage every [`WATCH_INTERVAL`] and whenever `wake` is notified, evicting when

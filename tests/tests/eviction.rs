@@ -469,3 +469,46 @@ async fn a_warm_publish_on_a_full_disk_evicts_an_unused_model_and_succeeds() {
     assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
     assert!(!d.exists(), "a refused publish leaves no target");
 }
+
+/// A download that failed (or an agent that died) leaves a partial file: it must not block the
+/// next model for ever. Abandoned partials count as reclaimable and eviction deletes them.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abandoned_partial_download_never_blocks_a_model_that_fits() {
+    require_root().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let hub_root = dir.path().join("hub");
+    generate_model(&hub_root.join("models/org/fits"), 24 << 20).unwrap();
+    let node_dir = dir.path().join("node");
+    let fs = Tmpfs::mount(&node_dir.join("store"), 48 << 20);
+    // What a failed download of another model left: 32 MiB written, with its journal.
+    let partial = fs.0.join("partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    let name = format!("sha256-{}", "e".repeat(64));
+    std::fs::write(partial.join(&name), vec![1u8; 32 << 20]).unwrap();
+    std::fs::write(
+        partial.join(format!("{name}.chunks")),
+        format!(
+            "modelcache-partial v1 size={} chunk={}\n0\n1\n",
+            64 << 20,
+            16 << 20
+        ),
+    )
+    .unwrap();
+    let mut node = LocalNode::start(&node_dir, Hub::Serve(hub_root.clone(), vec![]), 20).unwrap();
+    node.wait_ready().await.unwrap();
+    let target = node.target("vol-fits");
+    node.publish("vol-fits", &target, &[("model", "org/fits")], log_retry)
+        .await
+        .unwrap();
+    assert_same_tree(&hub_root.join("models/org/fits"), &target);
+    assert!(
+        !partial.join(&name).exists(),
+        "the abandoned partial was reclaimed"
+    );
+    assert!(
+        node.agent_log()
+            .contains("evicted abandoned partial downloads"),
+        "{}",
+        node.agent_log()
+    );
+}

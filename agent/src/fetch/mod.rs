@@ -593,8 +593,13 @@ impl Fetcher {
         let Some(room) = self.room.clone() else {
             return Ok(());
         };
-        // `plan` checked that the sizes add up within a u64.
-        let missing = plan::total_size(files.iter().filter(|f| !self.store.has_blob(&f.hash)))
+        // What a partial download already holds is not asked for again; `plan` checked that
+        // the sizes add up within a u64.
+        let missing = files
+            .iter()
+            .filter(|f| !self.store.has_blob(&f.hash))
+            .map(|f| f.size.saturating_sub(self.store.partial_bytes(&f.hash)))
+            .try_fold(0u64, u64::checked_add)
             .unwrap_or(u64::MAX);
         if missing == 0 {
             return Ok(());

@@ -122,6 +122,8 @@ pub const PARTIAL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(
 #[derive(Debug)]
 pub struct Store {
     root: PathBuf,
+    /// Partial downloads a running fetch has open; the others may be reclaimed.
+    partials: partial::InUse,
     /// The exclusive lock on `STORE/lock` that [`Store::open`] takes; None for [`Store::inspect`].
     _lock: Option<nix::fcntl::Flock<fs::File>>,
 }
@@ -167,6 +169,7 @@ impl Store {
             })
             .ctx("lock", &lock_path)?;
         let store = Store {
+            partials: partial::InUse::default(),
             root,
             _lock: Some(lock),
         };
@@ -188,7 +191,11 @@ impl Store {
             .ctx("open store", &root);
         }
         let root = fs::canonicalize(&root).ctx("resolve", &root)?;
-        Ok(Store { root, _lock: None })
+        Ok(Store {
+            root,
+            partials: partial::InUse::default(),
+            _lock: None,
+        })
     }
 
     /// The store's root directory.
@@ -239,7 +246,62 @@ impl Store {
     /// size. The caller must be the only one downloading `hash`.
     pub fn open_partial(&self, hash: &ContentHash, size: u64, chunk: u64) -> Result<Partial> {
         let path = self.root.join("partial").join(hash.file_name());
-        Partial::open(path, size, chunk)
+        Partial::open(path, size, chunk, self.partials.clone())
+    }
+
+    /// Bytes already on disk towards the blob `hash`: what its partial download holds.
+    pub fn partial_bytes(&self, hash: &ContentHash) -> u64 {
+        let path = self.root.join("partial").join(hash.file_name());
+        fs::metadata(path).map_or(0, |m| partial::allocated(&m))
+    }
+
+    /// The partial downloads' files no running fetch has open, with the bytes each takes. The
+    /// lock on the open ones is held while `each` runs.
+    fn abandoned_partials(&self, mut each: impl FnMut(&Path, u64) -> Result<()>) -> Result<()> {
+        let dir = self.root.join("partial");
+        let in_use = self.partials.lock().expect("partials lock");
+        for entry in fs::read_dir(&dir).ctx("list", &dir)? {
+            let path = entry.ctx("list", &dir)?.path();
+            // `<algo>-<hex>` and its journal `<algo>-<hex>.chunks` belong to one download.
+            let data = if path.extension().is_some_and(|e| e == "chunks") {
+                path.with_extension("")
+            } else {
+                path.clone()
+            };
+            if in_use.contains(&data) {
+                continue;
+            }
+            if let Ok(meta) = fs::symlink_metadata(&path) {
+                each(&path, partial::allocated(&meta))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes the partial downloads no running fetch has open take.
+    pub fn abandoned_partial_bytes(&self) -> u64 {
+        let mut bytes = 0;
+        let _ = self.abandoned_partials(|_, b| {
+            bytes += b;
+            Ok(())
+        });
+        bytes
+    }
+
+    /// Deletes the partial downloads no running fetch has open (a failed or abandoned
+    /// download's bytes); returns how many files and the bytes they took.
+    pub fn reclaim_partials(&self) -> Result<(u64, u64)> {
+        let (mut count, mut bytes) = (0, 0);
+        self.abandoned_partials(|path, b| match fs::remove_file(path) {
+            Ok(()) => {
+                count += 1;
+                bytes += b;
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).ctx("remove abandoned partial download", path),
+        })?;
+        Ok((count, bytes))
     }
 
     /// Makes a fully written and verified partial download the blob `hash`.
@@ -639,7 +701,8 @@ impl Store {
         let partial = self.root.join("partial");
         for e in walkdir::WalkDir::new(&partial).into_iter().flatten() {
             if e.file_type().is_file() {
-                bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+                // Allocated blocks: a partial download is sparse until written.
+                bytes += e.metadata().map(|m| partial::allocated(&m)).unwrap_or(0);
             }
         }
         Ok(bytes)

@@ -20,9 +20,13 @@ use std::path::{Path, PathBuf};
 /// Bytes mapped at a time to hash a written range.
 const HASH_WINDOW: u64 = 4 << 20;
 
+/// The partial downloads a running fetch has open, by data path: the others are reclaimable.
+pub(super) type InUse = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>;
+
 /// A download in progress, split into chunks of a fixed size.
 #[derive(Debug)]
 pub struct Partial {
+    in_use: InUse,
     data_path: PathBuf,
     journal_path: PathBuf,
     data: File,
@@ -32,6 +36,29 @@ pub struct Partial {
     done: BTreeSet<u64>,
 }
 
+/// The files of a partial download, just opened.
+struct Opened {
+    data: File,
+    journal: File,
+    journal_path: PathBuf,
+    done: BTreeSet<u64>,
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        self.in_use
+            .lock()
+            .expect("partials lock")
+            .remove(&self.data_path);
+    }
+}
+
+/// Bytes a file takes on disk: its allocated blocks, not its (possibly sparse) length.
+pub(super) fn allocated(meta: &fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.blocks().saturating_mul(512)
+}
+
 fn header(size: u64, chunk: u64) -> String {
     format!("modelcache-partial v1 size={size} chunk={chunk}\n")
 }
@@ -39,7 +66,36 @@ fn header(size: u64, chunk: u64) -> String {
 impl Partial {
     /// Opens the partial download at `data_path`, resuming it when its journal matches `size`
     /// and `chunk`, else starting over.
-    pub(super) fn open(data_path: PathBuf, size: u64, chunk: u64) -> Result<Self> {
+    pub(super) fn open(data_path: PathBuf, size: u64, chunk: u64, in_use: InUse) -> Result<Self> {
+        // Claimed before the file is touched, under the lock reclaiming holds while it deletes.
+        in_use
+            .lock()
+            .expect("partials lock")
+            .insert(data_path.clone());
+        match Self::open_files(&data_path, size, chunk) {
+            Ok(Opened {
+                data,
+                journal,
+                journal_path,
+                done,
+            }) => Ok(Partial {
+                in_use,
+                data_path,
+                journal_path,
+                data,
+                journal,
+                size,
+                chunk,
+                done,
+            }),
+            Err(e) => {
+                in_use.lock().expect("partials lock").remove(&data_path);
+                Err(e)
+            }
+        }
+    }
+
+    fn open_files(data_path: &Path, size: u64, chunk: u64) -> Result<Opened> {
         let journal_path = data_path.with_extension("chunks");
         let done = match fs::read_to_string(&journal_path) {
             Ok(text) => parse_journal(&text, size, chunk),
@@ -51,10 +107,9 @@ impl Partial {
             .write(true)
             .create(true)
             .truncate(!resumed)
-            .open(&data_path)
-            .ctx("open partial download", &data_path)?;
-        data.set_len(size)
-            .ctx("size partial download", &data_path)?;
+            .open(data_path)
+            .ctx("open partial download", data_path)?;
+        data.set_len(size).ctx("size partial download", data_path)?;
         let mut journal = OpenOptions::new()
             .append(true)
             .create(true)
@@ -67,13 +122,10 @@ impl Partial {
                 .write_all(header(size, chunk).as_bytes())
                 .ctx("write journal", &journal_path)?;
         }
-        Ok(Partial {
-            data_path,
-            journal_path,
+        Ok(Opened {
             data,
             journal,
-            size,
-            chunk,
+            journal_path,
             done: done.unwrap_or_default(),
         })
     }
@@ -228,7 +280,7 @@ mod tests {
     fn resumes_only_what_the_journal_names() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sha256-x");
-        let p = Partial::open(path.clone(), 10, 4).unwrap();
+        let p = Partial::open(path.clone(), 10, 4, InUse::default()).unwrap();
         assert_eq!(p.chunks(), 3);
         assert_eq!(p.range(2), (8, 10));
         let b = |s: &'static [u8]| bytes::Bytes::from_static(s);
@@ -236,7 +288,7 @@ mod tests {
         p.mark_done(0).unwrap();
         p.write_at(&[b(b"ef")], 4).unwrap(); // chunk 1 half written, never marked
         drop(p);
-        let p = Partial::open(path.clone(), 10, 4).unwrap();
+        let p = Partial::open(path.clone(), 10, 4, InUse::default()).unwrap();
         assert_eq!(p.done(), &[0].into());
         let mut buf = [0u8; 4];
         p.read_at(&mut buf, 0).unwrap();
@@ -248,7 +300,7 @@ mod tests {
         assert_eq!(h.finish(), want.finish());
         drop(p);
         // A different chunk size throws the old bytes away.
-        let p = Partial::open(path.clone(), 10, 5).unwrap();
+        let p = Partial::open(path.clone(), 10, 5, InUse::default()).unwrap();
         assert!(p.done().is_empty());
         p.read_at(&mut buf, 0).unwrap();
         assert_eq!(buf, [0; 4]);

@@ -387,3 +387,33 @@ fn refs_of_revisions_that_are_path_prefixes_do_not_collide() {
         );
     }
 }
+
+#[test]
+fn abandoned_partial_downloads_are_reclaimed_open_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let hash = |c: char| ContentHash::new(Algo::Sha256, &c.to_string().repeat(64)).unwrap();
+    let open = store.open_partial(&hash('a'), 1 << 20, 1 << 18).unwrap();
+    open.write_at(&[bytes::Bytes::from(vec![1u8; 1 << 18])], 0)
+        .unwrap();
+    {
+        let gone = store.open_partial(&hash('b'), 1 << 20, 1 << 18).unwrap();
+        gone.write_at(&[bytes::Bytes::from(vec![2u8; 1 << 19])], 0)
+            .unwrap();
+    }
+    // Sparse files count by their allocated blocks, not their length.
+    assert!(store.partial_bytes(&hash('b')) >= 1 << 19);
+    assert!(store.partial_bytes(&hash('b')) < 1 << 20);
+    let abandoned = store.abandoned_partial_bytes();
+    assert!((1 << 19..1 << 20).contains(&abandoned), "{abandoned}");
+    let (count, bytes) = store.reclaim_partials().unwrap();
+    assert_eq!(count, 2, "data and journal");
+    assert_eq!(bytes, abandoned);
+    assert_eq!(store.partial_bytes(&hash('b')), 0);
+    assert!(
+        store.partial_bytes(&hash('a')) >= 1 << 18,
+        "an open download is kept"
+    );
+    drop(open);
+    assert_eq!(store.reclaim_partials().unwrap().0, 2);
+}
