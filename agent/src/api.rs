@@ -862,7 +862,7 @@ mod tests {
         use pb::agent_server::Agent;
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(crate::store::Store::open(dir.path()).unwrap());
-        let hub = crate::hub::HubClient::new("http://127.0.0.1:9").unwrap();
+        let hub = crate::hub::HubClient::new("http://127.0.0.1:9", &[]).unwrap();
         let api = AgentApi::new(
             Fetcher::new(hub, store, Default::default()),
             Watermarks::default(),

@@ -121,6 +121,10 @@ pub struct HubArgs {
     /// included. For single-tenant clusters only.
     #[arg(long, env = "MODELCACHE_LEND_TOKEN_TO_VOLUMES")]
     pub lend_token_to_volumes: bool,
+    /// Hosts besides the hub's own that downloads may be redirected to, each with its
+    /// subdomains: a mirror's CDN. The Hugging Face Hub's CDN (hf.co) needs no entry.
+    #[arg(long, env = "MODELCACHE_CDN_HOSTS", value_delimiter = ',')]
+    pub cdn_hosts: Vec<String>,
     /// Seconds the hub's answer on a revision (and on a token's access to it) is reused before
     /// asking again.
     #[arg(long, env = "MODELCACHE_ACCESS_CACHE_SECONDS", default_value_t = 30)]

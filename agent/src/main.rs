@@ -41,7 +41,7 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
 
 fn fetcher(store: &StoreArgs, hub: &HubArgs) -> anyhow::Result<Fetcher> {
     let store = store.open()?;
-    let client = HubClient::new(&hub.endpoint)?;
+    let client = HubClient::new(&hub.endpoint, &hub.cdn_hosts)?;
     let tuning = Tuning {
         files: hub.parallel_files,
         connections: hub.connections,

@@ -58,6 +58,8 @@ fn pull(endpoint: &str, store: &Path, args: &[&str]) -> Output {
         .args(args)
         .args(["--store", store.to_str().unwrap(), "--endpoint", endpoint])
         .env_remove("HF_TOKEN")
+        // The test CDN is the same server under another name.
+        .env("MODELCACHE_CDN_HOSTS", "localhost")
         .output()
         .unwrap()
 }
@@ -338,6 +340,38 @@ fn large_files_come_in_ranges_from_the_cdn_without_the_token() {
 }
 
 #[test]
+fn a_redirect_to_a_host_that_is_not_the_hubs_cdn_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub_root = dir.path().join("hub");
+    large_repo(&hub_root, "m", 2, 1);
+    let (_hub, endpoint, _) = serve_hub_with(&hub_root, cdn_on);
+    let store = dir.path().join("store");
+    let out = Command::new(BIN)
+        .args([
+            "pull",
+            "org/m",
+            "--store",
+            store.to_str().unwrap(),
+            "--endpoint",
+            &endpoint,
+        ])
+        .env_remove("HF_TOKEN")
+        .env_remove("MODELCACHE_CDN_HOSTS")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("neither the hub nor its CDN"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        walk(&store.join("blobs/sha256")).is_empty(),
+        "nothing stored"
+    );
+}
+
+#[test]
 fn an_expired_cdn_link_is_replaced_by_a_fresh_one() {
     let dir = tempfile::tempdir().unwrap();
     let hub_root = dir.path().join("hub");
@@ -466,6 +500,7 @@ fn pulls_killed_at_random_points_resume_and_end_verified() {
     for round in 0..5 {
         let mut child = Command::new(BIN)
             .args(args)
+            .env("MODELCACHE_CDN_HOSTS", "localhost")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -69,6 +69,8 @@ fn snapshot_download_from_serve_hub_yields_the_repo_files() {
         store.to_str().unwrap(),
         "--endpoint",
         endpoint.to_str().unwrap(),
+        "--cdn-hosts",
+        "localhost",
     ])
     .unwrap();
     let pulled = PathBuf::from(out.lines().last().expect("pull prints the snapshot").trim());

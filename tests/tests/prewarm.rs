@@ -49,7 +49,7 @@ async fn labelled_entries_are_fetched_and_marked_and_unlabelled_ones_become_ordi
 
     let store = Arc::new(Store::open(dir.path().join("store")).unwrap());
     let fetcher = Fetcher::new(
-        HubClient::new(&endpoint).unwrap(),
+        HubClient::new(&endpoint, &[]).unwrap(),
         store.clone(),
         Tuning::default(),
     );

@@ -7,6 +7,7 @@
 //! the hash and size are checked against the hub's tree before the blob becomes visible, and one
 //! download per blob runs on a node however many volumes ask for it ([`InFlight`]).
 
+mod budget;
 mod import;
 mod inflight;
 mod plan;
@@ -54,7 +55,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Semaphore;
 
 /// Why a fetch failed.
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +226,8 @@ struct Source<'a> {
     repo: &'a RepoId,
     commit: &'a str,
     token: Option<&'a Token>,
+    /// This fetch's share of the connections.
+    share: &'a budget::Share,
 }
 
 impl<'a> Source<'a> {
@@ -271,7 +273,7 @@ pub struct Fetcher {
     hub: HubClient,
     store: Arc<Store>,
     tuning: Tuning,
-    connections: Arc<Semaphore>,
+    connections: Arc<budget::Budget>,
     access: Arc<AccessCache>,
     inflight: Arc<InFlight>,
     sources: Sources,
@@ -294,7 +296,7 @@ impl Fetcher {
             hub,
             store,
             tuning,
-            connections: Arc::new(Semaphore::new(tuning.connections)),
+            connections: budget::Budget::new(tuning.connections),
             access: Arc::new(AccessCache::new(DEFAULT_ACCESS_TTL)),
             inflight: Arc::default(),
             sources: Sources::default(),
@@ -536,11 +538,13 @@ impl Fetcher {
         );
         // Garbage collection keeps these blobs until the snapshot links them.
         let _wanted = self.wanted.hold(files.iter().map(|f| f.hash.clone()));
+        let share = self.connections.share();
         let src = Source {
             kind,
             repo,
             commit,
             token,
+            share: &share,
         };
         let no_room = |source| FetchError::NoRoom {
             repo: repo.to_string(),
@@ -749,7 +753,7 @@ impl Fetcher {
         loop {
             let counted = AtomicU64::new(0);
             let res = self
-                .download(src.file(file), file, progress, &counted)
+                .download(src.file(file), src.share, file, progress, &counted)
                 .await;
             progress
                 .bytes_done
@@ -785,6 +789,7 @@ impl Fetcher {
     async fn download(
         &self,
         src: FileSource<'_>,
+        share: &budget::Share,
         file: &PlannedFile,
         progress: &Progress,
         counted: &AtomicU64,
@@ -793,7 +798,7 @@ impl Fetcher {
             let job = ranged::Job {
                 hub: &self.hub,
                 store: &self.store,
-                connections: &self.connections,
+                connections: share,
                 chunk_size: self.tuning.chunk_size,
                 parallel: self.tuning.connections,
                 src,
@@ -808,22 +813,20 @@ impl Fetcher {
                 }
             }
         }
-        self.download_stream(src, file, progress, counted).await
+        self.download_stream(src, share, file, progress, counted)
+            .await
     }
 
     /// Downloads a file in one request into staging, hashing as the bytes arrive.
     async fn download_stream(
         &self,
         src: FileSource<'_>,
+        share: &budget::Share,
         file: &PlannedFile,
         progress: &Progress,
         counted: &AtomicU64,
     ) -> Result<(), FetchError> {
-        let _permit = self
-            .connections
-            .acquire()
-            .await
-            .expect("the connection semaphore is never closed");
+        let _permit = share.acquire().await;
         let resp = self.hub.download(&src, None, None).await?;
         let tmp = self.store.staging_file()?;
         let std_file = tmp

@@ -19,7 +19,7 @@ use reqwest::StatusCode;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
 /// Bytes a connection holds (as received, not copied) before handing them to a write.
 const WRITE_BUFFER: usize = 128 << 10;
@@ -36,7 +36,7 @@ pub(super) enum Outcome {
 pub(super) struct Job<'a> {
     pub hub: &'a HubClient,
     pub store: &'a Arc<Store>,
-    pub connections: &'a Semaphore,
+    pub connections: &'a super::budget::Share,
     pub chunk_size: u64,
     /// Requests in flight at most (the size of `connections`).
     pub parallel: usize,
@@ -151,11 +151,8 @@ impl Job<'_> {
         self.counted.fetch_add(n, Ordering::Relaxed);
     }
 
-    async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
-        self.connections
-            .acquire()
-            .await
-            .expect("the connection semaphore is never closed")
+    async fn permit(&self) -> super::budget::Permit<'_> {
+        self.connections.acquire().await
     }
 
     /// Asks for bytes `[start, end)` and checks the answer is that range, or a whole file

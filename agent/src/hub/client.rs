@@ -67,15 +67,19 @@ pub struct HubClient {
 
 impl HubClient {
     /// A client of `endpoint` (e.g. `https://huggingface.co`). Every request names its token,
-    /// or none: there is no default, so no caller can lend one by accident.
-    pub fn new(endpoint: &str) -> Result<Self, HubError> {
+    /// or none: there is no default, so no caller can lend one by accident. Redirects may go
+    /// to the hub's host, to the Hugging Face CDN when the endpoint is the Hub, and to
+    /// `cdn_hosts` (each with its subdomains): a mirror's CDN.
+    pub fn new(endpoint: &str, cdn_hosts: &[String]) -> Result<Self, HubError> {
         // reqwest is built without a TLS crypto provider of its own; use ring, once per process.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let endpoint = endpoint.trim_end_matches('/').to_owned();
+        let allowed = AllowedHosts::for_endpoint(&endpoint, cdn_hosts);
         let http = reqwest::Client::builder()
             .user_agent(concat!("modelcache/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(60))
+            .redirect(allowed.redirect_policy())
             .build()
             .map_err(|source| HubError::Network {
                 url: endpoint.clone(),
@@ -155,15 +159,29 @@ impl HubClient {
         );
         let mut out = Vec::new();
         for _page in 0..10_000 {
-            let resp = self.send_retrying(&url, token, &ctx, None).await?;
+            let resp = self.send_json_retrying(&url, token, &ctx).await?;
             let next = next_link(resp.headers());
-            let page: Vec<TreeEntry> = resp.json().await.map_err(|e| HubError::Protocol {
-                url: url.clone(),
-                reason: format!("tree listing is not valid JSON: {e}"),
-            })?;
+            let page: Vec<TreeEntry> = read_json(resp, &url, "tree listing").await?;
             out.extend(page);
+            if out.len() > MAX_TREE_ENTRIES {
+                return Err(HubError::Protocol {
+                    url,
+                    reason: format!("tree listing has more than {MAX_TREE_ENTRIES} entries"),
+                });
+            }
             match next {
-                Some(n) => url = n,
+                // Pages come from the hub itself: a `next` link elsewhere is refused, so a
+                // hostile answer cannot send the client (and its token) to another host.
+                Some(n) if same_origin(&n, &self.endpoint) => url = n,
+                Some(n) => {
+                    return Err(HubError::Protocol {
+                        url,
+                        reason: format!(
+                            "tree listing's next page {} is not on the hub",
+                            crate::repo::clip_to(&n, 200)
+                        ),
+                    });
+                }
                 None => return Ok(out),
             }
         }
@@ -232,11 +250,19 @@ impl HubClient {
         token: Option<&Token>,
         ctx: &Ctx<'_>,
     ) -> Result<T, HubError> {
-        let resp = self.send_retrying(url, token, ctx, None).await?;
-        resp.json().await.map_err(|e| HubError::Protocol {
-            url: url.to_owned(),
-            reason: format!("not the JSON expected: {e}"),
-        })
+        let resp = self.send_json_retrying(url, token, ctx).await?;
+        read_json(resp, url, "answer").await
+    }
+
+    /// [`HubClient::send_retrying`] for a JSON answer: each try, body included, must end
+    /// within [`API_DEADLINE`].
+    async fn send_json_retrying(
+        &self,
+        url: &str,
+        token: Option<&Token>,
+        ctx: &Ctx<'_>,
+    ) -> Result<reqwest::Response, HubError> {
+        self.send(url, token, ctx, None, Some(API_DEADLINE)).await
     }
 
     /// GET with capped exponential backoff and jitter for transient failures (5xx, 429,
@@ -248,10 +274,24 @@ impl HubClient {
         ctx: &Ctx<'_>,
         range: Option<&str>,
     ) -> Result<reqwest::Response, HubError> {
+        self.send(url, token, ctx, range, None).await
+    }
+
+    async fn send(
+        &self,
+        url: &str,
+        token: Option<&Token>,
+        ctx: &Ctx<'_>,
+        range: Option<&str>,
+        deadline: Option<Duration>,
+    ) -> Result<reqwest::Response, HubError> {
         let once = || async {
             let mut req = self.get(url, token);
             if let Some(r) = range {
                 req = req.header(reqwest::header::RANGE, r);
+            }
+            if let Some(d) = deadline {
+                req = req.timeout(d);
             }
             let resp = req.send().await.map_err(|source| HubError::Network {
                 url: url.to_owned(),
@@ -267,6 +307,109 @@ impl HubClient {
             })
             .notify(|e, after| tracing::warn!(error = %e, retry_in = ?after, "hub request failed; retrying"))
             .await
+    }
+}
+
+/// The most bytes a JSON answer (a revision, a page of a tree) may hold: the Hub's pages of
+/// 1,000 entries take about 200 KB.
+pub const MAX_JSON_BYTES: usize = 16 << 20;
+
+/// The most entries a tree listing may hold over all its pages.
+pub const MAX_TREE_ENTRIES: usize = 2_000_000;
+
+/// How long one try of a JSON request may take, answer included.
+pub const API_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Reads a JSON answer of at most [`MAX_JSON_BYTES`].
+async fn read_json<T: serde::de::DeserializeOwned>(
+    mut resp: reqwest::Response,
+    url: &str,
+    what: &str,
+) -> Result<T, HubError> {
+    let too_big = || HubError::Protocol {
+        url: url.to_owned(),
+        reason: format!("{what} is larger than {MAX_JSON_BYTES} bytes"),
+    };
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_JSON_BYTES as u64)
+    {
+        return Err(too_big());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|source| HubError::Network {
+        url: url.to_owned(),
+        source,
+    })? {
+        if body.len() + chunk.len() > MAX_JSON_BYTES {
+            return Err(too_big());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|e| HubError::Protocol {
+        url: url.to_owned(),
+        reason: format!("{what} is not the JSON expected: {e}"),
+    })
+}
+
+/// The hosts a request may be redirected to: the hub's own, and for the Hugging Face Hub its
+/// CDN (`*.hf.co`, `*.huggingface.co`). A redirect anywhere else is refused.
+#[derive(Debug, Clone)]
+struct AllowedHosts {
+    /// Exact hosts.
+    hosts: Vec<String>,
+    /// Domains whose subdomains are allowed.
+    domains: Vec<String>,
+}
+
+impl AllowedHosts {
+    fn for_endpoint(endpoint: &str, cdn_hosts: &[String]) -> Self {
+        let host = reqwest::Url::parse(endpoint)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+            .unwrap_or_default();
+        let mut domains = vec![host.clone()];
+        if host == "huggingface.co" || host.ends_with(".huggingface.co") || host == "hf.co" {
+            domains.extend(["huggingface.co".to_owned(), "hf.co".to_owned()]);
+        }
+        domains.extend(
+            cdn_hosts
+                .iter()
+                .map(|h| h.trim().trim_start_matches('.').to_ascii_lowercase())
+                .filter(|h| !h.is_empty()),
+        );
+        AllowedHosts {
+            hosts: vec![host],
+            domains,
+        }
+    }
+
+    fn allows(&self, url: &reqwest::Url) -> bool {
+        let Some(host) = url.host_str().map(str::to_ascii_lowercase) else {
+            return false;
+        };
+        self.hosts.contains(&host)
+            || self.domains.iter().any(|d| {
+                host == *d
+                    || host
+                        .strip_suffix(d.as_str())
+                        .is_some_and(|p| p.ends_with('.'))
+            })
+    }
+
+    fn redirect_policy(self) -> reqwest::redirect::Policy {
+        reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= 10 {
+                attempt.error("more than 10 redirects")
+            } else if !self.allows(attempt.url()) {
+                let to = attempt.url().host_str().unwrap_or("").to_owned();
+                attempt.error(format!(
+                    "redirect to {to}, which is neither the hub nor its CDN"
+                ))
+            } else {
+                attempt.follow()
+            }
+        })
     }
 }
 
@@ -522,6 +665,62 @@ mod tests {
         assert!(!same_origin("http://localhost:8080/cdn/x", hub));
         assert!(!same_origin("http://127.0.0.1:9090/cdn/x", hub));
         assert!(!same_origin("https://127.0.0.1:8080/x", hub));
+    }
+
+    #[tokio::test]
+    async fn json_answers_are_bounded() {
+        let resp = |body: Vec<u8>| reqwest::Response::from(axum::http::Response::new(body));
+        let ok: Vec<u32> = read_json(resp(b"[1,2]".to_vec()), "u", "page")
+            .await
+            .unwrap();
+        assert_eq!(ok, [1, 2]);
+        // Larger than the bound: refused, whether or not the length was announced.
+        let mut big = b"[".to_vec();
+        big.resize(MAX_JSON_BYTES + 10, b' ');
+        big.push(b']');
+        let err = read_json::<Vec<u32>>(resp(big), "u", "page")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
+        let streamed = reqwest::Body::wrap_stream(futures::stream::iter(
+            (0..20).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1 << 20])),
+        ));
+        let err = read_json::<Vec<u32>>(
+            reqwest::Response::from(axum::http::Response::new(streamed)),
+            "u",
+            "page",
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
+    }
+
+    #[test]
+    fn redirects_go_only_to_the_hub_and_its_cdn() {
+        let url = |u: &str| reqwest::Url::parse(u).unwrap();
+        let hf = AllowedHosts::for_endpoint("https://huggingface.co", &[]);
+        for ok in [
+            "https://huggingface.co/x",
+            "https://cdn-lfs.hf.co/x",
+            "https://cas-bridge.xethub.hf.co/x",
+            "https://cdn-lfs.huggingface.co/x",
+        ] {
+            assert!(hf.allows(&url(ok)), "{ok}");
+        }
+        for bad in [
+            "https://evil.example/x",
+            "https://hf.co.evil.example/x",
+            "https://evilhf.co/x",
+            "http://169.254.169.254/latest/meta-data",
+        ] {
+            assert!(!hf.allows(&url(bad)), "{bad}");
+        }
+        let mirror =
+            AllowedHosts::for_endpoint("http://127.0.0.1:8080", &["cdn.mirror.example".into()]);
+        assert!(mirror.allows(&url("http://127.0.0.1:9999/cdn")));
+        assert!(mirror.allows(&url("https://eu.cdn.mirror.example/x")));
+        assert!(!mirror.allows(&url("http://localhost:8080/x")));
+        assert!(!mirror.allows(&url("https://cdn-lfs.hf.co/x")));
     }
 
     #[test]
