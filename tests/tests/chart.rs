@@ -166,6 +166,14 @@ fn the_defaults_run_a_node_the_binaries_accept() {
     assert_eq!(plugin.node_id.as_deref(), Some("node-a"));
     assert_eq!(plugin.endpoint, "unix:///csi/csi.sock");
     assert_eq!(plugin.publish_wait_seconds, 60);
+    // It refuses targets outside kubelet's pods directory and inside the store.
+    assert_eq!(plugin.store, store.store);
+    let pods_dir = mount(container(ds, "plugin"), "pods-dir")["mountPath"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(plugin.target_root, Some(PathBuf::from(pods_dir)));
+    assert!(hub.cdn_hosts.is_empty());
 
     // Only the plugin is privileged: its mounts must propagate to the host.
     let agent_c = container(ds, "agent");
@@ -285,6 +293,11 @@ fn every_value_of_the_full_values_file_arrives_where_it_must() {
         ),
         (60, 16, 64, 32)
     );
+    assert_eq!(
+        hub.cdn_hosts,
+        ["cdn.mirror.example", "files.mirror.example"]
+    );
+    assert_eq!(csi_cli(ds).store, PathBuf::from("/mnt/nvme0/modelcache"));
     let env = &container(ds, "agent")["env"];
     let token = env
         .as_array()

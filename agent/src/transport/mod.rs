@@ -1,6 +1,9 @@
 //! gRPC over unix sockets, for both ends: the agent and the CSI plugin serve on one, the CSI
-//! plugin is a client of the agent's.
+//! plugin is a client of the agent's. Servers accept any `:authority` ([`AuthorityFix`]).
 
+mod authority;
+
+pub use authority::AuthorityFix;
 use hyper_util::rt::TokioIo;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -26,8 +29,11 @@ pub fn unix_socket_path(endpoint: &str) -> Result<PathBuf, String> {
 /// the socket is made under a temporary name, its mode set, then renamed into place, so no
 /// client ever sees it open to others. A stale socket a previous run left is replaced; a socket
 /// another process still serves, or any other file, is an error.
-pub fn bind_unix(path: &Path) -> io::Result<UnixListenerStream> {
+pub fn bind_unix(
+    path: &Path,
+) -> io::Result<impl tokio_stream::Stream<Item = io::Result<AuthorityFix<UnixStream>>>> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use tokio_stream::StreamExt;
     let dir = path.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir)?;
     match std::fs::symlink_metadata(path) {
@@ -64,7 +70,8 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListenerStream> {
         let _ = std::fs::remove_file(&temp);
         return Err(e);
     }
-    Ok(UnixListenerStream::new(listener))
+    // Any `:authority` a client sends is accepted (see [`AuthorityFix`]).
+    Ok(UnixListenerStream::new(listener).map(|c| c.map(AuthorityFix::new)))
 }
 
 /// A channel to a gRPC server on a unix socket. Connects lazily, and reconnects after the
@@ -124,7 +131,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("s.sock");
         let _live = bind_unix(&sock).unwrap();
-        let err = bind_unix(&sock).unwrap_err();
+        let Err(err) = bind_unix(&sock) else {
+            panic!("a live socket was taken over")
+        };
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
         assert!(err.to_string().contains("another running process"), "{err}");
     }
