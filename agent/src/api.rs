@@ -353,6 +353,8 @@ impl AgentApi {
         );
         let mut flights = self.flights.lock().expect("flights lock");
         if let Some(f) = flights.get(&key) {
+            let join = CacheResult { result: "join" };
+            self.metrics.publishes.get_or_create(&join).inc();
             return Ok(f.clone());
         }
         let progress = Arc::new(Progress::default());
@@ -891,6 +893,60 @@ mod tests {
             !dir.path().join("pins.json").exists(),
             "a refused pin wrote nothing"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn publishes_that_join_a_running_fetch_are_counted() {
+        use crate::hub::server;
+        let dir = tempfile::tempdir().unwrap();
+        let repo_dir = dir.path().join("hub/models/org/slow");
+        std::fs::create_dir_all(&repo_dir).unwrap();
+        std::fs::write(repo_dir.join("config.json"), b"{}").unwrap();
+        let hub = server::Hub {
+            catalog: crate::hub::catalog::Catalog::load(&dir.path().join("hub")).unwrap(),
+            gated: Default::default(),
+            faults: server::Faults {
+                // Every answer waits: the fetch is still running when the others ask.
+                latency: Duration::from_millis(300),
+                ..Default::default()
+            },
+            cdn: None,
+            cdn_link_ttl: Duration::from_secs(60),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        tokio::spawn(server::serve(listener, Arc::new(hub), stop.clone()));
+        let store = Arc::new(crate::store::Store::open(dir.path().join("store")).unwrap());
+        let client = crate::hub::HubClient::new(&endpoint, &[]).unwrap();
+        let api = AgentApi::new(
+            Fetcher::new(client, store, Default::default()),
+            Watermarks::default(),
+            Arc::new(crate::mounts::ProcMountTable),
+            stop.clone(),
+        )
+        .unwrap();
+        let model = ModelRef {
+            kind: RepoKind::Model,
+            repo: RepoId::parse("org/slow").unwrap(),
+            revision: Revision::main(),
+        };
+        let all = FileFilter::default();
+        for _ in 0..3 {
+            let got = api
+                .ensure(&model, &all, None, Duration::ZERO)
+                .await
+                .unwrap();
+            assert!(matches!(got, Ensured::Fetching { .. }), "{got:?}");
+        }
+        let count = |result| {
+            api.metrics()
+                .publishes
+                .get_or_create(&CacheResult { result })
+                .get()
+        };
+        assert_eq!((count("miss"), count("join")), (1, 2));
+        stop.cancel();
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! `--metrics-listen`:
 //!
 //! - `/metrics`: the store (bytes used and capacity of its filesystem, bytes of blobs,
-//!   snapshots, pins), read at each scrape; publishes that found their model in the store or
-//!   started a fetch; fetches by outcome and their durations; bytes fetched per source (their
+//!   snapshots, pins), read at each scrape; publishes that found their model in the store,
+//!   started a fetch or joined one; fetches by outcome and their durations; bytes fetched per source (their
 //!   rate is the download throughput); evictions and bytes freed per reason; hub errors per kind.
 //! - `/healthz`: the process answers.
 //! - `/readyz`: the agent API is serving and the store is readable.
@@ -61,7 +61,7 @@ impl Metrics {
         let publishes = Family::<CacheResult, Counter>::default();
         registry.register(
             "publishes",
-            "Publishes that found their model in the store (hit) or started its fetch (miss)",
+            "Publishes that found their model in the store (hit), started its fetch (miss) or joined a fetch already running (join)",
             publishes.clone(),
         );
         let fetches = Family::<FetchResult, Counter>::default();
