@@ -357,32 +357,21 @@ impl Evictor {
         let _running = self.running.lock().expect("eviction lock");
         let mut report = Report::default();
         let keep = |h: &_| self.wanted.contains(h);
-        let (_, orphans) = self.store.collect_garbage(keep)?;
-        if orphans > 0 {
-            tracing::info!(
-                reason = reason.as_str(),
-                bytes = orphans,
-                "evicted blobs no snapshot uses"
-            );
-            self.stats
-                .of(reason)
-                .bytes
-                .fetch_add(orphans, Ordering::Relaxed);
-        }
+        let freed = |bytes: u64, what: &str| {
+            if bytes > 0 {
+                tracing::info!(reason = reason.as_str(), bytes, "evicted {what}");
+                self.stats
+                    .of(reason)
+                    .bytes
+                    .fetch_add(bytes, Ordering::Relaxed);
+            }
+        };
+        let (_, blobs) = self.store.collect_garbage(keep)?;
+        freed(blobs, "blobs no snapshot uses");
         // Partial downloads no running fetch has open: a failed download's bytes.
         let (_, partials) = self.store.reclaim_partials()?;
-        if partials > 0 {
-            tracing::info!(
-                reason = reason.as_str(),
-                bytes = partials,
-                "evicted abandoned partial downloads"
-            );
-            self.stats
-                .of(reason)
-                .bytes
-                .fetch_add(partials, Ordering::Relaxed);
-        }
-        let orphans = orphans + partials;
+        freed(partials, "abandoned partial downloads");
+        let orphans = blobs + partials;
         report.orphan_bytes = orphans;
         let now = unix(SystemTime::now());
         // Pre-warmed last, then least recently used first.

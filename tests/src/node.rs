@@ -275,6 +275,18 @@ impl LocalNode {
             .snapshots)
     }
 
+    /// The volumes that pin any snapshot, sorted.
+    pub async fn pinned_volumes(&mut self) -> Result<Vec<String>, Status> {
+        let mut all: Vec<String> = self
+            .snapshots()
+            .await?
+            .into_iter()
+            .flat_map(|s| s.pinned_by)
+            .collect();
+        all.sort();
+        Ok(all)
+    }
+
     /// The agent's snapshots of one repo.
     pub async fn snapshots_of(&mut self, repo: &str) -> Result<Vec<pb::SnapshotInfo>, Status> {
         let mut all = self.snapshots().await?;

@@ -120,13 +120,7 @@ async fn restarts_leave_mounts_working_and_unpublish_still_cleans_up() {
     // The agent restarts: the mount stays, its pin survives, and unpublish releases it.
     node.restart_agent().await.unwrap();
     assert_same_tree(&repo_dir, &b);
-    let pins: Vec<String> = node
-        .snapshots()
-        .await
-        .unwrap()
-        .into_iter()
-        .flat_map(|s| s.pinned_by)
-        .collect();
+    let pins = node.pinned_volumes().await.unwrap();
     assert_eq!(pins, ["vol-b"], "pins after an agent restart");
     // A publish retried after the restart is idempotent and needs no download.
     node.publish("vol-b", &b, &[("model", TINY)], |_| {})

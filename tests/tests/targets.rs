@@ -37,15 +37,7 @@ async fn publish_at(
 }
 
 async fn pins_of(node: &mut LocalNode) -> Vec<String> {
-    let mut all: Vec<String> = node
-        .snapshots()
-        .await
-        .unwrap()
-        .into_iter()
-        .flat_map(|s| s.pinned_by)
-        .collect();
-    all.sort();
-    all
+    node.pinned_volumes().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
