@@ -63,6 +63,7 @@ pub struct Resolved {
 pub struct HubClient {
     http: reqwest::Client,
     endpoint: String,
+    api_deadline: Duration,
 }
 
 impl HubClient {
@@ -85,7 +86,17 @@ impl HubClient {
                 url: endpoint.clone(),
                 source,
             })?;
-        Ok(HubClient { http, endpoint })
+        Ok(HubClient {
+            http,
+            endpoint,
+            api_deadline: API_DEADLINE,
+        })
+    }
+
+    /// Gives each try of a JSON request `deadline` instead of [`API_DEADLINE`].
+    pub fn with_api_deadline(mut self, deadline: Duration) -> Self {
+        self.api_deadline = deadline;
+        self
     }
 
     /// The base URL.
@@ -262,7 +273,8 @@ impl HubClient {
         token: Option<&Token>,
         ctx: &Ctx<'_>,
     ) -> Result<reqwest::Response, HubError> {
-        self.send(url, token, ctx, None, Some(API_DEADLINE)).await
+        self.send(url, token, ctx, None, Some(self.api_deadline))
+            .await
     }
 
     /// GET with capped exponential backoff and jitter for transient failures (5xx, 429,
@@ -603,6 +615,7 @@ fn next_link(headers: &reqwest::header::HeaderMap) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
 
     #[test]
     fn token_debug_hides_the_secret() {
@@ -665,6 +678,42 @@ mod tests {
         assert!(!same_origin("http://localhost:8080/cdn/x", hub));
         assert!(!same_origin("http://127.0.0.1:9090/cdn/x", hub));
         assert!(!same_origin("https://127.0.0.1:8080/x", hub));
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_never_ends_fails_within_the_deadline() {
+        use axum::body::Body;
+        // Headers at once, then a body that never ends: the per-read timeout alone (60 s)
+        // would wait for ever on a trickle; the deadline ends each try.
+        let app = axum::Router::new().fallback(|| async {
+            let stream = futures::stream::once(async { Ok::<_, std::io::Error>(b"{".to_vec()) })
+                .chain(futures::stream::pending());
+            Body::from_stream(stream)
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = HubClient::new(&endpoint, &[])
+            .unwrap()
+            .with_api_deadline(Duration::from_millis(200));
+        let model = ModelRef {
+            kind: RepoKind::Model,
+            repo: RepoId::parse("o/r").unwrap(),
+            revision: crate::repo::Revision::main(),
+        };
+        let started = std::time::Instant::now();
+        let res = tokio::time::timeout(
+            Duration::from_secs(30),
+            client.resolve_revision(&model, None),
+        )
+        .await
+        .expect("the request ended");
+        assert!(res.is_err());
+        assert!(
+            started.elapsed() < Duration::from_secs(25),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
