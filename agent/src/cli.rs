@@ -109,7 +109,7 @@ impl StoreArgs {
 #[derive(clap::Args)]
 pub struct HubArgs {
     /// Hub base URL; HF_ENDPOINT overrides the default, as in huggingface_hub.
-    #[arg(long, env = "HF_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+    #[arg(long, env = "HF_ENDPOINT", default_value = DEFAULT_ENDPOINT, value_parser = parse_endpoint)]
     pub endpoint: String,
     /// Hub token for gated and private repos (read from HF_TOKEN; never logged). `run` uses it
     /// to pre-warm, never for a volume: a volume reads with its own token alone (see
@@ -130,10 +130,12 @@ pub struct HubArgs {
     #[arg(long, env = "MODELCACHE_ACCESS_CACHE_SECONDS", default_value_t = 30)]
     pub access_cache_seconds: u64,
     /// Files downloaded at once.
-    #[arg(long, env = "MODELCACHE_PARALLEL_FILES", default_value_t = Tuning::default().files)]
+    #[arg(long, env = "MODELCACHE_PARALLEL_FILES", default_value_t = Tuning::default().files,
+          value_parser = at_least_one)]
     pub parallel_files: usize,
     /// HTTP requests in flight at once, over all files (large files use several).
-    #[arg(long, env = "MODELCACHE_CONNECTIONS", default_value_t = Tuning::default().connections)]
+    #[arg(long, env = "MODELCACHE_CONNECTIONS", default_value_t = Tuning::default().connections,
+          value_parser = at_least_one)]
     pub connections: usize,
     /// Files larger than this many MiB are fetched in ranges of this size, in parallel and
     /// resumably.
@@ -330,6 +332,27 @@ impl EvictionArgs {
     }
 }
 
+/// A count that must be at least one.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
+}
+
+/// A hub endpoint: an http or https URL with a host, checked when the flag is read.
+fn parse_endpoint(s: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(s)
+        .map_err(|e| format!("{s:?} is not a URL ({e}); write it as https://host[:port]"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!(
+            "{s:?} is not an http(s) URL with a host; write it as https://host[:port]"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
 fn parse_namespaced(s: &str) -> Result<(String, String), String> {
     match s.split_once('/') {
         Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
@@ -354,4 +377,34 @@ fn parse_gated(s: &str) -> Result<(RepoId, Vec<String>), String> {
         return Err("a gated repo needs at least one token".into());
     }
     Ok((repo, tokens))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        Cli::try_parse_from(["modelcache-agent", "pull", "org/m"].iter().chain(args))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn zero_concurrency_and_non_http_endpoints_are_refused_when_parsed() {
+        for (args, want) in [
+            (&["--connections", "0"][..], "at least 1"),
+            (&["--parallel-files", "0"][..], "at least 1"),
+            (&["--endpoint", "notaurl"][..], "not a URL"),
+            (
+                &["--endpoint", "ftp://mirror.example"][..],
+                "not an http(s) URL",
+            ),
+        ] {
+            let err = parse(args)
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} accepted"));
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+        parse(&["--endpoint", "http://127.0.0.1:8080", "--connections", "1"]).unwrap();
+    }
 }

@@ -251,3 +251,28 @@ async fn a_publish_wait_beyond_kubelets_timeout_is_refused() {
         "it must not start serving"
     );
 }
+
+#[test]
+fn logs_to_a_file_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("c.sock");
+    let log = dir.path().join("plugin.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modelcache-csi"))
+        .args(["--mode", "controller", "--endpoint"])
+        .arg(format!("unix://{}", sock.display()))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log).unwrap().contains("listening") {
+        assert!(Instant::now() < deadline, "the plugin never logged");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour codes in a log file:\n{text:?}"
+    );
+}
