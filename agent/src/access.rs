@@ -6,7 +6,7 @@
 //! sha256, never kept.
 
 use crate::hub::client::Token;
-use crate::repo::{ModelRef, RepoId, RepoKind};
+use modelcache_core::repo::{ModelRef, RepoId, RepoKind};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -66,7 +66,7 @@ impl AccessCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::Revision;
+    use modelcache_core::repo::Revision;
 
     fn model(rev: &str) -> ModelRef {
         ModelRef {

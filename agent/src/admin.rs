@@ -5,9 +5,9 @@
 //! `STORE/quarantine/` and takes down the unpinned snapshots that showed them, so the next pull
 //! downloads them again.
 
-use crate::hash::{ContentHash, hash_file};
-use crate::repo::{RepoId, RepoKind};
 use crate::store::{Pins, Snapshot, Store, StoreError};
+use modelcache_core::hash::{ContentHash, hash_file};
+use modelcache_core::repo::{RepoId, RepoKind};
 use serde::Serialize;
 use std::collections::BTreeSet;
 use std::fs;
@@ -362,10 +362,10 @@ pub fn render_verify(r: &VerifyReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::{RepoPath, Revision};
-    use crate::store::Layout;
     use crate::store::tests::put_blob;
     use crate::store::{PinRecord, SnapshotFile};
+    use modelcache_core::Layout;
+    use modelcache_core::repo::{RepoPath, Revision};
     use std::os::unix::fs::PermissionsExt;
 
     fn pin(store: &Store, volume: &str, snap: &Snapshot) {

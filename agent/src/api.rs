@@ -11,14 +11,15 @@
 use crate::events::{PodEvents, PodRef};
 use crate::evict::{Evictor, Statvfs, Watermarks};
 use crate::fetch::{FetchError, Fetcher, Progress};
-use crate::filter::FileFilter;
 use crate::hub::HubError;
 use crate::hub::client::Token;
 use crate::metrics::{CacheResult, Metrics};
 use crate::mounts::MountTable;
 use crate::prewarm::Catalogue;
-use crate::repo::{InvalidInput, ModelRef, RepoId, RepoKind, Revision, is_commit_id};
-use crate::store::{Layout, PinRecord, Pins, Reconciled, Snapshot, Store, StoreError, unix};
+use crate::store::{PinRecord, Pins, Reconciled, Snapshot, Store, StoreError, unix};
+use modelcache_core::filter::FileFilter;
+use modelcache_core::repo::{InvalidInput, ModelRef, RepoId, RepoKind, is_commit_id};
+use modelcache_core::wire::{kind_to_proto, layout_from_proto, model_from_proto};
 use modelcache_proto::agent_v1 as pb;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -101,7 +102,7 @@ impl From<ApiError> for Status {
                 }
             },
         };
-        Status::new(code, crate::repo::clip(&e.to_string()))
+        Status::new(code, modelcache_core::repo::clip(&e.to_string()))
     }
 }
 
@@ -625,45 +626,6 @@ impl AgentApi {
     }
 }
 
-/// Converts the wire model reference, validating every field.
-pub fn model_from_proto(m: Option<pb::ModelRef>) -> Result<(ModelRef, FileFilter), ApiError> {
-    let m = m.ok_or(ApiError::Missing("model"))?;
-    let kind = match pb::RepoKind::try_from(m.kind) {
-        Ok(pb::RepoKind::Dataset) => RepoKind::Dataset,
-        _ => RepoKind::Model,
-    };
-    let revision = if m.revision.is_empty() {
-        Revision::main()
-    } else {
-        Revision::parse(&m.revision)?
-    };
-    let filter = FileFilter::new(&m.include, &m.exclude)?;
-    let model = ModelRef {
-        kind,
-        repo: RepoId::parse(&m.repo)?,
-        revision,
-    };
-    Ok((model, filter))
-}
-
-/// The wire form of a model reference and file filter.
-pub fn model_to_proto(m: &ModelRef, filter: &FileFilter) -> pb::ModelRef {
-    pb::ModelRef {
-        kind: kind_to_proto(m.kind) as i32,
-        repo: m.repo.to_string(),
-        revision: m.revision.to_string(),
-        include: filter.include().to_vec(),
-        exclude: filter.exclude().to_vec(),
-    }
-}
-
-fn kind_to_proto(k: RepoKind) -> pb::RepoKind {
-    match k {
-        RepoKind::Model => pb::RepoKind::Model,
-        RepoKind::Dataset => pb::RepoKind::Dataset,
-    }
-}
-
 #[tonic::async_trait]
 impl pb::agent_server::Agent for AgentApi {
     async fn ensure(
@@ -671,7 +633,7 @@ impl pb::agent_server::Agent for AgentApi {
         req: Request<pb::EnsureRequest>,
     ) -> Result<Response<pb::EnsureResponse>, Status> {
         let req = req.into_inner();
-        let (model, filter) = model_from_proto(req.model)?;
+        let (model, filter) = model_from_proto(req.model).map_err(ApiError::from)?;
         let span = tracing::info_span!(
             "ensure",
             model.repo = %model.repo,
@@ -679,16 +641,7 @@ impl pb::agent_server::Agent for AgentApi {
             model.commit = tracing::field::Empty
         );
         let wait = Duration::from_millis(req.wait_ms.into());
-        let layout = match pb::Layout::try_from(req.layout) {
-            Ok(pb::Layout::HfCache) => Layout::HfCache,
-            Ok(pb::Layout::Snapshot) => Layout::Snapshot,
-            Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "unknown layout {}",
-                    req.layout
-                )));
-            }
-        };
+        let layout = layout_from_proto(req.layout).map_err(ApiError::from)?;
         let state = self
             .ensure(
                 &model,
@@ -733,7 +686,7 @@ impl pb::agent_server::Agent for AgentApi {
 
     async fn pin(&self, req: Request<pb::PinRequest>) -> Result<Response<pb::PinResponse>, Status> {
         let req = req.into_inner();
-        let (model, filter) = model_from_proto(req.model)?;
+        let (model, filter) = model_from_proto(req.model).map_err(ApiError::from)?;
         if !is_commit_id(&req.commit) {
             return Err(Status::invalid_argument(format!(
                 "commit {:?} is not a 40-hex commit",
@@ -929,7 +882,7 @@ mod tests {
         let model = ModelRef {
             kind: RepoKind::Model,
             repo: RepoId::parse("org/slow").unwrap(),
-            revision: Revision::main(),
+            revision: modelcache_core::repo::Revision::main(),
         };
         let all = FileFilter::default();
         for _ in 0..3 {
@@ -947,32 +900,5 @@ mod tests {
         };
         assert_eq!((count("miss"), count("join")), (1, 2));
         stop.cancel();
-    }
-
-    #[test]
-    fn model_refs_are_validated() {
-        let m = |repo: &str, rev: &str| {
-            model_from_proto(Some(pb::ModelRef {
-                kind: pb::RepoKind::Dataset as i32,
-                repo: repo.into(),
-                revision: rev.into(),
-                ..Default::default()
-            }))
-        };
-        let (ok, all) = m("o/r", "").unwrap();
-        assert_eq!((ok.kind, ok.revision.as_str()), (RepoKind::Dataset, "main"));
-        assert!(all.is_all());
-        assert!(m("o/../r", "main").is_err());
-        assert!(m("o/r", "../x").is_err());
-        assert!(model_from_proto(None).is_err());
-        let filter = FileFilter::from_lists("*.json", "tok*").unwrap();
-        let back = model_from_proto(Some(model_to_proto(&ok, &filter))).unwrap();
-        assert_eq!(back, (ok, filter));
-        let mut bad = model_to_proto(&back.0, &back.1);
-        bad.include = vec!["[x".into()];
-        assert_eq!(
-            Status::from(model_from_proto(Some(bad)).unwrap_err()).code(),
-            tonic::Code::InvalidArgument
-        );
     }
 }

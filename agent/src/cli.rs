@@ -1,37 +1,15 @@
-//! The command line of `modelcache-agent` (its flags, in the library so that tests can check
-//! what the Helm chart passes), and what every modelcache binary's `main` does after parsing its
-//! flags: run the async program on a multi-threaded runtime and turn an error into `error: …`
-//! with its causes and exit code 1, never a backtrace.
+//! The command line of `modelcache-agent`: its flags, in the library so that tests can check
+//! what the Helm chart passes.
 
 use crate::evict::Watermarks;
 use crate::fetch::{Tier, Tuning};
 use crate::hub::client::DEFAULT_ENDPOINT;
-use crate::repo::RepoId;
 use crate::store::Store;
-use crate::telemetry::LogFormat;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use std::future::Future;
+use modelcache_core::repo::RepoId;
+use modelcache_core::telemetry::LogFormat;
 use std::path::PathBuf;
-use std::process::ExitCode;
-
-/// Runs `program` to completion and maps its result to the process exit code.
-pub fn run_main(program: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(program) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
 
 /// modelcache node agent: fills a node's model store from a Hugging Face–compatible hub and
 /// serves it to the modelcache CSI plugin.

@@ -250,10 +250,10 @@ impl NodeLabeller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::{RepoId, RepoKind, RepoPath};
     use crate::store::SnapshotFile;
     use axum::extract::{Path as UrlPath, RawQuery};
     use axum::http::HeaderMap;
+    use modelcache_core::repo::{RepoId, RepoKind, RepoPath};
     use std::sync::Mutex;
 
     /// A request the fake API server saw.

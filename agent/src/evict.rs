@@ -518,8 +518,8 @@ fn over(used: u64, total: u64, pct: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::{RepoId, RepoKind, RepoPath};
     use crate::store::{PinRecord, SnapshotFile};
+    use modelcache_core::repo::{RepoId, RepoKind, RepoPath};
 
     /// A disk of `total` bytes holding only the store's blobs.
     #[derive(Debug)]

@@ -20,7 +20,7 @@
 //!   for a sha256 collision in 48 bits.
 //! - The value is the first 12 hex digits of the commit the node holds.
 
-use crate::repo::{RepoId, RepoKind};
+use modelcache_core::repo::{RepoId, RepoKind};
 use sha2::{Digest, Sha256};
 
 /// The label prefix of models.

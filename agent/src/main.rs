@@ -8,15 +8,16 @@ use modelcache_agent::cli::{Cli, Command, HubArgs, StoreArgs};
 use modelcache_agent::cluster;
 use modelcache_agent::events::PodEvents;
 use modelcache_agent::fetch::{Fetcher, Progress, Sources, Tuning};
-use modelcache_agent::filter::FileFilter;
 use modelcache_agent::hub::catalog::Catalog;
 use modelcache_agent::hub::client::Token;
 use modelcache_agent::hub::{HubClient, server};
 use modelcache_agent::mounts::ProcMountTable;
-use modelcache_agent::repo::{ModelRef, RepoId, RepoKind, Revision};
 use modelcache_agent::shared_cache::SharedCache;
-use modelcache_agent::telemetry;
-use modelcache_agent::{admin, progress, shutdown, transport};
+use modelcache_agent::{admin, progress};
+use modelcache_core::filter::FileFilter;
+use modelcache_core::repo::{ModelRef, RepoId, RepoKind, Revision};
+use modelcache_core::telemetry;
+use modelcache_core::{shutdown, transport};
 use modelcache_proto::agent_v1::agent_server::AgentServer;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -60,7 +61,7 @@ fn fetcher(store: &StoreArgs, hub: &HubArgs) -> anyhow::Result<Fetcher> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
-    modelcache_agent::cli::run_main(run(cli))
+    modelcache_core::process::run_main(run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -173,7 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let repo = RepoId::parse(&repo)?;
             if let Some(c) = &commit {
                 anyhow::ensure!(
-                    modelcache_agent::repo::is_commit_id(c),
+                    modelcache_core::repo::is_commit_id(c),
                     "--commit {c:?} is not a 40-hex commit: `modelcache-agent ls` shows them"
                 );
             }

@@ -12,10 +12,10 @@
 //! wanted sets, emitting only when the set changes. The watches that feed it live with the
 //! Kubernetes client.
 
-use crate::filter::FileFilter;
 use crate::labels::is_valid_label_value;
-use crate::repo::{ModelRef, RepoId, RepoKind, Revision};
 use futures::{Stream, StreamExt};
+use modelcache_core::filter::FileFilter;
+use modelcache_core::repo::{ModelRef, RepoId, RepoKind, Revision};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -20,8 +20,8 @@
 //! - a blob's name is only a claim: the importer (`fetch::import`) hashes the bytes it copies;
 //! - a ref must hold a 40-hex commit, and snapshot paths pass [`RepoPath`]'s checks.
 
-use crate::hash::{Algo, ContentHash};
-use crate::repo::{RepoId, RepoKind, RepoPath, Revision, cache_folder, is_commit_id};
+use modelcache_core::hash::{Algo, ContentHash};
+use modelcache_core::repo::{RepoId, RepoKind, RepoPath, Revision, cache_folder, is_commit_id};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 use nix::sys::stat::{FileStat, SFlag, fstat};
@@ -467,7 +467,7 @@ mod tests {
     const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
     fn sha1_of(bytes: &[u8]) -> ContentHash {
-        let mut h = crate::hash::Hasher::new(Algo::GitSha1, bytes.len() as u64);
+        let mut h = modelcache_core::hash::Hasher::new(Algo::GitSha1, bytes.len() as u64);
         h.update(bytes);
         h.finish()
     }

@@ -3,8 +3,7 @@
 //! over the agent's unix socket.
 
 use crate::attributes::VolumeAttributes;
-use modelcache_agent::api::model_to_proto;
-use modelcache_agent::store::Layout;
+use modelcache_core::wire::{layout_to_proto, model_to_proto};
 use modelcache_proto::agent_v1 as pb;
 use pb::agent_client::AgentClient as GrpcClient;
 use std::path::PathBuf;
@@ -65,7 +64,7 @@ impl AgentClient {
     /// A client of the agent at `socket`; connects lazily and reconnects after agent restarts.
     pub fn new(socket: &std::path::Path) -> Self {
         AgentClient {
-            client: GrpcClient::new(modelcache_agent::transport::connect_unix(socket)),
+            client: GrpcClient::new(modelcache_core::transport::connect_unix(socket)),
         }
     }
 }
@@ -84,13 +83,9 @@ impl ModelAgent for AgentClient {
         token: Option<String>,
         wait: Duration,
     ) -> Result<Ensured, Status> {
-        let layout = match volume.layout {
-            Layout::Snapshot => pb::Layout::Snapshot,
-            Layout::HfCache => pb::Layout::HfCache,
-        };
         let req = pb::EnsureRequest {
             model: Some(model_to_proto(&volume.model, &volume.filter)),
-            layout: layout as i32,
+            layout: layout_to_proto(volume.layout) as i32,
             wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
             token: token.unwrap_or_default(),
             pod: volume.pod.clone().unwrap_or_default(),

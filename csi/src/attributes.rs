@@ -3,9 +3,9 @@
 //! error in `kubectl describe pod` instead of a silently ignored setting.
 
 use crate::error::{Error, Result};
-use modelcache_agent::filter::FileFilter;
-use modelcache_agent::repo::{ModelRef, RepoId, RepoKind, Revision, clip_to};
-use modelcache_agent::store::Layout;
+use modelcache_core::Layout;
+use modelcache_core::filter::FileFilter;
+use modelcache_core::repo::{ModelRef, RepoId, RepoKind, Revision, clip_to};
 use std::collections::HashMap;
 
 /// Keys a volume may set.

@@ -2,7 +2,7 @@
 //! chart passes.
 
 use clap::Parser;
-use modelcache_agent::telemetry::LogFormat;
+use modelcache_core::telemetry::LogFormat;
 
 /// modelcache CSI plugin: mounts models from the node's store into pods, read-only (node mode),
 /// and creates StorageClass-backed volumes for external-provisioner (controller mode).

@@ -62,7 +62,7 @@ impl From<Error> for Status {
     }
 }
 
-pub use modelcache_agent::repo::{MAX_MESSAGE, clip};
+pub use modelcache_core::repo::{MAX_MESSAGE, clip};
 
 /// Result of a CSI operation.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -4,8 +4,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use modelcache_agent::telemetry;
-use modelcache_agent::{shutdown, transport};
+use modelcache_core::telemetry;
+use modelcache_core::{shutdown, transport};
 use modelcache_csi::agent::AgentClient;
 use modelcache_csi::cli::{Cli, Mode};
 use modelcache_csi::controller::ControllerService;
@@ -21,7 +21,7 @@ use std::time::Duration;
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
-    modelcache_agent::cli::run_main(run(cli))
+    modelcache_core::process::run_main(run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -359,17 +359,13 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
 /// True when a pin is of the repo and file filter the volume names (its revision may have
 /// moved since the pin was made).
 fn pin_matches(pin: &pb::PinInfo, attrs: &VolumeAttributes) -> bool {
-    let kind = match attrs.model.kind {
-        modelcache_agent::repo::RepoKind::Model => pb::RepoKind::Model,
-        modelcache_agent::repo::RepoKind::Dataset => pb::RepoKind::Dataset,
-    };
-    pin.kind == kind as i32
+    pin.kind == modelcache_core::wire::kind_to_proto(attrs.model.kind) as i32
         && pin.repo == attrs.model.repo.as_str()
         && pin.filter == attrs.filter.key().unwrap_or_default()
 }
 
 fn fetching_message(
-    model: &modelcache_agent::repo::ModelRef,
+    model: &modelcache_core::repo::ModelRef,
     f: &modelcache_proto::agent_v1::Fetching,
 ) -> String {
     const MIB: f64 = 1024.0 * 1024.0;

@@ -2,7 +2,7 @@
 //! not-ready while the agent is down, answers the controller RPCs external-provisioner makes, and
 //! exits cleanly on SIGTERM.
 
-use modelcache_agent::transport::connect_unix;
+use modelcache_core::transport::connect_unix;
 use modelcache_proto::csi_v1::{
     self as csi, controller_client::ControllerClient, identity_client::IdentityClient,
     node_client::NodeClient,

@@ -5,7 +5,7 @@
 use crate::procs::{Proc, bin, require_root, serve_hub, wait_until};
 use crate::tree::unmount_all_below;
 use anyhow::Context;
-use modelcache_agent::transport::connect_unix;
+use modelcache_core::transport::connect_unix;
 use modelcache_proto::agent_v1::{self as pb, agent_client::AgentClient};
 use modelcache_proto::csi_v1::{
     self as csi, identity_client::IdentityClient, node_client::NodeClient,

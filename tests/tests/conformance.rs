@@ -2,7 +2,7 @@
 //! over their unix sockets, the way a conformance suite (csi-sanity) checks a driver: required
 //! fields, error codes, idempotency. Needs root (the node side mounts).
 
-use modelcache_agent::transport::connect_unix;
+use modelcache_core::transport::connect_unix;
 use modelcache_proto::csi_v1::{
     self as csi, controller_client::ControllerClient, identity_client::IdentityClient,
 };

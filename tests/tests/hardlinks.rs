@@ -2,9 +2,9 @@
 //! and loop-mounted (needs root and mkfs.ext4): a repo with 65,000 copies of one file must not
 //! break every other snapshot and view that shows that file.
 
-use modelcache_agent::hash::{Algo, Hasher};
-use modelcache_agent::repo::{RepoId, RepoKind, RepoPath, Revision};
 use modelcache_agent::store::{Layout, SnapshotFile, Store};
+use modelcache_core::hash::{Algo, Hasher};
+use modelcache_core::repo::{RepoId, RepoKind, RepoPath, Revision};
 use modelcache_tests::procs::require_root;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -8,8 +8,8 @@
 //! same buffer and written. Nothing enters `blobs/` unless size and hash match.
 
 use super::PlannedFile;
-use crate::hash::Hasher;
 use crate::store::{Store, StoreError};
+use modelcache_core::hash::Hasher;
 use nix::errno::Errno;
 use std::fs::File;
 use std::io;
@@ -202,8 +202,8 @@ fn copy_by_hand(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hash::{Algo, ContentHash};
-    use crate::repo::RepoPath;
+    use modelcache_core::hash::{Algo, ContentHash};
+    use modelcache_core::repo::RepoPath;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     fn planned(bytes: &[u8]) -> PlannedFile {

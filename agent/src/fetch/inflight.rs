@@ -1,7 +1,7 @@
 //! One download per blob on a node: whoever fetches a blob holds its lock, and others asking
 //! for the same blob wait, then find it in the store.
 
-use crate::hash::ContentHash;
+use modelcache_core::hash::ContentHash;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::OwnedMutexGuard;
@@ -61,7 +61,7 @@ impl Drop for Flight<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hash::Algo;
+    use modelcache_core::hash::Algo;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 

@@ -41,16 +41,16 @@ pub struct NoRoom {
 }
 
 use crate::access::AccessCache;
-use crate::filter::FileFilter;
-use crate::hash::Hasher;
 use crate::hub::client::{FileSource, retry_policy};
 use crate::hub::{HubClient, HubError, client::Token};
-use crate::repo::{ModelRef, RepoId, RepoKind};
 use crate::shared_cache::SharedCacheError;
 use crate::store::{Snapshot, SnapshotFile, Store, StoreError};
 use backon::BackoffBuilder;
 use futures::{StreamExt, TryStreamExt};
 use inflight::InFlight;
+use modelcache_core::filter::FileFilter;
+use modelcache_core::hash::Hasher;
+use modelcache_core::repo::{ModelRef, RepoId, RepoKind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -3,9 +3,9 @@
 //! refuse the whole tree.
 
 use super::FetchError;
-use crate::hash::{BadDigest, ContentHash};
 use crate::hub::wire::TreeEntry;
-use crate::repo::{InvalidInput, RepoId, RepoPath};
+use modelcache_core::hash::{BadDigest, ContentHash};
+use modelcache_core::repo::{InvalidInput, RepoId, RepoPath};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The largest file a tree may announce: 2 TiB, far above any model shard or dataset file the
@@ -165,7 +165,7 @@ mod tests {
         };
         let p = plan_of(&[entry("config.json", oid, 0), dir, lfs]).unwrap();
         assert_eq!(p.len(), 2);
-        assert_eq!(p[1].hash.algo(), crate::hash::Algo::Sha256);
+        assert_eq!(p[1].hash.algo(), modelcache_core::hash::Algo::Sha256);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The blobs that running fetches will link into their snapshots. Garbage collection beside them
 //! keeps these, although no snapshot links them yet.
 
-use crate::hash::ContentHash;
+use modelcache_core::hash::ContentHash;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -56,7 +56,7 @@ impl Drop for WantedGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hash::Algo;
+    use modelcache_core::hash::Algo;
 
     #[test]
     fn a_blob_stays_wanted_while_any_fetch_wants_it() {

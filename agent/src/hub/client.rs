@@ -4,8 +4,8 @@
 
 use crate::hub::error::HubError;
 use crate::hub::wire::{RepoInfo, TreeEntry, X_ERROR_CODE, X_ERROR_MESSAGE, X_REPO_COMMIT};
-use crate::repo::{ModelRef, RepoId, RepoKind, RepoPath, is_commit_id};
 use backon::{ExponentialBuilder, Retryable};
+use modelcache_core::repo::{ModelRef, RepoId, RepoKind, RepoPath, is_commit_id};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::StatusCode;
 use std::time::Duration;
@@ -189,7 +189,7 @@ impl HubClient {
                         url,
                         reason: format!(
                             "tree listing's next page {} is not on the hub",
-                            crate::repo::clip_to(&n, 200)
+                            modelcache_core::repo::clip_to(&n, 200)
                         ),
                     });
                 }
@@ -699,7 +699,7 @@ mod tests {
         let model = ModelRef {
             kind: RepoKind::Model,
             repo: RepoId::parse("o/r").unwrap(),
-            revision: crate::repo::Revision::main(),
+            revision: modelcache_core::repo::Revision::main(),
         };
         let started = std::time::Instant::now();
         let res = tokio::time::timeout(

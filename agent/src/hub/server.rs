@@ -19,12 +19,12 @@ use crate::hub::catalog::{Catalog, ServedFile, ServedRepo};
 use crate::hub::wire::{
     RepoInfo, Sibling, X_ERROR_CODE, X_ERROR_MESSAGE, X_LINKED_ETAG, X_LINKED_SIZE, X_REPO_COMMIT,
 };
-use crate::repo::{RepoId, RepoKind, RepoPath};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
+use modelcache_core::repo::{RepoId, RepoKind, RepoPath};
 use percent_encoding::percent_decode_str;
 use std::collections::BTreeMap;
 use std::sync::Arc;

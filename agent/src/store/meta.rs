@@ -163,9 +163,9 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::{RepoId, RepoKind, RepoPath};
     use crate::store::SnapshotFile;
     use crate::store::tests::put_blob;
+    use modelcache_core::repo::{RepoId, RepoKind, RepoPath};
 
     #[test]
     fn records_survive_loss_and_corruption_and_touches_are_coarse() {

@@ -25,12 +25,12 @@ mod pins;
 mod views;
 
 pub use meta::{SnapshotMeta, TOUCH_GRANULARITY, unix};
+pub use modelcache_core::Layout;
 pub use partial::Partial;
 pub use pins::{PIN_SETTLE_SECONDS, PinRecord, Pins, Reconciled};
-pub use views::Layout;
 
-use crate::hash::{Algo, ContentHash};
-use crate::repo::{RepoId, RepoKind, RepoPath, Revision, is_commit_id};
+use modelcache_core::hash::{Algo, ContentHash};
+use modelcache_core::repo::{RepoId, RepoKind, RepoPath, Revision, is_commit_id};
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -109,7 +109,7 @@ pub struct Snapshot {
     pub repo: RepoId,
     /// The commit.
     pub commit: String,
-    /// The key of the include/exclude filter ([`crate::filter::FileFilter::key`]); None: all files.
+    /// The key of the include/exclude filter ([`modelcache_core::filter::FileFilter::key`]); None: all files.
     pub filter: Option<String>,
     /// The directory holding its files.
     pub path: PathBuf,
@@ -421,7 +421,7 @@ impl Store {
     fn repo_dir(&self, area: &str, kind: RepoKind, repo: &RepoId) -> PathBuf {
         self.root
             .join(area)
-            .join(crate::repo::cache_folder(kind, repo))
+            .join(modelcache_core::repo::cache_folder(kind, repo))
     }
 
     /// Where a snapshot lives (whether or not it is there): `<commit>` for every file,

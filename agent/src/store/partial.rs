@@ -11,7 +11,7 @@
 //! still checked before the file becomes a blob; the journal only saves work.
 
 use super::{Context, Result};
-use crate::hash::Hasher;
+use modelcache_core::hash::Hasher;
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{IoSlice, Write};
@@ -293,9 +293,9 @@ mod tests {
         let mut buf = [0u8; 4];
         p.read_at(&mut buf, 0).unwrap();
         assert_eq!(&buf, b"abcd");
-        let mut h = Hasher::new(crate::hash::Algo::Sha256, 6);
+        let mut h = Hasher::new(modelcache_core::hash::Algo::Sha256, 6);
         p.hash_range(&mut h, 0, 6).unwrap();
-        let mut want = Hasher::new(crate::hash::Algo::Sha256, 6);
+        let mut want = Hasher::new(modelcache_core::hash::Algo::Sha256, 6);
         want.update(b"abcdef");
         assert_eq!(h.finish(), want.finish());
         drop(p);

@@ -1,5 +1,5 @@
 use super::*;
-use crate::hash::{Algo, Hasher};
+use modelcache_core::hash::{Algo, Hasher};
 use std::io::Write;
 
 /// Puts `bytes` into the store as a git-sha1 blob.

@@ -12,32 +12,11 @@
 //!
 //! Like a snapshot, a view is built in staging and renamed into place, so it is whole or absent.
 
-use super::{Context, Result, Snapshot, Store, sync_dir};
-use crate::repo::{Revision, cache_folder};
+use super::{Context, Layout, Result, Snapshot, Store, sync_dir};
+use modelcache_core::repo::{Revision, cache_folder};
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::path::{Path, PathBuf};
-
-/// How a volume shows its files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Layout {
-    /// The repo's files at the mount's root (for `vllm serve /models/x`).
-    #[default]
-    Snapshot,
-    /// An `HF_HUB_CACHE` holding the repo at its commit.
-    HfCache,
-}
-
-impl Layout {
-    /// Parses the volume attribute value.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "snapshot" => Some(Layout::Snapshot),
-            "hf-cache" => Some(Layout::HfCache),
-            _ => None,
-        }
-    }
-}
 
 impl Store {
     /// Where the views of a snapshot live (whether or not there are any).
@@ -145,9 +124,9 @@ fn inode_key(path: &Path) -> super::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::{RepoId, RepoKind, RepoPath};
     use crate::store::SnapshotFile;
     use crate::store::tests::put_blob;
+    use modelcache_core::repo::{RepoId, RepoKind, RepoPath};
 
     #[test]
     fn hf_cache_view_has_refs_and_shares_inodes() {

@@ -41,7 +41,7 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    modelcache_agent::cli::run_main(run(cli))
+    modelcache_core::process::run_main(run(cli))
 }
 
 /// Latencies of one way of giving a pod a model.

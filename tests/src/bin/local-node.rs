@@ -44,7 +44,7 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    modelcache_agent::cli::run_main(run(cli))
+    modelcache_core::process::run_main(run(cli))
 }
 
 fn step(msg: impl std::fmt::Display) {

@@ -150,7 +150,7 @@ impl<S> AuthorityFix<S> {
             .map_err(|e| bad(&format!("HPACK: {e:?}")))?;
         for (name, value) in &mut headers {
             if name.as_slice() == b":authority"
-                && axum::http::uri::Authority::try_from(value.as_slice()).is_err()
+                && http::uri::Authority::try_from(value.as_slice()).is_err()
             {
                 *value = b"localhost".to_vec();
             }
