@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r tests/requirements.txt
-cargo build --release --quiet -p modelcache-agent
+cargo build --release --quiet -p modelcache-agent -p modelcache-hub --features modelcache-hub/faults
 exec python3 hack/bench_import.py "$@"

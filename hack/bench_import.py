@@ -3,7 +3,7 @@
 files on the same disk.
 
 huggingface_hub's `snapshot_download` fills an HF cache (the shared PVC of a "download Job")
-from `serve-hub` with a repo of two 1 GiB safetensors files plus small files, in the work
+from `modelcache-hub` with a repo of two 1 GiB safetensors files plus small files, in the work
 directory, so source, `cp`'s destination and modelcache's store share one disk. Then each client
 copies the snapshot into a fresh directory, `--runs` times, interleaved:
 
@@ -36,7 +36,7 @@ print(snapshot_download(sys.argv[1]))
 
 
 def fill_shared_cache(agent, hub_root, home, log):
-    """HF_HOME=home snapshot_download(REPO) from serve-hub; the snapshot directory."""
+    """HF_HOME=home snapshot_download(REPO) from modelcache-hub; the snapshot directory."""
     if os.path.isdir(home):
         shutil.rmtree(home)
     hub = Hub(agent, hub_root, [], log)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cold pull benchmark: `modelcache-agent pull` against its peers, same hub, same run.
 
-A synthetic repo (two 1 GiB safetensors files plus small files) is served by `serve-hub` twice:
+A synthetic repo (two 1 GiB safetensors files plus small files) is served by `modelcache-hub` twice:
 unthrottled on loopback, and capped at 40 MB/s per connection (how CDNs serve). Each client
 downloads the whole repo into a fresh directory on the same disk, `--runs` times; the median
 wall time counts. Peers:
@@ -67,24 +67,27 @@ def make_repo(root, big_files, big_bytes):
 
 
 class Hub:
+    """modelcache-hub, the binary built beside the agent."""
+
     def __init__(self, agent, root, extra, log):
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        hub = os.path.join(os.path.dirname(agent) or ".", "modelcache-hub")
         self.proc = subprocess.Popen(
-            [agent, "serve-hub", "--root", root, "--listen", f"127.0.0.1:{self.port}", *extra],
+            [hub, "--root", root, "--listen", f"127.0.0.1:{self.port}", *extra],
             stdout=log,
             stderr=log,
         )
         deadline = time.time() + 600  # the catalogue hashes 2 GiB first
         while True:
             if self.proc.poll() is not None:
-                sys.exit(f"serve-hub exited with {self.proc.returncode}; see its log")
+                sys.exit(f"modelcache-hub exited with {self.proc.returncode}; see its log")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 break
             except OSError:
                 if time.time() > deadline:
-                    sys.exit("serve-hub did not start")
+                    sys.exit("modelcache-hub did not start")
                 time.sleep(0.2)
 
     def files(self):

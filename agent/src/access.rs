@@ -5,8 +5,8 @@
 //! that granted access are kept: a refusal is asked again every time. Tokens are keyed by their
 //! sha256, never kept.
 
-use crate::hub::client::Token;
 use modelcache_core::repo::{ModelRef, RepoId, RepoKind};
+use modelcache_hub::client::Token;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

@@ -11,8 +11,6 @@
 use crate::events::{PodEvents, PodRef};
 use crate::evict::{Evictor, Statvfs, Watermarks};
 use crate::fetch::{FetchError, Fetcher, Progress};
-use crate::hub::HubError;
-use crate::hub::client::Token;
 use crate::metrics::{CacheResult, Metrics};
 use crate::mounts::MountTable;
 use crate::prewarm::Catalogue;
@@ -20,6 +18,8 @@ use crate::store::{PinRecord, Pins, Reconciled, Snapshot, Store, StoreError, uni
 use modelcache_core::filter::FileFilter;
 use modelcache_core::repo::{InvalidInput, ModelRef, RepoId, RepoKind, is_commit_id};
 use modelcache_core::wire::{kind_to_proto, layout_from_proto, model_from_proto};
+use modelcache_hub::HubError;
+use modelcache_hub::client::Token;
 use modelcache_proto::agent_v1 as pb;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -817,7 +817,7 @@ mod tests {
         use pb::agent_server::Agent;
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(crate::store::Store::open(dir.path()).unwrap());
-        let hub = crate::hub::HubClient::new("http://127.0.0.1:9", &[]).unwrap();
+        let hub = modelcache_hub::HubClient::new("http://127.0.0.1:9", &[]).unwrap();
         let api = AgentApi::new(
             Fetcher::new(hub, store, Default::default()),
             Watermarks::default(),
@@ -850,19 +850,19 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn publishes_that_join_a_running_fetch_are_counted() {
-        use crate::hub::server;
+        use modelcache_hub::server;
         let dir = tempfile::tempdir().unwrap();
         let repo_dir = dir.path().join("hub/models/org/slow");
         std::fs::create_dir_all(&repo_dir).unwrap();
         std::fs::write(repo_dir.join("config.json"), b"{}").unwrap();
         let hub = server::Hub {
-            catalog: crate::hub::catalog::Catalog::load(&dir.path().join("hub")).unwrap(),
+            catalog: modelcache_hub::catalog::Catalog::load(&dir.path().join("hub")).unwrap(),
             gated: Default::default(),
-            faults: server::Faults {
-                // Every answer waits: the fetch is still running when the others ask.
+            // Every answer waits: the fetch is still running when the others ask.
+            faults: modelcache_hub::faults::Faults::new(modelcache_hub::faults::FaultPlan {
                 latency: Duration::from_millis(300),
                 ..Default::default()
-            },
+            }),
             cdn: None,
             cdn_link_ttl: Duration::from_secs(60),
         };
@@ -871,7 +871,7 @@ mod tests {
         let stop = CancellationToken::new();
         tokio::spawn(server::serve(listener, Arc::new(hub), stop.clone()));
         let store = Arc::new(crate::store::Store::open(dir.path().join("store")).unwrap());
-        let client = crate::hub::HubClient::new(&endpoint, &[]).unwrap();
+        let client = modelcache_hub::HubClient::new(&endpoint, &[]).unwrap();
         let api = AgentApi::new(
             Fetcher::new(client, store, Default::default()),
             Watermarks::default(),

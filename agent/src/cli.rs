@@ -3,12 +3,11 @@
 
 use crate::evict::Watermarks;
 use crate::fetch::{Tier, Tuning};
-use crate::hub::client::DEFAULT_ENDPOINT;
 use crate::store::Store;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use modelcache_core::repo::RepoId;
 use modelcache_core::telemetry::LogFormat;
+use modelcache_hub::client::DEFAULT_ENDPOINT;
 use std::path::PathBuf;
 
 /// modelcache node agent: fills a node's model store from a Hugging Face–compatible hub and
@@ -28,37 +27,6 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Fault injection for `serve-hub`, to test clients against a misbehaving hub.
-#[derive(clap::Args)]
-#[command(next_help_heading = "Fault injection")]
-pub struct FaultArgs {
-    /// Serve each response body at most this many bytes a second.
-    #[arg(long, value_name = "BYTES")]
-    pub max_bytes_per_second: Option<std::num::NonZeroU64>,
-    /// Share of requests answered 500 or 503 (0 to 1).
-    #[arg(long, value_name = "SHARE", default_value_t = 0.0, value_parser = share)]
-    pub server_errors: f64,
-    /// Share of requests answered 429 with Retry-After (0 to 1).
-    #[arg(long, value_name = "SHARE", default_value_t = 0.0, value_parser = share)]
-    pub rate_limits: f64,
-    /// Share of file bodies cut off halfway (0 to 1).
-    #[arg(long, value_name = "SHARE", default_value_t = 0.0, value_parser = share)]
-    pub truncations: f64,
-    /// Share of file bodies with one wrong byte (0 to 1).
-    #[arg(long, value_name = "SHARE", default_value_t = 0.0, value_parser = share)]
-    pub corruptions: f64,
-    /// Milliseconds added before every answer.
-    #[arg(long, value_name = "MS", default_value_t = 0)]
-    pub latency_ms: u64,
-}
-
-fn share(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
-        _ => Err(format!("{s:?} is not a share between 0 and 1")),
-    }
 }
 
 /// The node's store, for every command that uses one.
@@ -147,30 +115,12 @@ pub struct HubArgs {
 #[allow(missing_docs)]
 #[derive(Subcommand)]
 pub enum Command {
-    /// Serve repos from a directory over the Hub's HTTP protocol (read-only).
-    ///
-    /// ROOT/models/<org>/<name>/ holds a model's files, ROOT/datasets/<org>/<name>/ a
-    /// dataset's; each is served as revision `main`. Point --endpoint (or HF_ENDPOINT) at it.
+    /// Moved to the `modelcache-hub` binary; this runs it (installed beside this one) with the
+    /// same arguments.
+    #[command(hide = true, disable_help_flag = true)]
     ServeHub {
-        /// Directory of repos.
-        #[arg(long, env = "MODELCACHE_HUB_ROOT")]
-        root: PathBuf,
-        /// Address to listen on.
-        #[arg(long, env = "MODELCACHE_HUB_LISTEN", default_value = "127.0.0.1:8080")]
-        listen: String,
-        /// Gate a repo: only requests with one of these tokens may read it (repeatable).
-        #[arg(long, value_name = "ORG/NAME=TOKEN[,TOKEN...]", value_parser = parse_gated)]
-        gated: Vec<(RepoId, Vec<String>)>,
-        /// Redirect LFS files to this base URL's /cdn/ route (this server under another host
-        /// name, e.g. http://localhost:8080 when listening on 127.0.0.1:8080), as the Hub
-        /// redirects to its CDN.
-        #[arg(long, value_name = "URL")]
-        cdn_url: Option<String>,
-        /// How long a CDN link stays valid (403 after), as presigned URLs do.
-        #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
-        cdn_link_seconds: u64,
-        #[command(flatten)]
-        faults: FaultArgs,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
     },
     /// Download a repo into the store, verify every file, and print the snapshot directory
     /// as the last line.
@@ -338,23 +288,6 @@ fn parse_namespaced(s: &str) -> Result<(String, String), String> {
         }
         _ => Err("write it as namespace/name".into()),
     }
-}
-
-fn parse_gated(s: &str) -> Result<(RepoId, Vec<String>), String> {
-    let (repo, tokens) = s
-        .split_once('=')
-        .ok_or("write it as org/name=token[,token...]")?;
-    let repo = RepoId::parse(repo).map_err(|e| e.to_string())?;
-    let tokens: Vec<String> = tokens
-        .split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(str::to_owned)
-        .collect();
-    if tokens.is_empty() {
-        return Err("a gated repo needs at least one token".into());
-    }
-    Ok((repo, tokens))
 }
 
 #[cfg(test)]

@@ -2,9 +2,9 @@
 //! Hugging Face–compatible hub, verifying every byte, and serves the agent API the CSI node
 //! plugin calls to ensure and pin models.
 //!
-//! Modules, one concern each: [`hub`] (protocol client and test/air-gap server), [`store`]
-//! (blobs, snapshots, pins), [`fetch`] (hub → store), [`api`] (the gRPC service). The names a
-//! volume uses and the process plumbing shared with the CSI plugin live in `modelcache-core`.
+//! Modules, one concern each: [`store`] (blobs, snapshots, pins), [`fetch`] (hub → store),
+//! [`api`] (the gRPC service). The names a volume uses and the process plumbing shared with the
+//! CSI plugin live in `modelcache-core`; the hub client (and the test hub) in `modelcache-hub`.
 
 pub mod access;
 pub mod admin;
@@ -14,7 +14,6 @@ pub mod cluster;
 pub mod events;
 pub mod evict;
 pub mod fetch;
-pub mod hub;
 pub mod labels;
 pub mod metrics;
 pub mod mounts;

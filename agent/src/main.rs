@@ -8,9 +8,6 @@ use modelcache_agent::cli::{Cli, Command, HubArgs, StoreArgs};
 use modelcache_agent::cluster;
 use modelcache_agent::events::PodEvents;
 use modelcache_agent::fetch::{Fetcher, Progress, Sources, Tuning};
-use modelcache_agent::hub::catalog::Catalog;
-use modelcache_agent::hub::client::Token;
-use modelcache_agent::hub::{HubClient, server};
 use modelcache_agent::mounts::ProcMountTable;
 use modelcache_agent::shared_cache::SharedCache;
 use modelcache_agent::{admin, progress};
@@ -18,6 +15,8 @@ use modelcache_core::filter::FileFilter;
 use modelcache_core::repo::{ModelRef, RepoId, RepoKind, Revision};
 use modelcache_core::telemetry;
 use modelcache_core::{shutdown, transport};
+use modelcache_hub::HubClient;
+use modelcache_hub::client::Token;
 use modelcache_proto::agent_v1::agent_server::AgentServer;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -67,40 +66,7 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = shutdown::on_signals()?;
     match cli.command {
-        Command::ServeHub {
-            root,
-            listen,
-            gated,
-            cdn_url,
-            cdn_link_seconds,
-            faults,
-        } => {
-            let catalog = Catalog::load(&root)
-                .with_context(|| format!("cannot load repos from {}", root.display()))?;
-            for r in catalog.repos() {
-                tracing::info!(model.repo = %r.id, model.commit = %r.commit, files = r.files.len(), kind = r.kind.singular(), "serving");
-            }
-            let listener = tokio::net::TcpListener::bind(&listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
-            tracing::info!(address = %listener.local_addr()?, "hub listening");
-            let faults = server::Faults {
-                max_bytes_per_second: faults.max_bytes_per_second,
-                server_errors: faults.server_errors,
-                rate_limits: faults.rate_limits,
-                truncations: faults.truncations,
-                corruptions: faults.corruptions,
-                latency: std::time::Duration::from_millis(faults.latency_ms),
-            };
-            let hub = server::Hub {
-                catalog,
-                gated: gated.into_iter().collect(),
-                faults,
-                cdn: cdn_url,
-                cdn_link_ttl: std::time::Duration::from_secs(cdn_link_seconds),
-            };
-            server::serve(listener, Arc::new(hub), shutdown).await?;
-        }
+        Command::ServeHub { args } => return Err(serve_hub_moved(args)),
         Command::Pull {
             repo,
             revision,
@@ -276,4 +242,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `modelcache-agent serve-hub …` from before the hub had its own binary: runs the
+/// `modelcache-hub` installed beside this binary with the same arguments. Returns only on error.
+fn serve_hub_moved(args: Vec<std::ffi::OsString>) -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let hub = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("modelcache-hub")))
+        .filter(|p| p.is_file());
+    match hub {
+        Some(hub) => {
+            let e = std::process::Command::new(&hub).args(args).exec();
+            anyhow::anyhow!("cannot run {}: {e}", hub.display())
+        }
+        None => anyhow::anyhow!(
+            "serve-hub moved to its own binary, modelcache-hub, which is not installed beside this one; build it with `cargo build -p modelcache-hub --features server`"
+        ),
+    }
 }

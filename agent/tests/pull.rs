@@ -1,5 +1,5 @@
 //! `modelcache-agent pull` against real hubs, as separate processes: the project's own
-//! `serve-hub`, and a hostile hub that serves escaping paths, wrong bytes and over-long bodies.
+//! `modelcache-hub`, and a hostile hub that serves escaping paths, wrong bytes and over-long bodies.
 
 use axum::Router;
 use axum::response::IntoResponse;
@@ -8,6 +8,17 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_modelcache-agent");
+
+/// The `modelcache-hub` binary, built beside the agent by `cargo build --workspace --bins`.
+fn hub_bin() -> PathBuf {
+    let hub = Path::new(BIN).with_file_name("modelcache-hub");
+    assert!(
+        hub.is_file(),
+        "{} is not built: run `cargo build --workspace --bins` first (hack/test.sh does)",
+        hub.display()
+    );
+    hub
+}
 
 struct Hub(Child);
 
@@ -23,7 +34,7 @@ fn serve_hub(root: &Path) -> (Hub, String) {
     (hub, endpoint)
 }
 
-/// serve-hub with extra arguments, which may name the port it listens on.
+/// modelcache-hub with extra arguments, which may name the port it listens on.
 fn serve_hub_with(root: &Path, extra: impl Fn(u16) -> Vec<String>) -> (Hub, String, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -31,14 +42,8 @@ fn serve_hub_with(root: &Path, extra: impl Fn(u16) -> Vec<String>) -> (Hub, Stri
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let child = Command::new(BIN)
-        .args([
-            "serve-hub",
-            "--root",
-            root.to_str().unwrap(),
-            "--listen",
-            &addr,
-        ])
+    let child = Command::new(hub_bin())
+        .args(["--root", root.to_str().unwrap(), "--listen", &addr])
         .args(extra(port))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -46,7 +51,7 @@ fn serve_hub_with(root: &Path, extra: impl Fn(u16) -> Vec<String>) -> (Hub, Stri
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "serve-hub did not start");
+        assert!(Instant::now() < deadline, "modelcache-hub did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
     (Hub(child), format!("http://{addr}"), port)
@@ -410,16 +415,18 @@ fn an_expired_cdn_link_is_replaced_by_a_fresh_one() {
 fn pull_gets_through_a_faulty_hub() {
     let dir = tempfile::tempdir().unwrap();
     let hub_root = dir.path().join("hub");
-    let repo = large_repo(&hub_root, "m", 12, 5);
-    // Each fault is frequent enough to hit dozens of the ~60 requests, and rare enough that
-    // five tries of one request all failing is out of reach (< 1e-5).
+    let repo = large_repo(&hub_root, "m", 24, 40);
+    // ~150 requests (40 small files, 24 ranges and their CDN redirects, the API): each fault
+    // is frequent enough to hit several (no rate limit at all: < 1e-3), and rare enough that
+    // five tries of one request all failing is out of reach (< 1e-4 over the run).
     let (_hub, endpoint, _) = serve_hub_with(&hub_root, |port| {
         let mut a = cdn_on(port);
         for (flag, v) in [
             ("--server-errors", "0.05"),
-            ("--rate-limits", "0.03"),
+            ("--rate-limits", "0.05"),
             ("--truncations", "0.1"),
             ("--latency-ms", "5"),
+            ("--fault-seed", FAULT_SEED),
         ] {
             a.extend([flag.to_owned(), v.to_owned()]);
         }
@@ -427,8 +434,34 @@ fn pull_gets_through_a_faulty_hub() {
     });
     let store = dir.path().join("store");
     let out = pull(&endpoint, &store, &["org/m", "--chunk-mib", "1"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.status.success(), "seed {FAULT_SEED}: {}", stderr(&out));
     assert_eq!(files_below(&last_line(&out)), files_below(&repo));
+    // The pull got through faults, not around them.
+    let injected = faults_injected(&endpoint);
+    for kind in ["server_errors", "rate_limits", "truncations"] {
+        assert!(
+            injected[kind].as_u64().unwrap() > 0,
+            "seed {FAULT_SEED}: no {kind} injected: {injected}"
+        );
+    }
+}
+
+/// The seed of the fault draws, printed with any failure: requests race, so a replay draws the
+/// same sequence but may hand it to other requests.
+const FAULT_SEED: &str = "20261130";
+
+/// What modelcache-hub says it injected (`GET /_hub/faults`).
+fn faults_injected(endpoint: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let addr = endpoint.trim_start_matches("http://");
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(conn, "GET /_hub/faults HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"))
 }
 
 #[test]
@@ -442,6 +475,7 @@ fn wrong_bytes_are_refused_and_not_kept() {
     let store = dir.path().join("store");
     let out = pull(&endpoint, &store, &["org/m", "--chunk-mib", "1"]);
     assert!(!out.status.success(), "a corrupt pull succeeded");
+    assert!(faults_injected(&endpoint)["corruptions"].as_u64().unwrap() > 0);
     assert!(
         stderr(&out).contains("do not match the hub"),
         "{}",
@@ -541,4 +575,34 @@ fn pulls_killed_at_random_points_resume_and_end_verified() {
     }
     assert_eq!(files_below(&last_line(&out)), files_below(&repo));
     assert!(walk(&store.join("partial")).is_empty());
+}
+
+#[test]
+fn serve_hub_from_before_the_move_runs_modelcache_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub_root = dir.path().join("hub");
+    large_repo(&hub_root, "m", 1, 1);
+    hub_bin();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let hub = Command::new(BIN)
+        .args(["serve-hub", "--root", hub_root.to_str().unwrap()])
+        .args(["--listen", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _hub = Hub(hub);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "serve-hub did not start a hub");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let store = dir.path().join("store");
+    let out = pull(&format!("http://{addr}"), &store, &["org/m"]);
+    assert!(out.status.success(), "{}", stderr(&out));
 }

@@ -18,7 +18,7 @@ use tonic::{Code, Status};
 
 /// Where the node's models come from.
 pub enum Hub {
-    /// Start `modelcache-agent serve-hub` on this directory of repos, with extra flags
+    /// Start `modelcache-hub` on this directory of repos, with extra flags
     /// (`--gated …`, `--max-bytes-per-second …`).
     Serve(PathBuf, Vec<String>),
     /// Use a running hub, e.g. `https://huggingface.co`.

@@ -174,7 +174,7 @@ pub fn agent_command_logged(args: &[&str]) -> anyhow::Result<(String, String)> {
     Ok((stdout, stderr))
 }
 
-/// Starts `modelcache-agent serve-hub --root ROOT extra…` on a free port, logging into `dir`,
+/// Starts `modelcache-hub --root ROOT extra…` on a free port, logging into `dir`,
 /// and waits until it listens; the process and its base URL.
 pub fn serve_hub(root: &Path, extra: &[&str], dir: &Path) -> anyhow::Result<(Proc, String)> {
     serve_hub_at(&format!("127.0.0.1:{}", free_port()?), root, extra, dir)
@@ -188,9 +188,9 @@ pub fn serve_hub_at(
     dir: &Path,
 ) -> anyhow::Result<(Proc, String)> {
     let root = root.to_str().context("a UTF-8 hub root")?;
-    let mut args = vec!["serve-hub", "--root", root, "--listen", listen];
+    let mut args = vec!["--root", root, "--listen", listen];
     args.extend_from_slice(extra);
-    let mut p = Proc::start("hub", &bin("modelcache-agent")?, &args, dir)?;
+    let mut p = Proc::start("hub", &bin("modelcache-hub")?, &args, dir)?;
     // The catalogue hashes every file first.
     wait_until("the hub to listen", Duration::from_secs(120), || {
         p.check_running()?;

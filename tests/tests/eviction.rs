@@ -145,7 +145,7 @@ impl Setup {
         self.start_with_hub(&[])
     }
 
-    /// [`Setup::start`], with extra `serve-hub` flags.
+    /// [`Setup::start`], with extra `modelcache-hub` flags.
     fn start_with_hub(&self, hub_flags: &[&str]) -> (Tmpfs, LocalNode) {
         let fs = Tmpfs::mount(&self.node_dir().join("store"), DISK);
         let hub_flags = hub_flags.iter().map(|f| (*f).to_owned()).collect();

@@ -1,6 +1,6 @@
-//! huggingface_hub, the Hub's own Python client, against `serve-hub`: `snapshot_download` of a
+//! huggingface_hub, the Hub's own Python client, against `modelcache-hub`: `snapshot_download` of a
 //! model (its LFS file redirected to the CDN route) and of a dataset yields the same files as
-//! the repos on disk and as `modelcache-agent pull`. This is what keeps `serve-hub` a faithful
+//! the repos on disk and as `modelcache-agent pull`. This is what keeps `modelcache-hub` a faithful
 //! stand-in for the Hub in every other test.
 
 use modelcache_tests::models::{generate_model, run_python};
@@ -36,7 +36,7 @@ fn snapshot_download(endpoint: &Path, repo: &str, kind: &str, cache: &Path) -> P
 }
 
 #[test]
-fn snapshot_download_from_serve_hub_yields_the_repo_files() {
+fn snapshot_download_from_modelcache_hub_yields_the_repo_files() {
     let dir = tempfile::tempdir().unwrap();
     let hub_root = dir.path().join("hub");
     let model = hub_root.join("models/org/model");

@@ -6,11 +6,11 @@
 use modelcache_agent::api::AgentApi;
 use modelcache_agent::evict::Watermarks;
 use modelcache_agent::fetch::{Fetcher, Tuning};
-use modelcache_agent::hub::HubClient;
 use modelcache_agent::mounts::ProcMountTable;
 use modelcache_agent::prewarm::{Catalogue, Change, wanted_sets};
 use modelcache_agent::store::Store;
 use modelcache_core::repo::{RepoId, RepoKind};
+use modelcache_hub::HubClient;
 use modelcache_tests::models::generate_model;
 use modelcache_tests::procs::serve_hub;
 use std::collections::BTreeMap;

@@ -1,4 +1,4 @@
-//! The whole path, for real: `serve-hub` → `modelcache-agent run` → store → `modelcache-csi`
+//! The whole path, for real: `modelcache-hub` → `modelcache-agent run` → store → `modelcache-csi`
 //! NodePublishVolume over its unix socket, as kubelet calls it → a read-only bind mount.
 //! Needs root (CI runs as root); fails, never skips, without it.
 

@@ -1,5 +1,5 @@
 //! The shared-PVC source tier, for real: huggingface_hub's `snapshot_download` fills an HF cache
-//! from `serve-hub` (the "PVC + download Job" pattern), and `modelcache-agent pull` imports from
+//! from `modelcache-hub` (the "PVC + download Job" pattern), and `modelcache-agent pull` imports from
 //! it, verified, taking only the rest from the hub; alone without a hub; and refusing a cache
 //! that lies (wrong bytes, symlinks that lead out): what it lies about never enters the store,
 //! and no snapshot is made from a lie.

@@ -41,8 +41,6 @@ pub struct NoRoom {
 }
 
 use crate::access::AccessCache;
-use crate::hub::client::{FileSource, retry_policy};
-use crate::hub::{HubClient, HubError, client::Token};
 use crate::shared_cache::SharedCacheError;
 use crate::store::{Snapshot, SnapshotFile, Store, StoreError};
 use backon::BackoffBuilder;
@@ -51,6 +49,8 @@ use inflight::InFlight;
 use modelcache_core::filter::FileFilter;
 use modelcache_core::hash::Hasher;
 use modelcache_core::repo::{ModelRef, RepoId, RepoKind};
+use modelcache_hub::client::{FileSource, retry_policy};
+use modelcache_hub::{HubClient, HubError, client::Token};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -3,9 +3,9 @@
 //! refuse the whole tree.
 
 use super::FetchError;
-use crate::hub::wire::TreeEntry;
 use modelcache_core::hash::{BadDigest, ContentHash};
 use modelcache_core::repo::{InvalidInput, RepoId, RepoPath};
+use modelcache_hub::wire::TreeEntry;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The largest file a tree may announce: 2 TiB, far above any model shard or dataset file the
@@ -107,7 +107,7 @@ pub fn total_size<'a>(files: impl IntoIterator<Item = &'a PlannedFile>) -> Optio
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::wire::LfsInfo;
+    use modelcache_hub::wire::LfsInfo;
 
     fn entry(path: &str, oid: &str, size: u64) -> TreeEntry {
         TreeEntry {

@@ -9,12 +9,12 @@
 //! when the last byte lands; a mismatch discards the partial file.
 
 use super::{FetchError, PlannedFile, Progress};
-use crate::hub::client::{FileSource, retry_policy};
-use crate::hub::{HubClient, HubError};
 use crate::store::{Partial, Store, StoreError};
 use backon::BackoffBuilder;
 use futures::{StreamExt, TryStreamExt};
 use modelcache_core::hash::{ContentHash, Hasher};
+use modelcache_hub::client::{FileSource, retry_policy};
+use modelcache_hub::{HubClient, HubError};
 use reqwest::StatusCode;
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -1,5 +1,5 @@
 //! `local-node`: modelcache on this machine, no cluster. Starts a hub (by default the embedded
-//! `serve-hub` with a generated demo model), the node agent and the CSI plugin as real processes,
+//! `modelcache-hub` with a generated demo model), the node agent and the CSI plugin as real processes,
 //! publishes the model into a kubelet-style directory twice — cold, then warm — exactly as kubelet
 //! calls NodePublishVolume, and prints what was mounted and how long each took. Needs root.
 

@@ -2,8 +2,8 @@
 //! revision → commit, the recursive tree (following `Link: rel="next"` pages), and `resolve`
 //! downloads that follow redirects (reqwest drops `Authorization` when a redirect changes host).
 
-use crate::hub::error::HubError;
-use crate::hub::wire::{RepoInfo, TreeEntry, X_ERROR_CODE, X_ERROR_MESSAGE, X_REPO_COMMIT};
+use crate::error::HubError;
+use crate::wire::{RepoInfo, TreeEntry, X_ERROR_CODE, X_ERROR_MESSAGE, X_REPO_COMMIT};
 use backon::{ExponentialBuilder, Retryable};
 use modelcache_core::repo::{ModelRef, RepoId, RepoKind, RepoPath, is_commit_id};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};

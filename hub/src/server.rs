@@ -1,4 +1,4 @@
-//! `serve-hub`: a read-only HTTP server speaking the part of the Hub protocol that
+//! `modelcache-hub`: a read-only HTTP server speaking the part of the Hub protocol that
 //! huggingface_hub and modelcache download with.
 //!
 //! | request | answer |
@@ -12,11 +12,12 @@
 //! Errors carry `X-Error-Code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`, `GatedRepo`)
 //! as the Hub's do. Gated repos need `Authorization: Bearer` with one of their tokens.
 //!
-//! [`Faults`] make it misbehave on purpose, for tests of clients: slow bodies, 5xx and 429
-//! answers, added latency, bodies cut off or with a wrong byte.
+//! With the `faults` feature, [`crate::faults::Faults`] make it misbehave on purpose, for tests
+//! of clients: slow bodies, 5xx and 429 answers, added latency, bodies cut off or with a wrong
+//! byte; `GET /_hub/faults` counts what it injected.
 
-use crate::hub::catalog::{Catalog, ServedFile, ServedRepo};
-use crate::hub::wire::{
+use crate::catalog::{Catalog, ServedFile, ServedRepo};
+use crate::wire::{
     RepoInfo, Sibling, X_ERROR_CODE, X_ERROR_MESSAGE, X_LINKED_ETAG, X_LINKED_SIZE, X_REPO_COMMIT,
 };
 use axum::body::Body;
@@ -32,108 +33,6 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tower_http::services::ServeFile;
 
-/// Deliberate misbehaviour, for tests of what a slow or faulty hub does to clients. Shares are
-/// probabilities in `[0, 1]`, drawn per request.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Faults {
-    /// Serve each file body at most this fast (per response, so per connection at a time).
-    pub max_bytes_per_second: Option<std::num::NonZeroU64>,
-    /// Share of requests answered `503` (with `Retry-After: 1`) or `500`, half each.
-    pub server_errors: f64,
-    /// Share of requests answered `429` with `Retry-After: 1` and an exhausted `RateLimit`.
-    pub rate_limits: f64,
-    /// Share of file bodies cut off halfway (the connection drops).
-    pub truncations: f64,
-    /// Share of file bodies with one byte changed.
-    pub corruptions: f64,
-    /// Added before every answer.
-    pub latency: std::time::Duration,
-}
-
-impl Faults {
-    fn roll(share: f64) -> bool {
-        share > 0.0 && rand::random::<f64>() < share
-    }
-
-    /// A fault answer to send instead of the real one, if the dice say so.
-    fn answer(&self) -> Option<Response> {
-        if Self::roll(self.rate_limits) {
-            let mut r = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "RateLimited",
-                "injected: too many requests".into(),
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            r.headers_mut()
-                .insert("ratelimit", HeaderValue::from_static("\"api\";r=0;t=1"));
-            return Some(r);
-        }
-        if Self::roll(self.server_errors) {
-            let mut r = if rand::random::<bool>() {
-                error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServerError",
-                    "injected: unavailable".into(),
-                )
-            } else {
-                error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "ServerError",
-                    "injected: internal error".into(),
-                )
-            };
-            if r.status() == StatusCode::SERVICE_UNAVAILABLE {
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            }
-            return Some(r);
-        }
-        None
-    }
-
-    /// The body as sent: throttled, cut off or corrupted as configured.
-    fn body(&self, body: Body, len: u64) -> Body {
-        use futures::StreamExt;
-        let body = match self.max_bytes_per_second {
-            Some(rate) => throttle(body, rate.get()),
-            None => body,
-        };
-        let cut_at = Self::roll(self.truncations).then_some(len / 2);
-        let flip_at = Self::roll(self.corruptions).then(|| rand::random_range(0..len.max(1)));
-        if cut_at.is_none() && flip_at.is_none() {
-            return body;
-        }
-        let mut at = 0u64;
-        let stream = body.into_data_stream().flat_map(move |chunk| {
-            let items: Vec<Result<bytes::Bytes, axum::Error>> = match chunk {
-                Err(e) => vec![Err(e)],
-                Ok(chunk) => {
-                    let start = at;
-                    at += chunk.len() as u64;
-                    let mut b = bytes::BytesMut::from(&chunk[..]);
-                    if let Some(flip) = flip_at.filter(|f| (start..at).contains(f)) {
-                        b[(flip - start) as usize] ^= 0x55;
-                    }
-                    match cut_at.filter(|&c| at > c) {
-                        // An error item makes the server drop the connection mid-body.
-                        Some(cut) => {
-                            b.truncate((cut - start.min(cut)) as usize);
-                            vec![
-                                Ok(b.freeze()),
-                                Err(axum::Error::new("injected: connection cut")),
-                            ]
-                        }
-                        None => vec![Ok(b.freeze())],
-                    }
-                }
-            };
-            futures::stream::iter(items)
-        });
-        Body::from_stream(stream)
-    }
-}
-
 /// What the server serves, and how.
 #[derive(Debug, Default)]
 pub struct Hub {
@@ -142,7 +41,8 @@ pub struct Hub {
     /// Gated repos and the tokens that may read them; every other repo is public.
     pub gated: BTreeMap<RepoId, Vec<String>>,
     /// Faults to inject.
-    pub faults: Faults,
+    #[cfg(feature = "faults")]
+    pub faults: crate::faults::Faults,
     /// Base URL of the CDN that LFS files redirect to (this server's `/cdn/` route, reached under
     /// another host name so that it is another origin); None: LFS files are served in place.
     pub cdn: Option<String>,
@@ -224,7 +124,7 @@ pub async fn serve(
         .await
 }
 
-fn error(status: StatusCode, code: &'static str, message: String) -> Response {
+pub(crate) fn error(status: StatusCode, code: &'static str, message: String) -> Response {
     let mut resp = (
         status,
         Json(serde_json::json!({ "error": message.clone() })),
@@ -247,10 +147,8 @@ fn not_found_route() -> Response {
 }
 
 async fn handle(State(hub): State<Arc<Hub>>, req: Request) -> Response {
-    if !hub.faults.latency.is_zero() {
-        tokio::time::sleep(hub.faults.latency).await;
-    }
-    if let Some(resp) = hub.faults.answer() {
+    #[cfg(feature = "faults")]
+    if let Some(resp) = hub.faults.before_answer(req.uri().path()).await {
         return resp;
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -495,34 +393,10 @@ async fn send_file(hub: &Hub, file: &ServedFile, req: Request) -> Result<Respons
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(file.size);
-    Ok(Response::from_parts(
-        parts,
-        hub.faults.body(Body::new(body), len),
-    ))
-}
-
-/// A body that yields at most `rate` bytes a second, in slices of at most 64 KiB.
-fn throttle(body: Body, rate: u64) -> Body {
-    use futures::StreamExt;
-    const SLICE: usize = 64 * 1024;
-    let slices = body.into_data_stream().flat_map(|chunk| {
-        let pieces: Vec<Result<bytes::Bytes, axum::Error>> = match chunk {
-            Ok(mut b) => {
-                let mut out = Vec::new();
-                while !b.is_empty() {
-                    out.push(Ok(b.split_to(b.len().min(SLICE))));
-                }
-                out
-            }
-            Err(e) => vec![Err(e)],
-        };
-        futures::stream::iter(pieces)
-    });
-    Body::from_stream(slices.then(move |piece| async move {
-        if let Ok(b) = &piece {
-            let secs = b.len() as f64 / rate as f64;
-            tokio::time::sleep(std::time::Duration::from_secs_f64(secs)).await;
-        }
-        piece
-    }))
+    let body = Body::new(body);
+    #[cfg(feature = "faults")]
+    let body = hub.faults.body(body, len);
+    #[cfg(not(feature = "faults"))]
+    let _ = (hub, len);
+    Ok(Response::from_parts(parts, body))
 }

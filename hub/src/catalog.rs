@@ -9,7 +9,7 @@
 //! (every file's git blob id, sha256 for LFS-style files, and a commit id derived from them) is
 //! computed once when the catalogue is loaded, so requests never hash.
 
-use crate::hub::wire::{LfsInfo, TreeEntry};
+use crate::wire::{LfsInfo, TreeEntry};
 use modelcache_core::hash::{Algo, hash_file};
 use modelcache_core::repo::{RepoId, RepoKind, RepoPath};
 use sha1::{Digest, Sha1};
