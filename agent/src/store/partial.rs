@@ -17,8 +17,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{IoSlice, Write};
 use std::path::{Path, PathBuf};
 
-/// Bytes mapped at a time to hash a written range.
-const HASH_WINDOW: u64 = 4 << 20;
+/// Bytes read at a time to hash a written range.
+const HASH_BUFFER: u64 = 1 << 20;
 
 /// The partial downloads a running fetch has open, by data path: the others are reclaimable.
 pub(super) type InUse = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>;
@@ -173,33 +173,29 @@ impl Partial {
         Ok(())
     }
 
-    /// Feeds bytes `[from, to)` to `hasher`, straight from the page cache through read-only
-    /// mappings of [`HASH_WINDOW`] bytes at a time (no copy into a buffer, and little resident
-    /// at once).
-    #[allow(unsafe_code)]
+    /// Feeds bytes `[from, to)` to `hasher`, read [`HASH_BUFFER`] bytes at a time. Reads, not a
+    /// mapping: a data file cut short under the agent (a full disk's repair, a person) is an
+    /// error here, where a mapping would kill the process with SIGBUS.
     pub fn hash_range(&self, hasher: &mut Hasher, from: u64, to: u64) -> Result<()> {
+        use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+        let _ = posix_fadvise(
+            &self.data,
+            from as i64,
+            (to - from) as i64,
+            PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
+        );
+        let mut buf = vec![0u8; (to - from).min(HASH_BUFFER) as usize];
         let mut at = from;
         while at < to {
-            let len = (to - at).min(HASH_WINDOW);
-            // SAFETY: the mapping is read-only and of a file only this download writes (the
-            // store gives one download per blob), and the range given was fully written before;
-            // nothing writes to it while mapped, so the bytes seen cannot change under the hasher.
-            let map = unsafe {
-                memmap2::MmapOptions::new()
-                    .offset(at)
-                    .len(len as usize)
-                    .map(&self.data)
-            }
-            .ctx("map", &self.data_path)?;
-            let _ = map.advise(memmap2::Advice::Sequential);
-            hasher.update(&map);
-            at += len;
+            let n = (to - at).min(HASH_BUFFER) as usize;
+            self.read_at(&mut buf[..n], at)?;
+            hasher.update(&buf[..n]);
+            at += n as u64;
         }
         Ok(())
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`.
-    #[cfg(test)]
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         use std::os::unix::fs::FileExt;
         self.data
@@ -306,5 +302,29 @@ mod tests {
         assert_eq!(buf, [0; 4]);
         p.discard().unwrap();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn hashing_a_data_file_cut_short_is_an_error_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sha256-y");
+        let size = 3 * HASH_BUFFER;
+        let p = Partial::open(path.clone(), size, HASH_BUFFER, InUse::default()).unwrap();
+        let chunk = bytes::Bytes::from(vec![7u8; HASH_BUFFER as usize]);
+        for i in 0..3 {
+            p.write_at(std::slice::from_ref(&chunk), i * HASH_BUFFER)
+                .unwrap();
+            p.mark_done(i).unwrap();
+        }
+        // Someone cuts the file under the download.
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(HASH_BUFFER / 2)
+            .unwrap();
+        let mut h = Hasher::new(modelcache_core::hash::Algo::Sha256, size);
+        let err = p.hash_range(&mut h, 0, size).unwrap_err();
+        assert!(err.to_string().contains("read"), "{err}");
     }
 }
