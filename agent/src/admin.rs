@@ -1,13 +1,18 @@
 //! What an admin asks of a node's store: what it holds (`ls`), to drop a model (`rm`), and
-//! whether every blob still has the bytes its name promises (`verify`). They work on the store
-//! directory itself, whether or not the agent runs. `rm` refuses snapshots that volumes have
-//! mounted, and frees the blobs nothing else uses; `verify` moves corrupt blobs to
-//! `STORE/quarantine/` and takes down the unpinned snapshots that showed them, so the next pull
-//! downloads them again.
+//! whether every blob still has the bytes its name promises (`verify`). `rm` refuses snapshots
+//! that volumes have mounted, and frees the blobs nothing else uses; `verify` moves corrupt blobs
+//! to `STORE/quarantine/` and takes down the unpinned snapshots that showed them, so the next
+//! pull downloads them again.
+//!
+//! `rm` and `verify` change the store, so they run where the pins are: inside the running agent
+//! (the `Remove` and `Verify` RPCs, under the lock Pin takes), or, with no agent, in the command
+//! itself holding the store's lock. The functions here take the pins from their caller for that
+//! reason.
 
 use crate::store::{Pins, Snapshot, Store, StoreError};
 use modelcache_core::hash::{ContentHash, hash_file};
 use modelcache_core::repo::{RepoId, RepoKind};
+use modelcache_proto::agent_v1 as pb;
 use serde::Serialize;
 use std::collections::BTreeSet;
 use std::fs;
@@ -85,14 +90,17 @@ pub struct RemoveReport {
 }
 
 /// Removes the snapshots of `repo` (only those at `commit` when given), then the blobs that no
-/// other snapshot uses. Refuses, removing nothing, when a volume has any of them mounted.
+/// other snapshot uses and `keep` does not name (downloads in flight). Refuses, removing
+/// nothing, when `pins` has any of them mounted. The caller holds `pins` locked throughout, so
+/// no pin lands on a snapshot being removed.
 pub fn remove(
     store: &Store,
+    pins: &Pins,
     kind: RepoKind,
     repo: &RepoId,
     commit: Option<&str>,
+    keep: impl Fn(&ContentHash) -> bool,
 ) -> Result<RemoveReport, AdminError> {
-    let pins = Pins::load(store.root()).map_err(AdminError::Pins)?;
     let what = match commit {
         Some(c) => format!("{repo}@{c}"),
         None => repo.to_string(),
@@ -115,9 +123,7 @@ pub fn remove(
         store.remove_snapshot(s)?;
         tracing::info!(model.repo = %s.repo, model.commit = %s.commit, "removed snapshot");
     }
-    // `rm` runs beside the agent and cannot see its downloads: a blob fetched but not linked
-    // yet may go, and that download then fails and is fetched again on kubelet's next try.
-    let (blobs_freed, bytes_freed) = store.collect_garbage(|_| false)?;
+    let (blobs_freed, bytes_freed) = store.collect_garbage(keep)?;
     Ok(RemoveReport {
         removed: doomed.into_iter().map(|s| s.path).collect(),
         blobs_freed,
@@ -199,29 +205,50 @@ pub struct CorruptBlob {
     pub pinned_snapshots: Vec<PathBuf>,
 }
 
-/// Re-hashes every blob. Unless `dry_run`, a corrupt one is moved to `quarantine/` and the
-/// unpinned snapshots that show it are removed.
-pub fn verify(store: &Store, dry_run: bool) -> Result<VerifyReport, AdminError> {
-    let pins = Pins::load(store.root()).map_err(AdminError::Pins)?;
-    let mut report = VerifyReport::default();
-    let mut bad: Vec<(ContentHash, ContentHash, Inode)> = Vec::new();
+/// What hashing every blob found: the slow half of `verify`, which needs no lock.
+#[derive(Debug, Default)]
+pub struct Scan {
+    checked: u64,
+    bytes: u64,
+    bad: Vec<(ContentHash, ContentHash, Inode)>,
+}
+
+/// Re-hashes every blob.
+pub fn scan(store: &Store) -> Result<Scan, AdminError> {
+    let mut scan = Scan::default();
     for (hash, path) in store.blobs()? {
         let meta = fs::metadata(&path).map_err(|e| StoreError::from_io("stat", &path, e))?;
         let actual =
             hash_file(&path, hash.algo()).map_err(|e| StoreError::from_io("hash", &path, e))?;
-        report.checked += 1;
-        report.bytes += meta.len();
+        scan.checked += 1;
+        scan.bytes += meta.len();
         if actual != hash {
             tracing::error!(blob = %hash, actual = %actual, "corrupt blob");
-            bad.push((hash, actual, (meta.dev(), meta.ino())));
+            scan.bad.push((hash, actual, (meta.dev(), meta.ino())));
         }
     }
-    if bad.is_empty() {
+    Ok(scan)
+}
+
+/// Acts on a [`scan`]: unless `dry_run`, a corrupt blob is moved to `quarantine/` and the
+/// snapshots that show it and `pins` does not name are removed. The caller holds `pins` locked.
+pub fn quarantine(
+    store: &Store,
+    pins: &Pins,
+    scan: Scan,
+    dry_run: bool,
+) -> Result<VerifyReport, AdminError> {
+    let mut report = VerifyReport {
+        checked: scan.checked,
+        bytes: scan.bytes,
+        corrupt: Vec::new(),
+    };
+    if scan.bad.is_empty() {
         return Ok(report);
     }
-    let inodes: BTreeSet<Inode> = bad.iter().map(|(_, _, i)| *i).collect();
+    let inodes: BTreeSet<Inode> = scan.bad.iter().map(|(_, _, i)| *i).collect();
     let showing = snapshots_showing(store, &inodes)?;
-    for (hash, actual, inode) in bad {
+    for (hash, actual, inode) in scan.bad {
         let snaps: Vec<&Snapshot> = showing
             .iter()
             .filter(|(_, i)| i.contains(&inode))
@@ -249,6 +276,11 @@ pub fn verify(store: &Store, dry_run: bool) -> Result<VerifyReport, AdminError> 
     Ok(report)
 }
 
+/// [`scan`] then [`quarantine`], for a caller that holds the store alone.
+pub fn verify(store: &Store, pins: &Pins, dry_run: bool) -> Result<VerifyReport, AdminError> {
+    quarantine(store, pins, scan(store)?, dry_run)
+}
+
 /// A file's identity on the node: (device, inode).
 type Inode = (u64, u64);
 
@@ -272,6 +304,79 @@ fn snapshots_showing(
         }
     }
     Ok(out)
+}
+
+fn paths(p: &[PathBuf]) -> Vec<String> {
+    p.iter().map(|p| p.to_string_lossy().into_owned()).collect()
+}
+
+fn path_bufs(p: Vec<String>) -> Vec<PathBuf> {
+    p.into_iter().map(PathBuf::from).collect()
+}
+
+impl From<RemoveReport> for pb::RemoveResponse {
+    fn from(r: RemoveReport) -> Self {
+        pb::RemoveResponse {
+            removed: paths(&r.removed),
+            blobs_freed: r.blobs_freed,
+            bytes_freed: r.bytes_freed,
+        }
+    }
+}
+
+impl From<pb::RemoveResponse> for RemoveReport {
+    fn from(r: pb::RemoveResponse) -> Self {
+        RemoveReport {
+            removed: path_bufs(r.removed),
+            blobs_freed: r.blobs_freed,
+            bytes_freed: r.bytes_freed,
+        }
+    }
+}
+
+impl From<VerifyReport> for pb::VerifyResponse {
+    fn from(r: VerifyReport) -> Self {
+        pb::VerifyResponse {
+            checked: r.checked,
+            bytes: r.bytes,
+            corrupt: r
+                .corrupt
+                .into_iter()
+                .map(|c| pb::CorruptBlob {
+                    blob: c.blob,
+                    actual: c.actual,
+                    quarantined_to: c
+                        .quarantined_to
+                        .map(|p| p.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    removed_snapshots: paths(&c.removed_snapshots),
+                    pinned_snapshots: paths(&c.pinned_snapshots),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<pb::VerifyResponse> for VerifyReport {
+    fn from(r: pb::VerifyResponse) -> Self {
+        VerifyReport {
+            checked: r.checked,
+            bytes: r.bytes,
+            corrupt: r
+                .corrupt
+                .into_iter()
+                .map(|c| CorruptBlob {
+                    blob: c.blob,
+                    actual: c.actual,
+                    quarantined_to: Some(c.quarantined_to)
+                        .filter(|q| !q.is_empty())
+                        .map(PathBuf::from),
+                    removed_snapshots: path_bufs(c.removed_snapshots),
+                    pinned_snapshots: path_bufs(c.pinned_snapshots),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// `ls` as a table for people.
@@ -368,6 +473,10 @@ mod tests {
     use modelcache_core::repo::{RepoPath, Revision};
     use std::os::unix::fs::PermissionsExt;
 
+    fn pins(store: &Store) -> Pins {
+        Pins::load(store.root()).unwrap()
+    }
+
     fn pin(store: &Store, volume: &str, snap: &Snapshot) {
         let mut pins = Pins::load(store.root()).unwrap();
         let record = PinRecord {
@@ -455,14 +564,33 @@ mod tests {
         let repo = RepoId::parse("org/m").unwrap();
 
         // The repo as a whole is mounted: nothing is removed.
-        let err = remove(&store, RepoKind::Model, &repo, None).unwrap_err();
+        let err = remove(&store, &pins(&store), RepoKind::Model, &repo, None, |_| {
+            false
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("vol-new"), "{err}");
         assert!(old.path.exists() && new.path.exists());
-        let absent = remove(&store, RepoKind::Model, &repo, Some(&"9".repeat(40))).unwrap_err();
+        let absent = remove(
+            &store,
+            &pins(&store),
+            RepoKind::Model,
+            &repo,
+            Some(&"9".repeat(40)),
+            |_| false,
+        )
+        .unwrap_err();
         assert!(absent.to_string().contains("ls"), "{absent}");
 
         // The old commit alone: its snapshot and view go, and only its own weights are freed.
-        let r = remove(&store, RepoKind::Model, &repo, Some(&old.commit)).unwrap();
+        let r = remove(
+            &store,
+            &pins(&store),
+            RepoKind::Model,
+            &repo,
+            Some(&old.commit),
+            |_| false,
+        )
+        .unwrap();
         assert_eq!(r.removed, std::slice::from_ref(&old.path));
         assert_eq!((r.blobs_freed, r.bytes_freed), (1, 11));
         assert!(!old.path.exists() && !view.exists());
@@ -488,11 +616,11 @@ mod tests {
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         fs::write(&path, b"has rotted").unwrap();
 
-        let dry = verify(&store, true).unwrap();
+        let dry = verify(&store, &pins(&store), true).unwrap();
         assert_eq!((dry.checked, dry.corrupt.len()), (2, 1));
         assert!(path.exists() && loose.path.exists());
 
-        let r = verify(&store, false).unwrap();
+        let r = verify(&store, &pins(&store), false).unwrap();
         let c = &r.corrupt[0];
         assert_eq!(c.blob, bad.to_string());
         assert_eq!(c.removed_snapshots, std::slice::from_ref(&loose.path));
@@ -500,7 +628,12 @@ mod tests {
         assert!(!path.exists() && c.quarantined_to.as_ref().unwrap().exists());
         assert!(!loose.path.exists() && pinned.path.exists() && clean.path.exists());
         // Verified again: nothing left to find.
-        assert!(verify(&store, false).unwrap().corrupt.is_empty());
+        assert!(
+            verify(&store, &pins(&store), false)
+                .unwrap()
+                .corrupt
+                .is_empty()
+        );
         assert!(render_verify(&r).contains("is mounted: kept"));
     }
 }

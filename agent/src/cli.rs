@@ -51,6 +51,20 @@ impl StoreArgs {
     }
 }
 
+/// The running agent, for the commands that change its store.
+#[derive(clap::Args)]
+pub struct AgentSocketArgs {
+    /// The agent API socket (`run --listen`). When an agent answers there, the command runs
+    /// inside it, under the lock volumes pin with; when none does, the command takes the store's
+    /// lock itself.
+    #[arg(
+        long = "agent",
+        env = "MODELCACHE_AGENT_LISTEN",
+        default_value = "unix:///run/modelcache/agent.sock"
+    )]
+    pub endpoint: String,
+}
+
 /// Where models come from.
 #[derive(clap::Args)]
 pub struct HubArgs {
@@ -156,6 +170,7 @@ pub enum Command {
     },
     /// Remove a repo's snapshots from the store (only one commit's with --commit), then the
     /// blobs nothing else uses. Refuses, removing nothing, while a volume has one mounted.
+    /// Asks the running agent when one answers on --agent; otherwise takes the store's lock.
     Rm {
         /// Repo id, `org/name`.
         repo: String,
@@ -167,16 +182,21 @@ pub enum Command {
         dataset: bool,
         #[command(flatten)]
         store: StoreArgs,
+        #[command(flatten)]
+        agent: AgentSocketArgs,
         /// Print JSON instead of lines.
         #[arg(long)]
         json: bool,
     },
     /// Re-hash every blob in the store. A corrupt blob is moved to quarantine/ and the unpinned
     /// snapshots that showed it are removed, so the next pull fetches them again; mounted ones
-    /// are kept and named. Exits with status 1 when anything was corrupt.
+    /// are kept and named. Exits with status 1 when anything was corrupt. Asks the running agent
+    /// when one answers on --agent; otherwise takes the store's lock.
     Verify {
         #[command(flatten)]
         store: StoreArgs,
+        #[command(flatten)]
+        agent: AgentSocketArgs,
         /// Only report; move and remove nothing.
         #[arg(long)]
         dry_run: bool,

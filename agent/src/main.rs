@@ -10,6 +10,7 @@ use modelcache_agent::events::PodEvents;
 use modelcache_agent::fetch::{Fetcher, Progress, Sources, Tuning};
 use modelcache_agent::mounts::ProcMountTable;
 use modelcache_agent::shared_cache::SharedCache;
+use modelcache_agent::store::Pins;
 use modelcache_agent::{admin, progress};
 use modelcache_core::filter::FileFilter;
 use modelcache_core::repo::{ModelRef, RepoId, RepoKind, Revision};
@@ -17,6 +18,8 @@ use modelcache_core::telemetry;
 use modelcache_core::{shutdown, transport};
 use modelcache_hub::HubClient;
 use modelcache_hub::client::Token;
+use modelcache_proto::agent_v1 as pb;
+use modelcache_proto::agent_v1::agent_client::AgentClient;
 use modelcache_proto::agent_v1::agent_server::AgentServer;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -130,6 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             commit,
             dataset,
             store,
+            agent,
             json,
         } => {
             let kind = if dataset {
@@ -144,8 +148,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "--commit {c:?} is not a 40-hex commit: `modelcache-agent ls` shows them"
                 );
             }
-            let store = store.inspect()?;
-            let report = admin::remove(&store, kind, &repo, commit.as_deref())?;
+            let report = match running_agent(&agent.endpoint)? {
+                Some(mut client) => client
+                    .remove(pb::RemoveRequest {
+                        kind: modelcache_core::wire::kind_to_proto(kind) as i32,
+                        repo: repo.to_string(),
+                        commit: commit.clone().unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(agent_refused)?
+                    .into_inner()
+                    .into(),
+                None => {
+                    let store = store.open()?;
+                    let pins = Pins::load(store.root()).context("cannot read the pins")?;
+                    admin::remove(&store, &pins, kind, &repo, commit.as_deref(), |_| false)?
+                }
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -154,11 +173,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Verify {
             store,
+            agent,
             dry_run,
             json,
         } => {
-            let store = store.inspect()?;
-            let report = admin::verify(&store, dry_run)?;
+            let report = match running_agent(&agent.endpoint)? {
+                Some(mut client) => client
+                    .verify(pb::VerifyRequest { dry_run })
+                    .await
+                    .map_err(agent_refused)?
+                    .into_inner()
+                    .into(),
+                None => {
+                    let store = store.open()?;
+                    let pins = Pins::load(store.root()).context("cannot read the pins")?;
+                    admin::verify(&store, &pins, dry_run)?
+                }
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -261,4 +292,34 @@ fn serve_hub_moved(args: Vec<std::ffi::OsString>) -> anyhow::Error {
             "serve-hub moved to its own binary, modelcache-hub, which is not installed beside this one; build it with `cargo build -p modelcache-hub --features server`"
         ),
     }
+}
+
+/// A client of the agent serving `endpoint`, if one answers there; None when no socket is
+/// there or nothing listens on it (a stale socket), and the command should take the store's
+/// lock itself.
+fn running_agent(endpoint: &str) -> anyhow::Result<Option<AgentClient<tonic::transport::Channel>>> {
+    let socket = transport::unix_socket_path(endpoint).map_err(anyhow::Error::msg)?;
+    match std::os::unix::net::UnixStream::connect(&socket) {
+        Ok(_) => {
+            tracing::debug!(socket = %socket.display(), "asking the running agent");
+            Ok(Some(AgentClient::new(transport::connect_unix(&socket))))
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::anyhow!(
+            "cannot reach the agent at {}: {e}; run as root, or pass --agent",
+            socket.display()
+        )),
+    }
+}
+
+/// The agent's refusal as this command's error: its message says what and why.
+fn agent_refused(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} (the agent answered {:?})", s.message(), s.code())
 }

@@ -173,6 +173,11 @@ impl LocalNode {
         out
     }
 
+    /// The agent API's socket.
+    pub fn agent_socket(&self) -> PathBuf {
+        self.workdir.join("agent.sock")
+    }
+
     /// The CSI plugin's socket.
     pub fn csi_socket(&self) -> PathBuf {
         self.workdir.join("csi.sock")
