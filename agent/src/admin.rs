@@ -78,6 +78,19 @@ pub enum AdminError {
     Pinned(String, String),
 }
 
+impl AdminError {
+    /// What kind of failure this is, for the caller's status code.
+    pub fn class(&self) -> modelcache_core::error::Class {
+        use modelcache_core::error::Class;
+        match self {
+            AdminError::Store(s) => s.class(),
+            AdminError::Pins(_) => Class::Internal,
+            AdminError::NoSuchSnapshot(_) => Class::NotFound,
+            AdminError::Pinned(..) => Class::Precondition,
+        }
+    }
+}
+
 /// What `rm` removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RemoveReport {

@@ -16,10 +16,10 @@ use crate::metrics::{CacheResult, Metrics};
 use crate::mounts::MountTable;
 use crate::prewarm::Catalogue;
 use crate::store::{PinRecord, Pins, Reconciled, Snapshot, Store, StoreError, unix};
+use modelcache_core::error::Class;
 use modelcache_core::filter::FileFilter;
 use modelcache_core::repo::{InvalidInput, ModelRef, RepoId, RepoKind, is_commit_id};
 use modelcache_core::wire::{kind_to_proto, layout_from_proto, model_from_proto};
-use modelcache_hub::HubError;
 use modelcache_hub::client::Token;
 use modelcache_proto::agent_v1 as pb;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -62,57 +62,28 @@ impl From<FetchError> for ApiError {
     }
 }
 
-fn store_code(e: &StoreError) -> tonic::Code {
-    const ENOSPC: i32 = 28;
-    const EDQUOT: i32 = 122;
-    match e.io().raw_os_error() {
-        Some(ENOSPC | EDQUOT) => tonic::Code::ResourceExhausted,
-        _ => tonic::Code::Internal,
+impl ApiError {
+    /// What kind of failure this is; each layer's error says its own.
+    pub fn class(&self) -> Class {
+        match self {
+            ApiError::Invalid(_) | ApiError::Missing(_) => Class::Invalid,
+            ApiError::NotPresent(_) => Class::Precondition,
+            ApiError::ShuttingDown => Class::Unavailable,
+            ApiError::Store(s) => s.class(),
+            ApiError::Fetch(f) => f.class(),
+            ApiError::Admin(a) => a.class(),
+        }
     }
 }
 
+/// The one map from the agent's errors to gRPC statuses: the class's code, and the message
+/// clipped to what a status carries.
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
-        use tonic::Code;
-        let code = match &e {
-            ApiError::Invalid(_) | ApiError::Missing(_) => Code::InvalidArgument,
-            ApiError::NotPresent(_) => Code::FailedPrecondition,
-            ApiError::ShuttingDown => Code::Unavailable,
-            ApiError::Store(s) => store_code(s),
-            ApiError::Admin(a) => match a {
-                AdminError::NoSuchSnapshot(_) => Code::NotFound,
-                AdminError::Pinned(..) => Code::FailedPrecondition,
-                AdminError::Store(s) => store_code(s),
-                AdminError::Pins(_) => Code::Internal,
-            },
-            ApiError::Fetch(f) => match f.as_ref() {
-                FetchError::Hub(h) => match h {
-                    HubError::RepoNotFound { .. }
-                    | HubError::RevisionNotFound { .. }
-                    | HubError::EntryNotFound { .. } => Code::NotFound,
-                    HubError::Unauthorized { .. } => Code::PermissionDenied,
-                    // A refused CDN link is cured by the next try, which asks the hub anew.
-                    HubError::RateLimited { .. }
-                    | HubError::Network { .. }
-                    | HubError::LinkRefused { .. } => Code::Unavailable,
-                    HubError::Status { status, .. } if *status >= 500 => Code::Unavailable,
-                    HubError::Status { .. } | HubError::Protocol { .. } => Code::FailedPrecondition,
-                },
-                FetchError::Store(s) => store_code(s),
-                FetchError::UnsafeTree { .. }
-                | FetchError::NothingMatches { .. }
-                | FetchError::SharedCache(_) => Code::FailedPrecondition,
-                FetchError::NotInSharedCache { .. } => Code::NotFound,
-                FetchError::NoRoom { .. } => Code::ResourceExhausted,
-                // A download Job may still be filling the shared cache.
-                FetchError::Unavailable { .. } => Code::Unavailable,
-                FetchError::Integrity { .. } => Code::DataLoss,
-                FetchError::Interrupted { .. } | FetchError::AccessUnverifiable { .. } => {
-                    Code::Unavailable
-                }
-            },
-        };
-        Status::new(code, modelcache_core::repo::clip(&e.to_string()))
+        Status::new(
+            e.class().code(),
+            modelcache_core::repo::clip(&e.to_string()),
+        )
     }
 }
 
@@ -847,6 +818,7 @@ async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use modelcache_hub::HubError;
 
     #[test]
     fn status_codes_are_chosen_on_purpose() {

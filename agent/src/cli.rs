@@ -3,8 +3,7 @@
 
 use crate::evict::Watermarks;
 use crate::fetch::{Tier, Tuning};
-use crate::store::Store;
-use anyhow::Context;
+use crate::store::{Store, StoreError};
 use clap::{Parser, Subcommand};
 use modelcache_core::telemetry::LogFormat;
 use modelcache_hub::client::DEFAULT_ENDPOINT;
@@ -38,16 +37,14 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    /// Opens the store to write it, holding its lock.
-    pub fn open(&self) -> anyhow::Result<Store> {
+    /// Opens the store to write it, holding its lock. The error names the path and the cause.
+    pub fn open(&self) -> Result<Store, StoreError> {
         Store::open(&self.store)
-            .with_context(|| format!("cannot open the store at {}", self.store.display()))
     }
 
-    /// Opens the store to read it (and for `rm`/`verify`), beside a running agent.
-    pub fn inspect(&self) -> anyhow::Result<Store> {
-        // The store error names the path and the cause already.
-        Store::inspect(&self.store).map_err(anyhow::Error::msg)
+    /// Opens the store to read it (for `ls`), beside a running agent.
+    pub fn inspect(&self) -> Result<Store, StoreError> {
+        Store::inspect(&self.store)
     }
 }
 
@@ -264,20 +261,30 @@ pub struct EvictionArgs {
 
 impl EvictionArgs {
     /// The watermarks these flags ask for, checked.
-    pub fn watermarks(&self) -> anyhow::Result<Watermarks> {
+    pub fn watermarks(&self) -> Result<Watermarks, BadEviction> {
         let max_store_bytes = match self.max_store_gib {
             Some(g) if g.is_finite() && g > 0.0 => Some((g * (1u64 << 30) as f64) as u64),
-            Some(g) => anyhow::bail!("--max-store-gib {g} is not a positive size"),
+            Some(g) => return Err(BadEviction::MaxStore(g)),
             None => None,
         };
-        Watermarks {
+        Ok(Watermarks {
             high: self.high_watermark,
             low: self.low_watermark,
             max_store_bytes,
         }
-        .validate()
-        .map_err(anyhow::Error::msg)
+        .validate()?)
     }
+}
+
+/// Eviction flags that do not go together.
+#[derive(Debug, thiserror::Error)]
+pub enum BadEviction {
+    /// `--max-store-gib` is not a positive size.
+    #[error("--max-store-gib {0} is not a positive size")]
+    MaxStore(f64),
+    /// The watermarks are out of order.
+    #[error(transparent)]
+    Watermarks(#[from] crate::evict::BadWatermarks),
 }
 
 /// A count that must be at least one.

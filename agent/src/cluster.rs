@@ -199,6 +199,17 @@ pub struct NodeLabeller {
     applied: Option<Value>,
 }
 
+/// Why the Node's labels could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// Reading what the store holds failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The API server refused or could not be reached.
+    #[error("applying the Node's labels: {0}")]
+    Api(#[from] kube::Error),
+}
+
 impl NodeLabeller {
     /// A labeller of `node` through `client`.
     pub fn new(client: kube::Client, node: String, store: Arc<Store>) -> Self {
@@ -211,10 +222,12 @@ impl NodeLabeller {
     }
 
     /// Applies the Node's fields if they changed since the last apply; true if it applied.
-    pub async fn sync(&mut self) -> anyhow::Result<bool> {
+    pub async fn sync(&mut self) -> Result<bool, SyncError> {
         let store = self.store.clone();
         let node = self.node.clone();
-        let fields = tokio::task::spawn_blocking(move || node_fields(&node, &store)).await??;
+        let fields = tokio::task::spawn_blocking(move || node_fields(&node, &store))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
         if self.applied.as_ref() == Some(&fields) {
             return Ok(false);
         }

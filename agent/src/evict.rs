@@ -66,15 +66,25 @@ impl Default for Watermarks {
 
 impl Watermarks {
     /// Checks `low < high <= 100`.
-    pub fn validate(self) -> Result<Self, String> {
+    pub fn validate(self) -> Result<Self, BadWatermarks> {
         if self.low >= self.high || self.high > 100 {
-            return Err(format!(
-                "watermarks must satisfy low < high <= 100; got low {} and high {}",
-                self.low, self.high
-            ));
+            return Err(BadWatermarks {
+                low: self.low,
+                high: self.high,
+            });
         }
         Ok(self)
     }
+}
+
+/// Watermarks out of order or over 100%.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("watermarks must satisfy low < high <= 100; got low {low} and high {high}")]
+pub struct BadWatermarks {
+    /// The low watermark given.
+    pub low: u8,
+    /// The high watermark given.
+    pub high: u8,
 }
 
 /// Space on a filesystem.
@@ -705,6 +715,11 @@ mod tests {
             low: 80,
             max_store_bytes: None,
         };
-        assert!(bad.validate().unwrap_err().contains("low < high"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("low < high")
+        );
     }
 }

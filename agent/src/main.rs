@@ -213,7 +213,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             eviction,
         } => {
             let marks = eviction.watermarks()?;
-            let socket = transport::unix_socket_path(&listen).map_err(anyhow::Error::msg)?;
+            let socket = transport::unix_socket_path(&listen)?;
             let fetcher = fetcher(&store, &hub)?;
             let sources = fetcher.sources();
             tracing::info!(
@@ -298,7 +298,7 @@ fn serve_hub_moved(args: Vec<std::ffi::OsString>) -> anyhow::Error {
 /// there or nothing listens on it (a stale socket), and the command should take the store's
 /// lock itself.
 fn running_agent(endpoint: &str) -> anyhow::Result<Option<AgentClient<tonic::transport::Channel>>> {
-    let socket = transport::unix_socket_path(endpoint).map_err(anyhow::Error::msg)?;
+    let socket = transport::unix_socket_path(endpoint)?;
     match std::os::unix::net::UnixStream::connect(&socket) {
         Ok(_) => {
             tracing::debug!(socket = %socket.display(), "asking the running agent");

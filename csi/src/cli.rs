@@ -58,12 +58,10 @@ pub enum Mode {
 
 impl Cli {
     /// What clap cannot check: a wait that fits kubelet's timeout, and a node id in node mode.
-    pub fn check(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            self.publish_wait_seconds <= 100,
-            "--publish-wait-seconds {} is too long: with the 15 s margin a publish would outlast kubelet's 2-minute timeout; use at most 100",
-            self.publish_wait_seconds
-        );
+    pub fn check(&self) -> Result<(), BadFlags> {
+        if self.publish_wait_seconds > 100 {
+            return Err(BadFlags::WaitTooLong(self.publish_wait_seconds));
+        }
         for (flag, dir) in [
             ("--store", Some(&self.store)),
             ("--target-root", self.target_root.as_ref()),
@@ -71,20 +69,43 @@ impl Cli {
             if let Some(dir) = dir {
                 let text = dir.to_string_lossy();
                 let normal = crate::node::normalize(flag, &text)?;
-                anyhow::ensure!(
-                    normal == *dir,
-                    "{flag} {} must be written plainly (absolute, no '.', '..' or '//')",
-                    dir.display()
-                );
+                if normal != *dir {
+                    return Err(BadFlags::NotPlain {
+                        flag,
+                        dir: dir.clone(),
+                    });
+                }
             }
         }
-        if self.mode == Mode::Node {
-            anyhow::ensure!(
-                self.node_id.as_deref().is_some_and(|n| !n.is_empty()),
-                "--node-id (or MODELCACHE_NODE_ID) is required in node mode: pass the node's name, \
-                 e.g. from the downward API's spec.nodeName"
-            );
+        if self.mode == Mode::Node && self.node_id.as_deref().is_none_or(str::is_empty) {
+            return Err(BadFlags::NoNodeId);
         }
         Ok(())
     }
+}
+
+/// Flags that clap accepts but the plugin cannot run with.
+#[derive(Debug, thiserror::Error)]
+pub enum BadFlags {
+    /// The publish wait would outlast kubelet's timeout.
+    #[error(
+        "--publish-wait-seconds {0} is too long: with the 15 s margin a publish would outlast kubelet's 2-minute timeout; use at most 100"
+    )]
+    WaitTooLong(u64),
+    /// A directory flag is not a plain absolute path.
+    #[error("{flag} {} must be written plainly (absolute, no '.', '..' or '//')", dir.display())]
+    NotPlain {
+        /// The flag.
+        flag: &'static str,
+        /// Its value.
+        dir: std::path::PathBuf,
+    },
+    /// Node mode without a node id.
+    #[error(
+        "--node-id (or MODELCACHE_NODE_ID) is required in node mode: pass the node's name, e.g. from the downward API's spec.nodeName"
+    )]
+    NoNodeId,
+    /// A directory flag is not a path at all.
+    #[error(transparent)]
+    Invalid(#[from] crate::error::Error),
 }

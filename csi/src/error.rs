@@ -30,6 +30,9 @@ pub enum Error {
         /// The agent's answer.
         status: Status,
     },
+    /// The agent answered something the plugin must not act on.
+    #[error("agent: {0}")]
+    BadAnswer(String),
     /// A mount, unmount or directory operation failed.
     #[error("{action} {target}: {source}")]
     Mount {
@@ -56,7 +59,7 @@ impl From<Error> for Status {
                 Code::Unknown | Code::Cancelled => Code::Unavailable,
                 c => c,
             },
-            Error::Mount { .. } => Code::Internal,
+            Error::Mount { .. } | Error::BadAnswer(_) => Code::Internal,
         };
         Status::new(code, clip(&e.to_string()))
     }

@@ -27,14 +27,13 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     cli.check()?;
     let shutdown = shutdown::on_signals()?;
-    let socket = transport::unix_socket_path(&cli.endpoint).map_err(anyhow::Error::msg)?;
+    let socket = transport::unix_socket_path(&cli.endpoint)?;
     let mut server = tonic::transport::Server::builder();
     let router = match cli.mode {
         Mode::Node => {
             // `check` made sure node mode has one.
             let node_id = cli.node_id.clone().unwrap_or_default();
-            let agent_socket =
-                transport::unix_socket_path(&cli.agent).map_err(anyhow::Error::msg)?;
+            let agent_socket = transport::unix_socket_path(&cli.agent)?;
             let agent = Arc::new(AgentClient::new(&agent_socket));
             // The agent names snapshots by the store's canonical path.
             let store = std::fs::canonicalize(&cli.store).unwrap_or_else(|_| cli.store.clone());

@@ -134,14 +134,11 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
         let text = path.to_string_lossy();
         match normalize("snapshot_path", &text) {
             Ok(p) if p.starts_with(&self.paths.store) && p != self.paths.store => Ok(p),
-            _ => Err(Error::Agent {
-                action: "ensure",
-                status: Status::internal(format!(
-                    "the agent named {} to mount, which is not in the store {}",
-                    path.display(),
-                    self.paths.store.display()
-                )),
-            }),
+            _ => Err(Error::BadAnswer(format!(
+                "the agent named {} to mount, which is not in the store {}",
+                path.display(),
+                self.paths.store.display()
+            ))),
         }
     }
 

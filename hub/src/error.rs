@@ -94,6 +94,22 @@ pub enum HubError {
 }
 
 impl HubError {
+    /// What kind of failure this is, for the caller's status code.
+    pub fn class(&self) -> modelcache_core::error::Class {
+        use modelcache_core::error::Class;
+        match self {
+            HubError::RepoNotFound { .. }
+            | HubError::RevisionNotFound { .. }
+            | HubError::EntryNotFound { .. } => Class::NotFound,
+            HubError::Unauthorized { .. } => Class::Denied,
+            // A refused CDN link is cured by the next try, which asks the hub anew.
+            HubError::LinkRefused { .. } => Class::Unavailable,
+            _ if self.is_transient() => Class::Unavailable,
+            HubError::RateLimited { .. } | HubError::Network { .. } => Class::Unavailable,
+            HubError::Status { .. } | HubError::Protocol { .. } => Class::Precondition,
+        }
+    }
+
     /// A short name of the kind of error, for metrics.
     pub fn kind(&self) -> &'static str {
         match self {

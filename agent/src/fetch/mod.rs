@@ -159,15 +159,27 @@ pub enum FetchError {
     },
 }
 
-/// True for ENOSPC and EDQUOT.
-fn is_disk_full(e: &StoreError) -> bool {
-    matches!(
-        e.io().raw_os_error(),
-        Some(code) if code == nix::libc::ENOSPC || code == nix::libc::EDQUOT
-    )
-}
-
 impl FetchError {
+    /// What kind of failure this is, for the caller's status code.
+    pub fn class(&self) -> modelcache_core::error::Class {
+        use modelcache_core::error::Class;
+        match self {
+            FetchError::Hub(h) => h.class(),
+            FetchError::Store(s) => s.class(),
+            FetchError::UnsafeTree { .. }
+            | FetchError::NothingMatches { .. }
+            | FetchError::SharedCache(_) => Class::Precondition,
+            FetchError::NotInSharedCache { .. } => Class::NotFound,
+            FetchError::NoRoom { .. } => Class::Exhausted,
+            // A download Job may still be filling the shared cache.
+            FetchError::Unavailable { .. } => Class::Unavailable,
+            FetchError::Integrity { .. } => Class::DataLoss,
+            FetchError::Interrupted { .. } | FetchError::AccessUnverifiable { .. } => {
+                Class::Unavailable
+            }
+        }
+    }
+
     pub(crate) fn unsafe_tree(repo: &RepoId, commit: &str, reason: impl Into<String>) -> Self {
         FetchError::UnsafeTree {
             repo: repo.to_string(),
@@ -560,9 +572,7 @@ impl Fetcher {
                 .try_collect::<()>()
                 .await;
             match res {
-                Err(FetchError::Store(e))
-                    if is_disk_full(&e) && !retried && self.room.is_some() =>
-                {
+                Err(FetchError::Store(e)) if e.is_no_space() && !retried && self.room.is_some() => {
                     tracing::warn!(error = %e, "the disk filled up during the download; evicting and trying once more");
                     retried = true;
                     progress.bytes_done.store(0, Ordering::Relaxed);

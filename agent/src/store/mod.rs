@@ -63,10 +63,12 @@ impl StoreError {
 
     /// True when the disk (or a quota) is full: evicting may cure it.
     pub fn is_no_space(&self) -> bool {
-        matches!(
-            self.source.raw_os_error(),
-            Some(nix::libc::ENOSPC | nix::libc::EDQUOT)
-        )
+        modelcache_core::error::is_no_space(&self.source)
+    }
+
+    /// What kind of failure this is: a full disk is exhausted, anything else internal.
+    pub fn class(&self) -> modelcache_core::error::Class {
+        modelcache_core::error::Class::of_io(&self.source)
     }
 }
 

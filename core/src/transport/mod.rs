@@ -12,15 +12,17 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// The socket path of a `unix:///path` (or `unix:/path`, or plain `/path`) endpoint.
-pub fn unix_socket_path(endpoint: &str) -> Result<PathBuf, String> {
+pub fn unix_socket_path(endpoint: &str) -> Result<PathBuf, crate::repo::InvalidInput> {
     let path = endpoint
         .strip_prefix("unix://")
         .or_else(|| endpoint.strip_prefix("unix:"))
         .unwrap_or(endpoint);
     if !path.starts_with('/') {
-        return Err(format!(
-            "endpoint {endpoint:?} is not a unix socket: write it as unix:///absolute/path.sock"
-        ));
+        return Err(crate::repo::InvalidInput {
+            what: "endpoint",
+            value: crate::repo::clip_to(endpoint, 300),
+            reason: "is not a unix socket: write it as unix:///absolute/path.sock",
+        });
     }
     Ok(PathBuf::from(path))
 }
