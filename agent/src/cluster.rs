@@ -14,8 +14,8 @@
 //! - Keys and values: see [`crate::labels`]. The annotation [`INVENTORY_ANNOTATION`] holds a JSON
 //!   list of `{kind, repo, revisions, commit, filter, bytes, state}`.
 
-use crate::api::AgentApi;
 use crate::labels::{commit_label_value, repo_label_key};
+use crate::node;
 use crate::prewarm::{Catalogue, Change, wanted_sets};
 use crate::store::{Store, StoreError};
 use futures::{Stream, StreamExt};
@@ -98,7 +98,7 @@ pub fn node_fields(node: &str, store: &Store) -> Result<Value, StoreError> {
 /// its watch, whose `DiskPressure` condition feeds the evictor and whose labels, with the
 /// catalogue in ConfigMap `catalogue` (namespace, name) when given, say what to pre-warm.
 pub fn spawn(
-    api: Arc<AgentApi>,
+    api: Arc<node::Node>,
     client: kube::Client,
     node: String,
     catalogue: Option<(String, String)>,

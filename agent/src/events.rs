@@ -23,6 +23,13 @@ pub const REPORTING_CONTROLLER: &str = "modelcache.dev/agent";
 /// Least time between two progress (or failure) events for one pod and model.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(15);
 
+/// Pod waits remembered at most. A wait is forgotten when its model is ready; pods deleted
+/// while waiting, or waiting on a model that never comes, would otherwise stay for ever.
+pub const MAX_WAITING: usize = 4096;
+
+/// A wait with no event for this long is forgotten first when the map is full.
+const STALE_WAIT: Duration = Duration::from_secs(30 * 60);
+
 /// The pod a volume is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PodRef {
@@ -94,6 +101,21 @@ fn human(bytes: u64) -> String {
     }
 }
 
+/// Makes room in a full map of waits: the stale ones go, or else the oldest.
+fn forget_oldest(waiting: &mut HashMap<(PodRef, String), Waiting>, now: Instant) {
+    let last = |w: &Waiting| w.last_event.unwrap_or(w.since);
+    waiting.retain(|_, w| now.duration_since(last(w)) < STALE_WAIT);
+    if waiting.len() >= MAX_WAITING {
+        let oldest = waiting
+            .iter()
+            .min_by_key(|(_, w)| last(w))
+            .map(|(k, _)| k.clone());
+        if let Some(k) = oldest {
+            waiting.remove(&k);
+        }
+    }
+}
+
 impl PodEvents {
     /// No events (no cluster).
     pub fn disabled() -> Self {
@@ -119,12 +141,14 @@ impl PodEvents {
     /// first call starts the pod's wait.
     fn due(&self, pod: &PodRef, model: &str, now: Instant) -> bool {
         let mut waiting = self.waiting.lock().expect("events lock");
-        let w = waiting
-            .entry((pod.clone(), model.to_owned()))
-            .or_insert(Waiting {
-                since: now,
-                last_event: None,
-            });
+        let key = (pod.clone(), model.to_owned());
+        if waiting.len() >= MAX_WAITING && !waiting.contains_key(&key) {
+            forget_oldest(&mut waiting, now);
+        }
+        let w = waiting.entry(key).or_insert(Waiting {
+            since: now,
+            last_event: None,
+        });
         let due = w
             .last_event
             .is_none_or(|t| now.duration_since(t) >= PROGRESS_EVERY);
@@ -333,5 +357,20 @@ mod tests {
         PodEvents::disabled().failed(&pod, "org/m", "no cluster: a no-op");
         assert!(PodRef::parse("no-slash", "u").is_none());
         assert!(PodRef::parse("ns/p", "").is_none());
+    }
+
+    #[test]
+    fn waits_of_pods_that_never_get_their_model_are_bounded() {
+        let events = PodEvents::disabled();
+        let start = Instant::now();
+        let pod = |i: usize| PodRef::parse(&format!("ns/p{i}"), &format!("uid-{i}")).unwrap();
+        for i in 0..MAX_WAITING + 500 {
+            assert!(events.due(&pod(i), "o/r", start + Duration::from_millis(i as u64)));
+        }
+        let waiting = events.waiting.lock().unwrap();
+        assert_eq!(waiting.len(), MAX_WAITING);
+        // The oldest went; the newest is remembered.
+        assert!(!waiting.contains_key(&(pod(0), "o/r".to_owned())));
+        assert!(waiting.contains_key(&(pod(MAX_WAITING + 499), "o/r".to_owned())));
     }
 }

@@ -3,20 +3,21 @@
 //! plugin calls to ensure and pin models.
 //!
 //! Modules, one concern each: [`store`] (blobs, snapshots, pins), [`fetch`] (hub → store),
-//! [`api`] (the gRPC service). The names a volume uses and the process plumbing shared with the
+//! [`node`] (the core every front end uses), [`grpc`] (the agent API over it). The names a volume uses and the process plumbing shared with the
 //! CSI plugin live in `modelcache-core`; the hub client (and the test hub) in `modelcache-hub`.
 
 pub mod access;
 pub mod admin;
-pub mod api;
 pub mod cli;
 pub mod cluster;
 pub mod events;
 pub mod evict;
 pub mod fetch;
+pub mod grpc;
 pub mod labels;
 pub mod metrics;
 pub mod mounts;
+pub mod node;
 pub mod prewarm;
 pub mod progress;
 pub mod shared_cache;

@@ -3,12 +3,13 @@
 
 use anyhow::Context;
 use clap::Parser;
-use modelcache_agent::api::AgentApi;
 use modelcache_agent::cli::{Cli, Command, HubArgs, StoreArgs};
 use modelcache_agent::cluster;
 use modelcache_agent::events::PodEvents;
 use modelcache_agent::fetch::{Fetcher, Progress, Sources, Tuning};
+use modelcache_agent::grpc::AgentService;
 use modelcache_agent::mounts::ProcMountTable;
+use modelcache_agent::node::Node;
 use modelcache_agent::shared_cache::SharedCache;
 use modelcache_agent::store::Pins;
 use modelcache_agent::{admin, progress};
@@ -237,9 +238,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "--lend-token-to-volumes: volumes without a token of their own read with the agent's token"
                 );
             }
-            let mut api =
-                AgentApi::new(fetcher, marks, Arc::new(ProcMountTable), shutdown.clone())?
-                    .with_agent_token(agent_token, hub.lend_token_to_volumes);
+            let mut api = Node::new(fetcher, marks, Arc::new(ProcMountTable), shutdown.clone())?
+                .with_agent_token(agent_token, hub.lend_token_to_volumes);
             if let Some((node, client)) = &cluster {
                 api = api.with_events(PodEvents::new(client.clone(), node));
             }
@@ -266,7 +266,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(socket = %socket.display(), "agent API listening");
             api.metrics().set_ready(true);
             let server = tonic::transport::Server::builder()
-                .add_service(AgentServer::from_arc(api))
+                .add_service(AgentServer::new(AgentService(api)))
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled());
             shutdown::drain(server, &shutdown, shutdown::GRACE).await?;
             tracing::info!("agent stopped");

@@ -3,10 +3,10 @@
 //! wanted entry from a real hub and marks its snapshot pre-warmed (evicted last), and an entry
 //! whose label goes away leaves an ordinary snapshot behind.
 
-use modelcache_agent::api::AgentApi;
 use modelcache_agent::evict::Watermarks;
 use modelcache_agent::fetch::{Fetcher, Tuning};
 use modelcache_agent::mounts::ProcMountTable;
+use modelcache_agent::node::Node;
 use modelcache_agent::prewarm::{Catalogue, Change, wanted_sets};
 use modelcache_agent::store::Store;
 use modelcache_core::repo::{RepoId, RepoKind};
@@ -60,7 +60,7 @@ async fn labelled_entries_are_fetched_and_marked_and_unlabelled_ones_become_ordi
         max_store_bytes: None,
     };
     let api = Arc::new(
-        AgentApi::new(
+        Node::new(
             fetcher,
             no_eviction,
             Arc::new(ProcMountTable),

@@ -1,10 +1,11 @@
-//! The agent API (`modelcache.v1.Agent`) the CSI node plugin calls.
+//! The node's core: what the CSI plugin (through [`crate::grpc`]), the cluster integration,
+//! the admin commands and `pull` ask of the store, with no gRPC or Kubernetes types in it.
 //!
 //! `Ensure` is single-flight: however many volumes ask for the same repo at the same commit, one
 //! fetch runs; every caller watches it and gets the snapshot, or progress when its wait runs out.
 //! The fetch goes on after the caller gives up, so kubelet's retry finds it further along.
 //!
-//! The API also keeps the store in shape ([`AgentApi::maintain`]): the evictor (`crate::evict`)
+//! The API also keeps the store in shape ([`Node::maintain`]): the evictor (`crate::evict`)
 //! watches disk usage, and pins are reconciled with the mount table at start and every
 //! [`RECONCILE_INTERVAL`].
 
@@ -18,21 +19,18 @@ use crate::prewarm::Catalogue;
 use crate::store::{PinRecord, Pins, Reconciled, Snapshot, Store, StoreError, unix};
 use modelcache_core::error::Class;
 use modelcache_core::filter::FileFilter;
-use modelcache_core::repo::{InvalidInput, ModelRef, RepoId, RepoKind, is_commit_id};
-use modelcache_core::wire::{kind_to_proto, layout_from_proto, model_from_proto};
+use modelcache_core::repo::{InvalidInput, ModelRef, RepoId, RepoKind};
 use modelcache_hub::client::Token;
-use modelcache_proto::agent_v1 as pb;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-/// Why an agent API call failed. Mapped to a gRPC status in one place, [`From<ApiError> for Status`].
+/// Why a call on the node failed. Mapped to a gRPC status in one place, in [`crate::grpc`].
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub enum NodeError {
     /// A request field is missing or malformed.
     #[error("{0}")]
     Invalid(#[from] InvalidInput),
@@ -56,34 +54,23 @@ pub enum ApiError {
     Admin(#[from] AdminError),
 }
 
-impl From<FetchError> for ApiError {
+impl From<FetchError> for NodeError {
     fn from(e: FetchError) -> Self {
-        ApiError::Fetch(Arc::new(e))
+        NodeError::Fetch(Arc::new(e))
     }
 }
 
-impl ApiError {
+impl NodeError {
     /// What kind of failure this is; each layer's error says its own.
     pub fn class(&self) -> Class {
         match self {
-            ApiError::Invalid(_) | ApiError::Missing(_) => Class::Invalid,
-            ApiError::NotPresent(_) => Class::Precondition,
-            ApiError::ShuttingDown => Class::Unavailable,
-            ApiError::Store(s) => s.class(),
-            ApiError::Fetch(f) => f.class(),
-            ApiError::Admin(a) => a.class(),
+            NodeError::Invalid(_) | NodeError::Missing(_) => Class::Invalid,
+            NodeError::NotPresent(_) => Class::Precondition,
+            NodeError::ShuttingDown => Class::Unavailable,
+            NodeError::Store(s) => s.class(),
+            NodeError::Fetch(f) => f.class(),
+            NodeError::Admin(a) => a.class(),
         }
-    }
-}
-
-/// The one map from the agent's errors to gRPC statuses: the class's code, and the message
-/// clipped to what a status carries.
-impl From<ApiError> for Status {
-    fn from(e: ApiError) -> Self {
-        Status::new(
-            e.class().code(),
-            modelcache_core::repo::clip(&e.to_string()),
-        )
     }
 }
 
@@ -96,7 +83,7 @@ struct Flight {
 
 type FlightKey = (RepoKind, RepoId, String, FileFilter);
 
-/// The answer of [`AgentApi::ensure`].
+/// The answer of [`Node::ensure`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ensured {
     /// Complete in the store.
@@ -110,6 +97,74 @@ pub enum Ensured {
     },
 }
 
+/// What a volume asks Ensure for.
+#[derive(Debug, Clone)]
+pub struct VolumeAsk {
+    /// The repo and revision.
+    pub model: ModelRef,
+    /// The files.
+    pub filter: FileFilter,
+    /// How the mount shows them.
+    pub layout: modelcache_core::Layout,
+    /// The volume's own hub token, if it brings one.
+    pub token: Option<Token>,
+    /// How long to wait for a download before answering with progress.
+    pub wait: Duration,
+    /// The pod that asked, for events.
+    pub pod: Option<PodRef>,
+}
+
+/// The answer to a [`VolumeAsk`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// The directory to mount.
+    Ready {
+        /// The snapshot, or its view in the layout asked for.
+        path: std::path::PathBuf,
+        /// The commit.
+        commit: String,
+        /// Bytes its files show.
+        bytes: u64,
+        /// Its files.
+        files: u32,
+    },
+    /// Still downloading.
+    Fetching {
+        /// The commit being fetched.
+        commit: String,
+        /// Progress so far.
+        progress: crate::fetch::ProgressView,
+    },
+}
+
+/// A volume's pin, and the store directories a mount of it may show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinView {
+    /// Model or dataset.
+    pub kind: RepoKind,
+    /// `org/name`, as recorded.
+    pub repo: String,
+    /// The commit pinned.
+    pub commit: String,
+    /// The filter key of the snapshot, if it has one.
+    pub filter: Option<String>,
+    /// The snapshot's directory and its views (empty when the snapshot is gone).
+    pub paths: Vec<std::path::PathBuf>,
+}
+
+/// A snapshot, its size and the volumes that pin it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The snapshot.
+    pub snapshot: Snapshot,
+    /// Bytes its files show.
+    pub bytes: u64,
+    /// Its files.
+    pub files: u32,
+    /// Volumes that pin it.
+    pub pinned_by: Vec<String>,
+}
+
 /// Room made when the disk is too full to record a pin: pins.json and a snapshot record.
 const PIN_ROOM: u64 = 1 << 20;
 
@@ -117,7 +172,7 @@ const PIN_ROOM: u64 = 1 << 20;
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The agent API over a store.
-pub struct AgentApi {
+pub struct Node {
     fetcher: Fetcher,
     pins: Arc<Mutex<Pins>>,
     evictor: Arc<Evictor>,
@@ -133,7 +188,7 @@ pub struct AgentApi {
     lend_token: bool,
 }
 
-impl AgentApi {
+impl Node {
     /// Serves `fetcher`'s store, keeping its usage under `marks`; fetches stop when `shutdown`
     /// fires. Pins are reconciled with `mounts` before anything else.
     pub fn new(
@@ -141,7 +196,7 @@ impl AgentApi {
         marks: Watermarks,
         mounts: Arc<dyn MountTable>,
         shutdown: CancellationToken,
-    ) -> Result<Self, ApiError> {
+    ) -> Result<Self, NodeError> {
         let store = fetcher.store().clone();
         let pins: Arc<Mutex<Pins>> = Arc::new(Mutex::new(
             Pins::load(store.root()).map_err(|e| StoreError::from_io("load", store.root(), e))?,
@@ -154,7 +209,7 @@ impl AgentApi {
             Box::new(Statvfs),
         ));
         let metrics = Arc::new(Metrics::new(store.clone(), pins.clone(), evictor.clone()));
-        let api = AgentApi {
+        let api = Node {
             fetcher: fetcher.with_room(evictor.clone()),
             pins,
             evictor,
@@ -191,7 +246,7 @@ impl AgentApi {
     }
 
     /// Reports how an Ensure for `pod` went, as an event on it.
-    fn report(&self, pod: &PodRef, model: &ModelRef, state: &Result<Ensured, ApiError>) {
+    fn report(&self, pod: &PodRef, model: &ModelRef, state: &Result<Ensured, NodeError>) {
         let name = model.repo.to_string();
         match state {
             Ok(Ensured::Ready(s)) => {
@@ -223,7 +278,7 @@ impl AgentApi {
 
     /// Drops pins whose volume is no longer mounted, and pins mounted snapshots that have none
     /// (see [`Pins::reconcile`]).
-    pub fn reconcile_pins(&self) -> Result<Reconciled, ApiError> {
+    pub fn reconcile_pins(&self) -> Result<Reconciled, NodeError> {
         let store = self.fetcher.store();
         let mounted = self
             .mounts
@@ -278,7 +333,7 @@ impl AgentApi {
         filter: &FileFilter,
         token: Option<Token>,
         wait: Duration,
-    ) -> Result<Ensured, ApiError> {
+    ) -> Result<Ensured, NodeError> {
         let commit = self
             .fetcher
             .resolve(model, token.as_ref())
@@ -306,10 +361,10 @@ impl AgentApi {
                     self.evictor.lease(&s);
                     Ok(Ensured::Ready(s))
                 }
-                Err(e) => Err(ApiError::Fetch(e)),
+                Err(e) => Err(NodeError::Fetch(e)),
             },
             // The fetch task went away without an answer: only on shutdown.
-            Ok(Err(_)) => Err(ApiError::ShuttingDown),
+            Ok(Err(_)) => Err(NodeError::ShuttingDown),
             Err(_elapsed) => Ok(Ensured::Fetching {
                 commit,
                 progress: flight.progress.view(),
@@ -323,9 +378,9 @@ impl AgentApi {
         filter: &FileFilter,
         commit: &str,
         token: Option<Token>,
-    ) -> Result<Arc<Flight>, ApiError> {
+    ) -> Result<Arc<Flight>, NodeError> {
         if self.shutdown.is_cancelled() {
-            return Err(ApiError::ShuttingDown);
+            return Err(NodeError::ShuttingDown);
         }
         let key: FlightKey = (
             model.kind,
@@ -405,7 +460,7 @@ impl AgentApi {
 /// How often pre-warm entries are checked on.
 pub const PREWARM_INTERVAL: Duration = Duration::from_secs(5);
 
-impl AgentApi {
+impl Node {
     /// Holds what the pre-warm catalogue asks of this node, as `sets` says (see
     /// [`crate::prewarm::wanted_sets`]): each wanted entry is fetched and its snapshot marked
     /// pre-warmed (evicted last); an entry no longer wanted, or whose revision moved on, leaves
@@ -495,7 +550,7 @@ impl AgentApi {
     /// Pins the snapshot of `model` at `commit` for a volume. The snapshot is looked up under
     /// the pins lock, which eviction holds while it removes one, so a pin never lands on a
     /// snapshot being removed.
-    fn pin(
+    pub fn pin(
         &self,
         volume_id: &str,
         model: &ModelRef,
@@ -503,13 +558,13 @@ impl AgentApi {
         commit: &str,
         target_path: &str,
         pod: Option<&str>,
-    ) -> Result<Snapshot, ApiError> {
+    ) -> Result<Snapshot, NodeError> {
         let store = self.fetcher.store();
         let mut pins = self.pins.lock().expect("pins lock");
         let key = filter.key();
         let snap = store
             .snapshot(model.kind, &model.repo, commit, key.as_deref())
-            .ok_or_else(|| ApiError::NotPresent(format!("{}@{commit}", model.repo)))?;
+            .ok_or_else(|| NodeError::NotPresent(format!("{}@{commit}", model.repo)))?;
         let record = PinRecord {
             kind: snap.kind.singular().to_owned(),
             repo: snap.repo.to_string(),
@@ -549,10 +604,51 @@ impl AgentApi {
         (meta.bytes, meta.files)
     }
 
+    /// A volume's Ensure: [`Node::ensure`] with the volume's own token (or the agent's, when
+    /// lent), reported as an event on the pod that asked, and a ready snapshot shown in the
+    /// layout the volume asked for.
+    pub async fn ensure_volume(&self, ask: VolumeAsk) -> Result<Answer, NodeError> {
+        let span = tracing::info_span!(
+            "ensure",
+            model.repo = %ask.model.repo,
+            model.revision = %ask.model.revision,
+            model.commit = tracing::field::Empty
+        );
+        let state = self
+            .ensure(
+                &ask.model,
+                &ask.filter,
+                self.volume_token(ask.token),
+                ask.wait,
+            )
+            .instrument(span)
+            .await;
+        if let Some(pod) = &ask.pod {
+            self.report(pod, &ask.model, &state);
+        }
+        match state? {
+            Ensured::Ready(s) => {
+                let store = self.fetcher.store().clone();
+                let (snap, rev, layout) = (s.clone(), ask.model.revision.clone(), ask.layout);
+                let path = tokio::task::spawn_blocking(move || store.view(&snap, layout, &rev))
+                    .await
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+                let (bytes, files) = self.usage(&s);
+                Ok(Answer::Ready {
+                    path,
+                    commit: s.commit,
+                    bytes,
+                    files,
+                })
+            }
+            Ensured::Fetching { commit, progress } => Ok(Answer::Fetching { commit, progress }),
+        }
+    }
+
     /// Removes a volume's pin at `target_path`; unknown volumes are fine.
-    pub fn unpin(&self, volume_id: &str, target_path: &str) -> Result<bool, ApiError> {
+    pub fn unpin(&self, volume_id: &str, target_path: &str) -> Result<bool, NodeError> {
         if volume_id.is_empty() {
-            return Err(ApiError::Missing("volume_id"));
+            return Err(NodeError::Missing("volume_id"));
         }
         Ok(self
             .pins
@@ -562,7 +658,7 @@ impl AgentApi {
     }
 
     /// A volume's pin at `target_path`, with the directories a mount of its snapshot shows.
-    pub fn get_pin(&self, volume_id: &str, target_path: &str) -> Option<pb::PinInfo> {
+    pub fn get_pin(&self, volume_id: &str, target_path: &str) -> Option<PinView> {
         let store = self.fetcher.store();
         let pins = self.pins.lock().expect("pins lock");
         let pin = pins.get(volume_id, target_path)?.clone();
@@ -576,13 +672,19 @@ impl AgentApi {
             .and_then(|repo| store.snapshot(kind, &repo, &pin.commit, pin.filter.as_deref()))
             .map(|s| store.shown_dirs(&s))
             .unwrap_or_default();
-        Some(pb::PinInfo {
-            kind: kind_to_proto(kind) as i32,
+        Some(PinView {
+            kind,
             repo: pin.repo,
             commit: pin.commit,
-            filter: pin.filter.unwrap_or_default(),
-            paths: paths.iter().map(|p| p.display().to_string()).collect(),
+            filter: pin.filter,
+            paths,
         })
+    }
+
+    /// The pins lock, for tests that hold it as eviction does.
+    #[cfg(test)]
+    pub(crate) fn pins_lock(&self) -> &Mutex<Pins> {
+        &self.pins
     }
 
     /// What `rm` and `verify` need, to run off the async workers.
@@ -595,19 +697,15 @@ impl AgentApi {
     }
 
     /// Every snapshot with its size and pins.
-    pub fn list(&self) -> Result<Vec<pb::SnapshotInfo>, ApiError> {
+    pub fn list(&self) -> Result<Vec<Listed>, NodeError> {
         let store = self.fetcher.store();
         let pins = self.pins.lock().expect("pins lock");
         let mut out = Vec::new();
-        for s in store.list_snapshots()? {
-            let (bytes, files) = self.usage(&s);
-            out.push(pb::SnapshotInfo {
-                kind: kind_to_proto(s.kind) as i32,
-                repo: s.repo.to_string(),
-                pinned_by: pins.volumes_of(&s),
-                filter: s.filter.clone().unwrap_or_default(),
-                commit: s.commit,
-                path: s.path.display().to_string(),
+        for snapshot in store.list_snapshots()? {
+            let (bytes, files) = self.usage(&snapshot);
+            out.push(Listed {
+                pinned_by: pins.volumes_of(&snapshot),
+                snapshot,
                 bytes,
                 files,
             });
@@ -632,7 +730,7 @@ impl Admin {
         kind: RepoKind,
         repo: &RepoId,
         commit: Option<&str>,
-    ) -> Result<RemoveReport, ApiError> {
+    ) -> Result<RemoveReport, NodeError> {
         let pins = self.pins.lock().expect("pins lock");
         Ok(admin::remove(
             &self.store,
@@ -645,281 +743,16 @@ impl Admin {
     }
 
     /// `verify`: every blob hashed without the lock, then the corrupt ones dealt with under it.
-    pub fn verify(&self, dry_run: bool) -> Result<VerifyReport, ApiError> {
+    pub fn verify(&self, dry_run: bool) -> Result<VerifyReport, NodeError> {
         let scan = admin::scan(&self.store)?;
         let pins = self.pins.lock().expect("pins lock");
         Ok(admin::quarantine(&self.store, &pins, scan, dry_run)?)
     }
 }
 
-#[tonic::async_trait]
-impl pb::agent_server::Agent for AgentApi {
-    async fn ensure(
-        &self,
-        req: Request<pb::EnsureRequest>,
-    ) -> Result<Response<pb::EnsureResponse>, Status> {
-        let req = req.into_inner();
-        let (model, filter) = model_from_proto(req.model).map_err(ApiError::from)?;
-        let span = tracing::info_span!(
-            "ensure",
-            model.repo = %model.repo,
-            model.revision = %model.revision,
-            model.commit = tracing::field::Empty
-        );
-        let wait = Duration::from_millis(req.wait_ms.into());
-        let layout = layout_from_proto(req.layout).map_err(ApiError::from)?;
-        let state = self
-            .ensure(
-                &model,
-                &filter,
-                self.volume_token(Token::new(req.token)),
-                wait,
-            )
-            .instrument(span)
-            .await;
-        if let Some(pod) = PodRef::parse(&req.pod, &req.pod_uid) {
-            self.report(&pod, &model, &state);
-        }
-        let state = state?;
-        let state = match state {
-            Ensured::Ready(s) => {
-                let store = self.fetcher.store().clone();
-                let (snap, rev) = (s.clone(), model.revision.clone());
-                let path = tokio::task::spawn_blocking(move || store.view(&snap, layout, &rev))
-                    .await
-                    .expect("view task does not panic")
-                    .map_err(ApiError::from)?;
-                let (bytes, files) = self.usage(&s);
-                pb::ensure_response::State::Ready(pb::Ready {
-                    snapshot_path: path.display().to_string(),
-                    commit: s.commit,
-                    bytes,
-                    files,
-                })
-            }
-            Ensured::Fetching { commit, progress } => {
-                pb::ensure_response::State::Fetching(pb::Fetching {
-                    commit,
-                    bytes_done: progress.bytes_done,
-                    bytes_total: progress.bytes_total,
-                    files_done: progress.files_done,
-                    files_total: progress.files_total,
-                })
-            }
-        };
-        Ok(Response::new(pb::EnsureResponse { state: Some(state) }))
-    }
-
-    async fn pin(&self, req: Request<pb::PinRequest>) -> Result<Response<pb::PinResponse>, Status> {
-        let req = req.into_inner();
-        let (model, filter) = model_from_proto(req.model).map_err(ApiError::from)?;
-        check_commit(&req.commit)?;
-        if req.volume_id.is_empty() {
-            return Err(ApiError::Missing("volume_id").into());
-        }
-        let pod = Some(req.pod.as_str()).filter(|p| !p.is_empty());
-        let snap = self.pin(
-            &req.volume_id,
-            &model,
-            &filter,
-            &req.commit,
-            &req.target_path,
-            pod,
-        )?;
-        tracing::info!(volume.id = %req.volume_id, model.repo = %snap.repo, model.commit = %snap.commit, pod = pod.unwrap_or(""), "pinned");
-        Ok(Response::new(pb::PinResponse {}))
-    }
-
-    async fn unpin(
-        &self,
-        req: Request<pb::UnpinRequest>,
-    ) -> Result<Response<pb::UnpinResponse>, Status> {
-        let req = req.into_inner();
-        if self.unpin(&req.volume_id, &req.target_path)? {
-            tracing::info!(volume.id = %req.volume_id, target = %req.target_path, "unpinned");
-        }
-        Ok(Response::new(pb::UnpinResponse {}))
-    }
-
-    async fn get_pin(
-        &self,
-        req: Request<pb::GetPinRequest>,
-    ) -> Result<Response<pb::GetPinResponse>, Status> {
-        let req = req.into_inner();
-        if req.volume_id.is_empty() {
-            return Err(ApiError::Missing("volume_id").into());
-        }
-        Ok(Response::new(pb::GetPinResponse {
-            pin: self.get_pin(&req.volume_id, &req.target_path),
-        }))
-    }
-
-    async fn list(
-        &self,
-        _req: Request<pb::ListRequest>,
-    ) -> Result<Response<pb::ListResponse>, Status> {
-        Ok(Response::new(pb::ListResponse {
-            snapshots: self.list()?,
-        }))
-    }
-
-    async fn remove(
-        &self,
-        req: Request<pb::RemoveRequest>,
-    ) -> Result<Response<pb::RemoveResponse>, Status> {
-        let req = req.into_inner();
-        let kind = match pb::RepoKind::try_from(req.kind) {
-            Ok(pb::RepoKind::Dataset) => RepoKind::Dataset,
-            _ => RepoKind::Model,
-        };
-        let repo = RepoId::parse(&req.repo).map_err(ApiError::from)?;
-        let commit = Some(req.commit).filter(|c| !c.is_empty());
-        if let Some(c) = &commit {
-            check_commit(c)?;
-        }
-        let admin = self.admin();
-        let report = blocking(move || admin.remove(kind, &repo, commit.as_deref())).await?;
-        tracing::info!(model.repo = %req.repo, removed = report.removed.len(), bytes_freed = report.bytes_freed, "removed on request");
-        Ok(Response::new(report.into()))
-    }
-
-    async fn verify(
-        &self,
-        req: Request<pb::VerifyRequest>,
-    ) -> Result<Response<pb::VerifyResponse>, Status> {
-        let dry_run = req.into_inner().dry_run;
-        let admin = self.admin();
-        let report = blocking(move || admin.verify(dry_run)).await?;
-        Ok(Response::new(report.into()))
-    }
-}
-
-/// Refuses anything but a 40-hex commit.
-fn check_commit(c: &str) -> Result<(), ApiError> {
-    if is_commit_id(c) {
-        return Ok(());
-    }
-    Err(ApiError::Invalid(InvalidInput {
-        what: "commit",
-        value: modelcache_core::repo::clip_to(c, 64),
-        reason: "is not a 40-hex commit",
-    }))
-}
-
-/// Runs `f` on the blocking pool: store and pins work never holds an async worker.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use modelcache_hub::HubError;
-
-    #[test]
-    fn status_codes_are_chosen_on_purpose() {
-        let code = |e: ApiError| Status::from(e).code();
-        let repo = || "o/r".to_owned();
-        let hub = |h: HubError| ApiError::from(FetchError::Hub(h));
-        use tonic::Code;
-        assert_eq!(code(ApiError::Missing("model")), Code::InvalidArgument);
-        assert_eq!(
-            code(ApiError::Invalid(RepoId::parse("x").unwrap_err())),
-            Code::InvalidArgument
-        );
-        assert_eq!(
-            code(hub(HubError::RepoNotFound {
-                kind: "model",
-                repo: repo(),
-                endpoint: "e".into()
-            })),
-            Code::NotFound
-        );
-        assert_eq!(
-            code(hub(HubError::Unauthorized {
-                repo: repo(),
-                status: 401
-            })),
-            Code::PermissionDenied
-        );
-        assert_eq!(
-            code(hub(HubError::LinkRefused {
-                url: "u".into(),
-                status: 403
-            })),
-            Code::Unavailable
-        );
-        assert_eq!(
-            code(hub(HubError::RateLimited {
-                repo: repo(),
-                retry_after: None
-            })),
-            Code::Unavailable
-        );
-        assert_eq!(
-            code(hub(HubError::Status {
-                url: "u".into(),
-                status: 503,
-                message: String::new(),
-                retry_after: None
-            })),
-            Code::Unavailable
-        );
-        assert_eq!(
-            code(ApiError::from(FetchError::Integrity {
-                path: "p".into(),
-                detail: "d".into()
-            })),
-            Code::DataLoss
-        );
-        let enospc = StoreError::from_io(
-            "write",
-            std::path::Path::new("/s"),
-            std::io::Error::from_raw_os_error(28),
-        );
-        assert_eq!(code(ApiError::Store(enospc)), Code::ResourceExhausted);
-        assert_eq!(code(ApiError::ShuttingDown), Code::Unavailable);
-    }
-
-    #[tokio::test]
-    async fn pin_refuses_a_missing_volume_id_or_snapshot() {
-        use pb::agent_server::Agent;
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(crate::store::Store::open(dir.path()).unwrap());
-        let hub = modelcache_hub::HubClient::new("http://127.0.0.1:9", &[]).unwrap();
-        let api = AgentApi::new(
-            Fetcher::new(hub, store, Default::default()),
-            Watermarks::default(),
-            Arc::new(crate::mounts::ProcMountTable),
-            CancellationToken::new(),
-        )
-        .unwrap();
-        let req = |volume_id: &str| pb::PinRequest {
-            volume_id: volume_id.into(),
-            model: Some(pb::ModelRef {
-                repo: "o/r".into(),
-                ..Default::default()
-            }),
-            commit: "a".repeat(40),
-            target_path: "/t".into(),
-            pod: String::new(),
-        };
-        let code = |r: Result<Response<pb::PinResponse>, Status>| r.unwrap_err().code();
-        assert_eq!(
-            code(Agent::pin(&api, Request::new(req(""))).await),
-            tonic::Code::InvalidArgument
-        );
-        let absent = Agent::pin(&api, Request::new(req("vol-1"))).await;
-        assert_eq!(code(absent), tonic::Code::FailedPrecondition);
-        assert!(
-            !dir.path().join("pins.json").exists(),
-            "a refused pin wrote nothing"
-        );
-    }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn publishes_that_join_a_running_fetch_are_counted() {
@@ -945,7 +778,7 @@ mod tests {
         tokio::spawn(server::serve(listener, Arc::new(hub), stop.clone()));
         let store = Arc::new(crate::store::Store::open(dir.path().join("store")).unwrap());
         let client = modelcache_hub::HubClient::new(&endpoint, &[]).unwrap();
-        let api = AgentApi::new(
+        let api = Node::new(
             Fetcher::new(client, store, Default::default()),
             Watermarks::default(),
             Arc::new(crate::mounts::ProcMountTable),
@@ -989,7 +822,7 @@ mod tests {
         let store = Arc::new(crate::store::Store::open(dir.path().join("store")).unwrap());
         let client = modelcache_hub::HubClient::new("http://127.0.0.1:9", &[]).unwrap();
         let api = Arc::new(
-            AgentApi::new(
+            Node::new(
                 Fetcher::new(client, store.clone(), Default::default()),
                 Watermarks::default(),
                 Arc::new(crate::mounts::ProcMountTable),
@@ -1013,7 +846,7 @@ mod tests {
                 {
                     match admin.remove(RepoKind::Model, &repo, None) {
                         Ok(_) => removed += 1,
-                        Err(ApiError::Admin(
+                        Err(NodeError::Admin(
                             AdminError::Pinned(..) | AdminError::NoSuchSnapshot(_),
                         )) => {}
                         Err(e) => panic!("rm failed: {e}"),
@@ -1057,7 +890,7 @@ mod tests {
                     }
                     api.unpin("vol", "/t").unwrap();
                 }
-                Err(ApiError::NotPresent(_)) => refused += 1,
+                Err(NodeError::NotPresent(_)) => refused += 1,
                 Err(e) => panic!("pin failed: {e}"),
             }
         }
