@@ -8,14 +8,16 @@ use modelcache_tests::models::generate_model;
 use modelcache_tests::node::{Hub, LocalNode, publish};
 use modelcache_tests::procs::agent_command;
 use modelcache_tests::tree::assert_same_tree;
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::time::Duration;
 
 const MODELS: usize = 4;
 
 /// Every snapshot the store shows matches its repo on the hub, and `verify` finds no bad blob.
-fn assert_store_consistent(store: &Path, hub_root: &Path, round: usize) {
+/// `verify` goes through the agent on `agent` when it runs, and takes the store's lock when not.
+fn assert_store_consistent(store: &Path, agent: &Path, hub_root: &Path, round: usize, seed: u64) {
     let snaps = store.join("snapshots");
     for repo_dir in std::fs::read_dir(&snaps).into_iter().flatten().flatten() {
         let name = repo_dir.file_name().to_string_lossy().into_owned();
@@ -24,8 +26,10 @@ fn assert_store_consistent(store: &Path, hub_root: &Path, round: usize) {
             assert_same_tree(&hub_root.join("models").join(&repo), &snap.path());
         }
     }
-    if let Err(e) = agent_command(&["verify", "--dry-run", "--store", store.to_str().unwrap()]) {
-        panic!("round {round}: verify found corrupt blobs: {e:#}");
+    let agent = format!("unix://{}", agent.display());
+    let store = store.to_str().unwrap();
+    if let Err(e) = agent_command(&["verify", "--dry-run", "--store", store, "--agent", &agent]) {
+        panic!("seed {seed}, round {round}: verify found corrupt blobs: {e:#}");
     }
 }
 
@@ -70,22 +74,33 @@ async fn agent_killed_at_random_points_leaves_nothing_partial_and_finishes_every
         })
         .collect();
 
+    // The crash times, replayable: MODELCACHE_TEST_SEED=<seed> draws the same ones.
+    let seed: u64 = std::env::var("MODELCACHE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("crash times drawn with seed {seed} (MODELCACHE_TEST_SEED={seed} replays them)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let socket = node.agent_socket();
     for round in 0..6 {
-        let wait = rand::rng().random_range(200..1200);
+        let wait = rng.random_range(200..1200);
         tokio::time::sleep(Duration::from_millis(wait)).await;
-        node.crash_agent(|store| assert_store_consistent(store, &hub_root, round))
+        node.crash_agent(|store| assert_store_consistent(store, &socket, &hub_root, round, seed))
             .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("seed {seed}, round {round}: {e:#}"));
     }
 
     for (i, p) in publishes.into_iter().enumerate() {
-        let target = p.await.unwrap().unwrap_or_else(|s| panic!("vol-{i}: {s}"));
+        let target = p
+            .await
+            .unwrap()
+            .unwrap_or_else(|s| panic!("seed {seed}: vol-{i}: {s}"));
         assert_same_tree(&hub_root.join(format!("models/crash/m{i}")), &target);
     }
     let log = node.agent_log();
     assert!(
         log.contains("resuming an interrupted download"),
-        "no range download was ever resumed across a crash"
+        "seed {seed}: no range download was ever resumed across a crash"
     );
-    assert_store_consistent(&node.store(), &hub_root, 99);
+    assert_store_consistent(&node.store(), &socket, &hub_root, 99, seed);
 }
