@@ -268,13 +268,16 @@ mod tests {
         (url, seen)
     }
 
-    async fn wait_for(seen: &Mutex<Vec<(String, Value)>>, n: usize) -> Vec<(String, Value)> {
+    /// Every event the server got: once `n` have come, it waits a while longer for any that
+    /// should not have been sent, so a test can assert there were exactly `n`.
+    async fn settled(seen: &Mutex<Vec<(String, Value)>>, n: usize) -> Vec<(String, Value)> {
         for _ in 0..200 {
             if seen.lock().unwrap().len() >= n {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        tokio::time::sleep(Duration::from_millis(300)).await;
         seen.lock().unwrap().clone()
     }
 
@@ -300,7 +303,7 @@ mod tests {
         // Another pod finds it on the node.
         let other = PodRef::parse("team-a/vllm-1", "uid-2").unwrap();
         events.ready(&other, "Qwen/Qwen3-0.6B", commit, 4_800_000_000, 10, hub);
-        let seen = wait_for(&seen, 3).await;
+        let seen = settled(&seen, 3).await;
         assert_eq!(seen.len(), 3, "{seen:?}");
         let (path, fetching) = &seen[0];
         assert_eq!(path, "/apis/events.k8s.io/v1/namespaces/team-a/events");
@@ -343,8 +346,8 @@ mod tests {
             "access to org/gated was refused (403): accept the licence",
         );
         events.failed(&pod, "org/gated", "again, seconds later");
-        let seen = wait_for(&seen, 1).await;
-        assert_eq!(seen.len(), 1);
+        let seen = settled(&seen, 1).await;
+        assert_eq!(seen.len(), 1, "the second failure was not held back: {seen:?}");
         assert_eq!(seen[0].1["type"], "Warning");
         assert_eq!(seen[0].1["reason"], "ModelFetchFailed");
         assert!(
