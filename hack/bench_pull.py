@@ -78,7 +78,7 @@ class Hub:
             stdout=log,
             stderr=log,
         )
-        deadline = time.time() + 600  # the catalogue hashes 2 GiB first
+        deadline = time.time() + 600  # the hub hashes 2 GiB first
         while True:
             if self.proc.poll() is not None:
                 sys.exit(f"modelcache-hub exited with {self.proc.returncode}; see its log")

@@ -12,6 +12,7 @@
 use crate::store::{Pins, Snapshot, Store, StoreError};
 use modelcache_core::hash::{ContentHash, hash_file};
 use modelcache_core::repo::{RepoId, RepoKind};
+use modelcache_core::size::Size;
 use modelcache_proto::agent_v1 as pb;
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -150,11 +151,7 @@ pub fn render_remove(r: &RemoveReport) -> String {
     for p in &r.removed {
         out += &format!("removed {}\n", p.display());
     }
-    out += &format!(
-        "freed {} blobs, {}\n",
-        r.blobs_freed,
-        indicatif::HumanBytes(r.bytes_freed)
-    );
+    out += &format!("freed {} blobs, {}\n", r.blobs_freed, Size(r.bytes_freed));
     out
 }
 
@@ -394,7 +391,6 @@ impl From<pb::VerifyResponse> for VerifyReport {
 
 /// `ls` as a table for people.
 pub fn render_inventory(inv: &Inventory) -> String {
-    use indicatif::HumanBytes;
     let mut table = comfy_table::Table::new();
     table
         .load_preset(comfy_table::presets::NOTHING)
@@ -422,7 +418,7 @@ pub fn render_inventory(inv: &Inventory) -> String {
             s.commit[..12].to_owned(),
             s.filter.clone().unwrap_or_else(|| "-".to_owned()),
             s.files.to_string(),
-            HumanBytes(s.bytes).to_string(),
+            Size(s.bytes).to_string(),
             format!(
                 "{} ago",
                 indicatif::HumanDuration(std::time::Duration::from_secs(
@@ -440,19 +436,18 @@ pub fn render_inventory(inv: &Inventory) -> String {
     format!(
         "{table}\nsnapshots: {}, showing {}; blobs: {}, {} on disk\n",
         inv.snapshots.len(),
-        HumanBytes(shown),
+        Size(shown),
         inv.blobs,
-        HumanBytes(inv.blob_bytes)
+        Size(inv.blob_bytes)
     )
 }
 
 /// `verify` as lines for people.
 pub fn render_verify(r: &VerifyReport) -> String {
-    use indicatif::HumanBytes;
     let mut out = format!(
         "checked {} blobs ({}): {} corrupt\n",
         r.checked,
-        HumanBytes(r.bytes),
+        Size(r.bytes),
         r.corrupt.len()
     );
     for c in &r.corrupt {

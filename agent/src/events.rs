@@ -14,6 +14,7 @@
 use crate::fetch::ProgressView;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use modelcache_core::size::Size;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -85,22 +86,6 @@ impl std::fmt::Debug for PodEvents {
     }
 }
 
-/// A size in bytes for people.
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1000.0 && unit + 1 < UNITS.len() {
-        value /= 1000.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 /// Makes room in a full map of waits: the stale ones go, or else the oldest.
 fn forget_oldest(waiting: &mut HashMap<(PodRef, String), Waiting>, now: Instant) {
     let last = |w: &Waiting| w.last_event.unwrap_or(w.since);
@@ -167,8 +152,8 @@ impl PodEvents {
         let note = format!(
             "{model}@{}: {} of {} ({percent}%), {} of {} files",
             &commit[..commit.len().min(12)],
-            human(p.bytes_done),
-            human(p.bytes_total),
+            Size(p.bytes_done),
+            Size(p.bytes_total),
             p.files_done,
             p.files_total
         );
@@ -202,7 +187,7 @@ impl PodEvents {
         let note = format!(
             "{model}@{}: {}, {files} files, {whence}",
             &commit[..commit.len().min(12)],
-            human(bytes)
+            Size(bytes)
         );
         self.publish(pod, EventType::Normal, "ModelReady", "Fetch", note);
     }
@@ -311,7 +296,7 @@ mod tests {
         assert_eq!(fetching["type"], "Normal");
         assert_eq!(
             fetching["note"],
-            "Qwen/Qwen3-0.6B@0123456789ab: 1.2 GB of 4.8 GB (25%), 3 of 10 files"
+            "Qwen/Qwen3-0.6B@0123456789ab: 1.1 GiB of 4.5 GiB (25%), 3 of 10 files"
         );
         assert_eq!(
             fetching["regarding"],
@@ -324,13 +309,13 @@ mod tests {
         assert_eq!(ready["reason"], "ModelReady");
         let note = ready["note"].as_str().unwrap();
         assert!(
-            note.starts_with("Qwen/Qwen3-0.6B@0123456789ab: 4.8 GB, 10 files, fetched in ")
+            note.starts_with("Qwen/Qwen3-0.6B@0123456789ab: 4.5 GiB, 10 files, fetched in ")
                 && note.ends_with(" s from hub https://huggingface.co"),
             "{note}"
         );
         assert_eq!(
             seen[2].1["note"],
-            "Qwen/Qwen3-0.6B@0123456789ab: 4.8 GB, 10 files, already on this node"
+            "Qwen/Qwen3-0.6B@0123456789ab: 4.5 GiB, 10 files, already on this node"
         );
     }
 
@@ -347,7 +332,11 @@ mod tests {
         );
         events.failed(&pod, "org/gated", "again, seconds later");
         let seen = settled(&seen, 1).await;
-        assert_eq!(seen.len(), 1, "the second failure was not held back: {seen:?}");
+        assert_eq!(
+            seen.len(),
+            1,
+            "the second failure was not held back: {seen:?}"
+        );
         assert_eq!(seen[0].1["type"], "Warning");
         assert_eq!(seen[0].1["reason"], "ModelFetchFailed");
         assert!(

@@ -2,6 +2,7 @@
 //! seconds otherwise (CI, `kubectl logs`).
 
 use crate::fetch::Progress;
+use modelcache_core::size::Size;
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,10 +13,29 @@ pub async fn report(progress: Arc<Progress>, label: String, done: CancellationTo
     if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
+            // Sizes as everywhere else a user reads one (modelcache_core::size).
             indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                "{msg} [{bar:30}] {done}/{total} {rate}/s eta {eta}",
             )
             .expect("valid template")
+            .with_key(
+                "done",
+                |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{}", Size(s.pos()));
+                },
+            )
+            .with_key(
+                "total",
+                |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{}", Size(s.len().unwrap_or(0)));
+                },
+            )
+            .with_key(
+                "rate",
+                |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{}", Size(s.per_sec() as u64));
+                },
+            )
             .progress_chars("=> "),
         );
         bar.set_message(label);

@@ -13,6 +13,7 @@ pub mod layout;
 pub mod process;
 pub mod repo;
 pub mod shutdown;
+pub mod size;
 pub mod telemetry;
 pub mod transport;
 pub mod wire;

@@ -16,7 +16,7 @@ pub const ENSURE_MARGIN: Duration = Duration::from_secs(15);
 
 /// What the agent says of a model.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Ensured {
+pub enum Answer {
     /// In the store.
     Ready {
         /// The snapshot directory.
@@ -37,7 +37,7 @@ pub trait ModelAgent: Send + Sync + 'static {
         volume: &VolumeAttributes,
         token: Option<String>,
         wait: Duration,
-    ) -> Result<Ensured, Status>;
+    ) -> Result<Answer, Status>;
     /// Pins the volume's snapshot at `commit`.
     async fn pin(
         &self,
@@ -82,7 +82,7 @@ impl ModelAgent for AgentClient {
         volume: &VolumeAttributes,
         token: Option<String>,
         wait: Duration,
-    ) -> Result<Ensured, Status> {
+    ) -> Result<Answer, Status> {
         let req = pb::EnsureRequest {
             model: Some(model_to_proto(&volume.model, &volume.filter)),
             layout: layout_to_proto(volume.layout) as i32,
@@ -101,11 +101,11 @@ impl ModelAgent for AgentClient {
             .await?
             .into_inner();
         match resp.state {
-            Some(pb::ensure_response::State::Ready(r)) => Ok(Ensured::Ready {
+            Some(pb::ensure_response::State::Ready(r)) => Ok(Answer::Ready {
                 path: PathBuf::from(r.snapshot_path),
                 commit: r.commit,
             }),
-            Some(pb::ensure_response::State::Fetching(f)) => Ok(Ensured::Fetching(f)),
+            Some(pb::ensure_response::State::Fetching(f)) => Ok(Answer::Fetching(f)),
             None => Err(Status::internal("agent answered Ensure without a state")),
         }
     }

@@ -7,7 +7,7 @@
 //! idempotent. Target paths are validated, confined and never followed through a symlink (see
 //! [`crate::mounter`]).
 
-use crate::agent::{Ensured, ModelAgent};
+use crate::agent::{Answer, ModelAgent};
 use crate::attributes::VolumeAttributes;
 use crate::capability;
 use crate::error::{Error, Result};
@@ -237,8 +237,8 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
                 action: "ensure",
                 status,
             })? {
-            Ensured::Ready { path, commit } => (self.source(&path)?, commit),
-            Ensured::Fetching(f) => return Err(Error::Fetching(fetching_message(model, &f))),
+            Answer::Ready { path, commit } => (self.source(&path)?, commit),
+            Answer::Fetching(f) => return Err(Error::Fetching(fetching_message(model, &f))),
         };
         tracing::Span::current().record("model.commit", commit.as_str());
         let target_str = target.display().to_string();
@@ -365,17 +365,17 @@ fn fetching_message(
     model: &modelcache_core::repo::ModelRef,
     f: &modelcache_proto::agent_v1::Fetching,
 ) -> String {
-    const MIB: f64 = 1024.0 * 1024.0;
+    use modelcache_core::size::Size;
     let pct = if f.bytes_total > 0 {
         f.bytes_done as f64 * 100.0 / f.bytes_total as f64
     } else {
         0.0
     };
     format!(
-        "{model} ({}) is still downloading: {:.1} of {:.1} MiB ({pct:.0}%), {} of {} files; kubelet will retry",
+        "{model} ({}) is still downloading: {} of {} ({pct:.0}%), {} of {} files; kubelet will retry",
         &f.commit[..f.commit.len().min(12)],
-        f.bytes_done as f64 / MIB,
-        f.bytes_total as f64 / MIB,
+        Size(f.bytes_done),
+        Size(f.bytes_total),
         f.files_done,
         f.files_total,
     )

@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use modelcache_core::repo::RepoId;
 use modelcache_core::{shutdown, telemetry};
-use modelcache_hub::catalog::Catalog;
+use modelcache_hub::served::ServedRepos;
 use modelcache_hub::server;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -125,7 +125,7 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = shutdown::on_signals()?;
-    let catalog = Catalog::load(&cli.root)
+    let catalog = ServedRepos::load(&cli.root)
         .with_context(|| format!("cannot load repos from {}", cli.root.display()))?;
     for r in catalog.repos() {
         tracing::info!(model.repo = %r.id, model.commit = %r.commit, files = r.files.len(), kind = r.kind.singular(), "serving");

@@ -16,7 +16,7 @@
 //! of clients: slow bodies, 5xx and 429 answers, added latency, bodies cut off or with a wrong
 //! byte; `GET /_hub/faults` counts what it injected.
 
-use crate::catalog::{Catalog, ServedFile, ServedRepo};
+use crate::served::{ServedFile, ServedRepo, ServedRepos};
 use crate::wire::{
     RepoInfo, Sibling, X_ERROR_CODE, X_ERROR_MESSAGE, X_LINKED_ETAG, X_LINKED_SIZE, X_REPO_COMMIT,
 };
@@ -37,7 +37,7 @@ use tower_http::services::ServeFile;
 #[derive(Debug, Default)]
 pub struct Hub {
     /// The repos.
-    pub catalog: Catalog,
+    pub catalog: ServedRepos,
     /// Gated repos and the tokens that may read them; every other repo is public.
     pub gated: BTreeMap<RepoId, Vec<String>>,
     /// Faults to inject.
@@ -113,7 +113,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .layer(tower_http::trace::TraceLayer::new_for_http())
 }
 
-/// Serves the catalogue on `listener` until `shutdown` fires.
+/// Serves the repos on `listener` until `shutdown` fires.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     hub: Arc<Hub>,
@@ -213,7 +213,7 @@ fn kind_of(plural: &str) -> Option<RepoKind> {
 }
 
 fn find_repo<'a>(
-    catalog: &'a Catalog,
+    catalog: &'a ServedRepos,
     kind: RepoKind,
     org: &str,
     name: &str,

@@ -191,7 +191,7 @@ pub fn serve_hub_at(
     let mut args = vec!["--root", root, "--listen", listen];
     args.extend_from_slice(extra);
     let mut p = Proc::start("hub", &bin("modelcache-hub")?, &args, dir)?;
-    // The catalogue hashes every file first.
+    // The hub hashes every file first.
     wait_until("the hub to listen", Duration::from_secs(120), || {
         p.check_running()?;
         Ok(std::net::TcpStream::connect(listen).is_ok())

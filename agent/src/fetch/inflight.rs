@@ -8,18 +8,18 @@ use tokio::sync::OwnedMutexGuard;
 
 /// Locks by blob, created on demand and dropped when nobody holds or waits for them.
 #[derive(Debug, Default)]
-pub(super) struct InFlight(Mutex<HashMap<ContentHash, Arc<tokio::sync::Mutex<()>>>>);
+pub(super) struct BlobLocks(Mutex<HashMap<ContentHash, Arc<tokio::sync::Mutex<()>>>>);
 
 /// Held while a blob is fetched.
-pub(super) struct Flight<'a> {
-    owner: &'a InFlight,
+pub(super) struct BlobLock<'a> {
+    owner: &'a BlobLocks,
     hash: ContentHash,
     guard: Option<OwnedMutexGuard<()>>,
 }
 
-impl InFlight {
+impl BlobLocks {
     /// Waits until nobody else fetches `hash`, and holds it until the returned guard drops.
-    pub(super) async fn lock(&self, hash: &ContentHash) -> Flight<'_> {
+    pub(super) async fn lock(&self, hash: &ContentHash) -> BlobLock<'_> {
         let lock = self
             .0
             .lock()
@@ -27,7 +27,7 @@ impl InFlight {
             .entry(hash.clone())
             .or_default()
             .clone();
-        Flight {
+        BlobLock {
             owner: self,
             hash: hash.clone(),
             guard: Some(lock.lock_owned().await),
@@ -40,7 +40,7 @@ impl InFlight {
     }
 }
 
-impl Drop for Flight<'_> {
+impl Drop for BlobLock<'_> {
     fn drop(&mut self) {
         let mut map = self
             .owner
@@ -67,7 +67,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_holder_per_blob_and_no_leak() {
-        let flights = Arc::new(InFlight::default());
+        let flights = Arc::new(BlobLocks::default());
         let busy = Arc::new(AtomicUsize::new(0));
         let hash = ContentHash::new(Algo::GitSha1, &"a".repeat(40)).unwrap();
         let tasks: Vec<_> = (0..8)

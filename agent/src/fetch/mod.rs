@@ -5,7 +5,7 @@
 //! ones are fetched in parallel byte ranges into a resumable partial file ([`ranged`]), hashed in
 //! order as the written prefix grows, so the hash is ready when the last byte lands. Either way
 //! the hash and size are checked against the hub's tree before the blob becomes visible, and one
-//! download per blob runs on a node however many volumes ask for it ([`InFlight`]).
+//! download per blob runs on a node however many volumes ask for it ([`BlobLocks`]).
 
 mod budget;
 mod import;
@@ -45,7 +45,7 @@ use crate::shared_cache::SharedCacheError;
 use crate::store::{Snapshot, SnapshotFile, Store, StoreError};
 use backon::BackoffBuilder;
 use futures::{StreamExt, TryStreamExt};
-use inflight::InFlight;
+use inflight::BlobLocks;
 use modelcache_core::filter::FileFilter;
 use modelcache_core::hash::Hasher;
 use modelcache_core::repo::{ModelRef, RepoId, RepoKind};
@@ -287,7 +287,7 @@ pub struct Fetcher {
     tuning: Tuning,
     connections: Arc<budget::Budget>,
     access: Arc<AccessCache>,
-    inflight: Arc<InFlight>,
+    inflight: Arc<BlobLocks>,
     sources: Sources,
     wanted: Wanted,
     room: Option<Arc<dyn Room>>,

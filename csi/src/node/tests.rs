@@ -32,7 +32,7 @@ impl ModelAgent for FakeAgent {
         volume: &VolumeAttributes,
         token: Option<String>,
         _wait: Duration,
-    ) -> std::result::Result<Ensured, Status> {
+    ) -> std::result::Result<Answer, Status> {
         self.calls.lock().unwrap().push(format!(
             "ensure {} token={}",
             volume.model,
@@ -43,7 +43,7 @@ impl ModelAgent for FakeAgent {
             return Err(s);
         }
         if *self.fetching.lock().unwrap() {
-            return Ok(Ensured::Fetching(pb::Fetching {
+            return Ok(Answer::Fetching(pb::Fetching {
                 commit: COMMIT.into(),
                 bytes_done: 50 << 20,
                 bytes_total: 200 << 20,
@@ -52,7 +52,7 @@ impl ModelAgent for FakeAgent {
             }));
         }
         let (path, commit) = self.ready.lock().unwrap().clone();
-        Ok(Ensured::Ready { path, commit })
+        Ok(Answer::Ready { path, commit })
     }
     async fn pin(
         &self,
@@ -230,7 +230,7 @@ async fn publish_while_fetching_is_unavailable_with_progress() {
     assert!(
         status
             .message()
-            .contains("50.0 of 200.0 MiB (25%), 1 of 4 files"),
+            .contains("50.0 MiB of 200.0 MiB (25%), 1 of 4 files"),
         "{}",
         status.message()
     );

@@ -135,9 +135,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     println!("  model      {}@{}", cli.model, cli.revision);
     println!("  commit     {}", snap.commit);
     println!(
-        "  files      {} ({:.1} MiB), stored once in {}",
+        "  files      {} ({}), stored once in {}",
         snap.files,
-        snap.bytes as f64 / 1048576.0,
+        modelcache_core::size::Size(snap.bytes),
         node.store().display()
     );
     println!("  mounted at {}", target.display());

@@ -7,7 +7,7 @@
 //!
 //! A repo directory may be a symlink (to a model shipped by a package, say). Each repo's manifest
 //! (every file's git blob id, sha256 for LFS-style files, and a commit id derived from them) is
-//! computed once when the catalogue is loaded, so requests never hash.
+//! computed once when the repos are loaded, so requests never hash.
 
 use crate::wire::{LfsInfo, TreeEntry};
 use modelcache_core::hash::{Algo, hash_file};
@@ -205,11 +205,11 @@ fn is_lfs(path: &str, size: u64) -> bool {
 
 /// Every repo under a root directory.
 #[derive(Debug, Default)]
-pub struct Catalog {
+pub struct ServedRepos {
     repos: BTreeMap<(RepoKind, RepoId), ServedRepo>,
 }
 
-impl Catalog {
+impl ServedRepos {
     /// Loads `root/models/*/*` and `root/datasets/*/*`. A directory whose name is not a valid
     /// repo id is an error, so a typo is not silently left unserved.
     pub fn load(root: &Path) -> std::io::Result<Self> {
@@ -237,7 +237,7 @@ impl Catalog {
                 }
             }
         }
-        Ok(Catalog { repos })
+        Ok(ServedRepos { repos })
     }
 
     /// The repo, if served.
@@ -281,7 +281,7 @@ mod tests {
         std::fs::write(r.join("config.json"), b"hello\n").unwrap();
         std::fs::write(r.join("model.safetensors"), b"abc").unwrap();
         std::fs::write(r.join("sub/deeper/x.txt"), b"").unwrap();
-        let cat = Catalog::load(dir.path()).unwrap();
+        let cat = ServedRepos::load(dir.path()).unwrap();
         let repo = cat.get(RepoKind::Model, "org/m").unwrap().clone();
         (dir, repo)
     }
@@ -329,7 +329,7 @@ mod tests {
     fn commit_changes_with_content() {
         let (d, a) = repo();
         std::fs::write(d.path().join("models/org/m/config.json"), b"changed").unwrap();
-        let b = Catalog::load(d.path()).unwrap();
+        let b = ServedRepos::load(d.path()).unwrap();
         assert_ne!(a.commit, b.get(RepoKind::Model, "org/m").unwrap().commit);
     }
 
@@ -337,6 +337,6 @@ mod tests {
     fn bad_repo_dir_name_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("models/org/bad name")).unwrap();
-        assert!(Catalog::load(dir.path()).is_err());
+        assert!(ServedRepos::load(dir.path()).is_err());
     }
 }
