@@ -5,6 +5,23 @@
 //! fetch runs; every caller watches it and gets the snapshot, or progress when its wait runs out.
 //! The fetch goes on after the caller gives up, so kubelet's retry finds it further along.
 //!
+//! ## What keeps a snapshot or a blob in the store
+//!
+//! Eviction, `rm`, `verify` and garbage collection remove nothing that one of these holds:
+//!
+//! | mechanism | holds | from | until | where |
+//! |---|---|---|---|---|
+//! | pin | a snapshot | Pin (a volume is published) | Unpin, or reconcile finds no mount | `store::pins` (checked under the pins lock) |
+//! | lease | a snapshot | Ensure answers Ready | the Pin that follows, or [`crate::evict::LEASE`] | `evict` |
+//! | wanted | the blobs of a running fetch | the fetch plans its files | the snapshot links them (the fetch ends) | `fetch::wanted` |
+//! | flight | one Ensure's fetch of a repo at a commit | the first Ensure | the fetch ends; later Ensures join it | `Flight` here |
+//! | blob lock | one blob's download | a fetch starts the blob | the blob is in `blobs/` | `fetch::inflight` |
+//! | in-use partial | a partial download's file | the download opens it | it is committed or discarded | `store::partial` |
+//!
+//! A pin and a lease keep snapshots from eviction (`rm` honours pins and refuses); wanted
+//! blobs survive garbage collection beside a fetch; flights and blob locks make one download of
+//! each thing however many ask; in-use partials are never reclaimed as abandoned.
+//!
 //! The API also keeps the store in shape ([`Node::maintain`]): the evictor (`crate::evict`)
 //! watches disk usage, and pins are reconciled with the mount table at start and every
 //! [`RECONCILE_INTERVAL`].
