@@ -297,15 +297,8 @@ fn at_least_one(s: &str) -> Result<usize, String> {
 }
 
 /// A hub endpoint: an http or https URL with a host, checked when the flag is read.
-fn parse_endpoint(s: &str) -> Result<String, String> {
-    let url = reqwest::Url::parse(s)
-        .map_err(|e| format!("{s:?} is not a URL ({e}); write it as https://host[:port]"))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(format!(
-            "{s:?} is not an http(s) URL with a host; write it as https://host[:port]"
-        ));
-    }
-    Ok(s.to_owned())
+fn parse_endpoint(s: &str) -> Result<String, modelcache_hub::client::BadEndpoint> {
+    modelcache_hub::client::check_endpoint(s).map(|()| s.to_owned())
 }
 
 fn parse_namespaced(s: &str) -> Result<(String, String), String> {

@@ -779,7 +779,7 @@ mod tests {
         std::fs::create_dir_all(&repo_dir).unwrap();
         std::fs::write(repo_dir.join("config.json"), b"{}").unwrap();
         let hub = server::Hub {
-            catalog: modelcache_hub::served::ServedRepos::load(&dir.path().join("hub")).unwrap(),
+            repos: modelcache_hub::served::ServedRepos::load(&dir.path().join("hub")).unwrap(),
             gated: Default::default(),
             // Every answer waits: the fetch is still running when the others ask.
             faults: modelcache_hub::faults::Faults::new(modelcache_hub::faults::FaultPlan {

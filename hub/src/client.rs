@@ -220,9 +220,51 @@ impl HubClient {
         )
     }
 
-    /// Starts downloading `file` (the caller streams the body) from its `resolve` URL, or from
-    /// `url` where an earlier request was redirected, with `Range` when `range` is given.
-    pub async fn download(
+    /// Starts downloading all of `file` from its `resolve` URL; the caller streams the body.
+    pub async fn download(&self, file: &FileSource<'_>) -> Result<Download, HubError> {
+        self.get_file(file, None, None).await.map(Download)
+    }
+
+    /// Asks for bytes `range` of `file`, whose whole size is `size`, from its `resolve` URL or
+    /// from `url` where an earlier request was redirected. A `206` must carry the exact
+    /// `Content-Range` asked for; a `200` means the server ignores ranges.
+    pub async fn download_range(
+        &self,
+        file: &FileSource<'_>,
+        url: Option<&str>,
+        range: std::ops::Range<u64>,
+        size: u64,
+    ) -> Result<RangeAnswer, HubError> {
+        let (start, end) = (range.start, range.end);
+        let resp = self.get_file(file, url, Some(range)).await?;
+        if resp.status() == StatusCode::OK {
+            return Ok(RangeAnswer::Whole);
+        }
+        let protocol = |reason: String| HubError::Protocol {
+            url: resp.url().to_string(),
+            reason,
+        };
+        if resp.status() != StatusCode::PARTIAL_CONTENT {
+            return Err(protocol(format!(
+                "HTTP {} to a range request",
+                resp.status()
+            )));
+        }
+        let want = format!("bytes {}-{}/{}", start, end - 1, size);
+        let got = resp
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if got != want {
+            return Err(protocol(format!(
+                "asked for {want}, Content-Range says {got:?}"
+            )));
+        }
+        Ok(RangeAnswer::Range(Download(resp)))
+    }
+
+    async fn get_file(
         &self,
         file: &FileSource<'_>,
         url: Option<&str>,
@@ -427,6 +469,60 @@ impl AllowedHosts {
 
 /// The longest wait a hub's `Retry-After` is honoured for; beyond it the request fails.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// Checks that `s` is an http or https URL with a host, as a hub endpoint must be.
+pub fn check_endpoint(s: &str) -> Result<(), BadEndpoint> {
+    let url = reqwest::Url::parse(s).map_err(|e| BadEndpoint {
+        endpoint: s.to_owned(),
+        why: format!("is not a URL ({e})"),
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(BadEndpoint {
+            endpoint: s.to_owned(),
+            why: "is not an http(s) URL with a host".into(),
+        });
+    }
+    Ok(())
+}
+
+/// A hub endpoint that cannot be one.
+#[derive(Debug, thiserror::Error)]
+#[error("{endpoint:?} {why}; write it as https://host[:port]")]
+pub struct BadEndpoint {
+    endpoint: String,
+    why: String,
+}
+
+/// A file's bytes on their way: the answer to a download, whose body the caller streams.
+#[derive(Debug)]
+pub struct Download(reqwest::Response);
+
+impl Download {
+    /// Where the bytes come from (after redirects: the CDN's location).
+    pub fn url(&self) -> &str {
+        self.0.url().as_str()
+    }
+
+    /// The body, chunk by chunk; an error is a broken transfer.
+    pub fn bytes(self) -> impl futures::Stream<Item = Result<bytes::Bytes, BrokenBody>> {
+        use futures::TryStreamExt;
+        self.0.bytes_stream().map_err(BrokenBody)
+    }
+}
+
+/// A body that stopped before its end (the connection dropped, the server cut it).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct BrokenBody(reqwest::Error);
+
+/// The answer to a range request.
+#[derive(Debug)]
+pub enum RangeAnswer {
+    /// The range asked for.
+    Range(Download),
+    /// The server ignores ranges and would send the whole file.
+    Whole,
+}
 
 /// Capped exponential backoff with jitter, five tries in all.
 pub fn retry_policy() -> ExponentialBuilder {

@@ -125,9 +125,9 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = shutdown::on_signals()?;
-    let catalog = ServedRepos::load(&cli.root)
+    let repos = ServedRepos::load(&cli.root)
         .with_context(|| format!("cannot load repos from {}", cli.root.display()))?;
-    for r in catalog.repos() {
+    for r in repos.repos() {
         tracing::info!(model.repo = %r.id, model.commit = %r.commit, files = r.files.len(), kind = r.kind.singular(), "serving");
     }
     let listener = tokio::net::TcpListener::bind(&cli.listen)
@@ -135,7 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
     tracing::info!(address = %listener.local_addr()?, "hub listening");
     let hub = server::Hub {
-        catalog,
+        repos,
         gated: cli.gated.into_iter().collect(),
         #[cfg(feature = "faults")]
         faults: {

@@ -37,7 +37,7 @@ use tower_http::services::ServeFile;
 #[derive(Debug, Default)]
 pub struct Hub {
     /// The repos.
-    pub catalog: ServedRepos,
+    pub repos: ServedRepos,
     /// Gated repos and the tokens that may read them; every other repo is public.
     pub gated: BTreeMap<RepoId, Vec<String>>,
     /// Faults to inject.
@@ -60,7 +60,7 @@ fn unix_now() -> u64 {
 impl Hub {
     /// The served LFS file with this sha256, in any repo.
     fn lfs_blob(&self, sha256: &str) -> Option<&ServedFile> {
-        self.catalog
+        self.repos
             .repos()
             .flat_map(|r| r.files.values())
             .find(|f| f.lfs_sha256.as_deref() == Some(sha256))
@@ -75,7 +75,7 @@ impl Hub {
         name: &str,
         headers: &HeaderMap,
     ) -> Result<&ServedRepo, Box<Response>> {
-        let repo = find_repo(&self.catalog, kind, org, name)?;
+        let repo = find_repo(&self.repos, kind, org, name)?;
         let Some(allowed) = self.gated.get(&repo.id) else {
             return Ok(repo);
         };
@@ -213,13 +213,13 @@ fn kind_of(plural: &str) -> Option<RepoKind> {
 }
 
 fn find_repo<'a>(
-    catalog: &'a ServedRepos,
+    repos: &'a ServedRepos,
     kind: RepoKind,
     org: &str,
     name: &str,
 ) -> Result<&'a ServedRepo, Box<Response>> {
     let id = format!("{org}/{name}");
-    catalog.get(kind, &id).ok_or_else(|| {
+    repos.get(kind, &id).ok_or_else(|| {
         Box::new(error(
             StatusCode::NOT_FOUND,
             "RepoNotFound",

@@ -13,9 +13,8 @@ use crate::store::{Partial, Store, StoreError};
 use backon::BackoffBuilder;
 use futures::{StreamExt, TryStreamExt};
 use modelcache_core::hash::{ContentHash, Hasher};
-use modelcache_hub::client::{FileSource, retry_policy};
+use modelcache_hub::client::{Download, FileSource, RangeAnswer, retry_policy};
 use modelcache_hub::{HubClient, HubError};
-use reqwest::StatusCode;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,7 +48,7 @@ pub(super) struct Job<'a> {
 
 /// What the first answer said.
 enum Opened {
-    Ranges(reqwest::Response),
+    Ranges(Download),
     NoRanges,
 }
 
@@ -158,34 +157,14 @@ impl Job<'_> {
     /// Asks for bytes `[start, end)` and checks the answer is that range, or a whole file
     /// from a server that ignores `Range`.
     async fn open(&self, start: u64, end: u64, url: Option<&str>) -> Result<Opened, FetchError> {
-        let resp = self.hub.download(&self.src, url, Some(start..end)).await?;
-        if resp.status() == StatusCode::OK {
-            return Ok(Opened::NoRanges);
-        }
-        let protocol = |reason: String| {
-            FetchError::Hub(HubError::Protocol {
-                url: resp.url().to_string(),
-                reason,
-            })
-        };
-        if resp.status() != StatusCode::PARTIAL_CONTENT {
-            return Err(protocol(format!(
-                "HTTP {} to a range request",
-                resp.status()
-            )));
-        }
-        let want = format!("bytes {}-{}/{}", start, end - 1, self.file.size);
-        let got = resp
-            .headers()
-            .get(reqwest::header::CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if got != want {
-            return Err(protocol(format!(
-                "asked for {want}, Content-Range says {got:?}"
-            )));
-        }
-        Ok(Opened::Ranges(resp))
+        let answer = self
+            .hub
+            .download_range(&self.src, url, start..end, self.file.size)
+            .await?;
+        Ok(match answer {
+            RangeAnswer::Range(d) => Opened::Ranges(d),
+            RangeAnswer::Whole => Opened::NoRanges,
+        })
     }
 
     /// Asks for `[start, end)` at the CDN `location`. A presigned location can expire during a
@@ -206,7 +185,7 @@ impl Job<'_> {
         &self,
         partial: &Arc<Partial>,
         i: u64,
-        mut resp: Option<reqwest::Response>,
+        mut resp: Option<Download>,
         location: &str,
     ) -> Result<(), Failure> {
         let (start, end) = partial.range(i);
@@ -249,11 +228,11 @@ impl Job<'_> {
     async fn stream(
         &self,
         partial: &Arc<Partial>,
-        resp: reqwest::Response,
+        resp: Download,
         at: &mut u64,
         end: u64,
     ) -> Result<(), FetchError> {
-        let mut body = resp.bytes_stream();
+        let mut body = std::pin::pin!(resp.bytes());
         let mut buf = Buffer::default();
         let mut flushed = *at;
         let result = loop {

@@ -1,0 +1,362 @@
+//! One blob into the store: the tier walk (the first tier that has the file with the right
+//! hash gives it), the import from a shared cache, and the download from the hub.
+
+use super::{
+    FetchError, Fetcher, Misses, PlannedFile, Progress, Source, Tier, TierMiss, budget, import,
+    ranged,
+};
+use crate::store::StoreError;
+use backon::BackoffBuilder;
+use futures::StreamExt;
+use modelcache_core::hash::Hasher;
+use modelcache_hub::client::{FileSource, retry_policy};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+impl Fetcher {
+    /// Makes the blob `file.hash` present, taking it from the first tier that has it.
+    pub(super) async fn fetch_blob(
+        &self,
+        src: Source<'_>,
+        file: &PlannedFile,
+        progress: &Arc<Progress>,
+    ) -> Result<(), FetchError> {
+        // One fetch per blob: a second fetch of the same blob waits here, then finds it.
+        let _flight = self.inflight.lock(&file.hash).await;
+        if self.store.has_blob(&file.hash) {
+            progress.bytes_done.fetch_add(file.size, Ordering::Relaxed);
+            progress.files_done.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let order = self.sources.order();
+        let mut misses = Vec::new();
+        for (i, tier) in order.iter().enumerate() {
+            let last = i + 1 == order.len();
+            let miss = match tier {
+                Tier::Pvc => self.import_blob(src, file, progress).await?.err(),
+                Tier::Hub => match self.download_blob(src, file, progress).await {
+                    Ok(()) => None,
+                    Err(e) if last => return Err(e),
+                    Err(e) => Some(TierMiss::Hub(Box::new(e))),
+                },
+            };
+            let Some(miss) = miss else {
+                progress.files_done.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            };
+            if !last {
+                tracing::info!(file = %file.path, "{miss}; trying {}", order[i + 1]);
+            }
+            misses.push(miss);
+        }
+        Err(FetchError::Unavailable {
+            path: file.path.to_string(),
+            misses: Misses(misses),
+        })
+    }
+
+    /// Imports `file` from the shared cache, verified: the blob by its hash (any commit's), or
+    /// the commit's snapshot entry. `Ok(Err(miss))` when the cache cannot give it (absent,
+    /// refused, or wrong bytes), so the next tier is tried; `Err` when the store fails.
+    async fn import_blob(
+        &self,
+        src: Source<'_>,
+        file: &PlannedFile,
+        progress: &Arc<Progress>,
+    ) -> Result<Result<(), TierMiss>, FetchError> {
+        let shared = self
+            .sources
+            .shared()
+            .expect("pvc is a tier only with a shared cache")
+            .clone();
+        let (store, progress, file) = (self.store.clone(), progress.clone(), file.clone());
+        let (kind, repo, commit) = (src.kind, src.repo.clone(), src.commit.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let opened = match shared.open_blob(kind, &repo, &file.hash) {
+                Ok(None) => shared.open_snapshot_file(kind, &repo, &commit, &file.path),
+                found => found,
+            };
+            let source = match opened {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(Err(TierMiss::NotInSharedCache)),
+                Err(e) => {
+                    tracing::warn!(file = %file.path, error = %e, "refused a file of the shared cache");
+                    return Ok(Err(TierMiss::SharedCacheRefused(e)));
+                }
+            };
+            let counted = AtomicU64::new(0);
+            let added = |n| {
+                progress.bytes_done.fetch_add(n, Ordering::Relaxed);
+                counted.fetch_add(n, Ordering::Relaxed);
+            };
+            let res = import::import(&store, &source, &file, &added);
+            if res.is_err() {
+                progress
+                    .bytes_done
+                    .fetch_sub(counted.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+            match res {
+                Ok(()) => {
+                    progress
+                        .bytes_imported
+                        .fetch_add(file.size, Ordering::Relaxed);
+                    tracing::debug!(file = %file.path, bytes = file.size, "imported from the shared cache");
+                    Ok(Ok(()))
+                }
+                Err(import::ImportError::Store(e)) => Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(file = %file.path, error = %e, "the shared cache's copy is not the file wanted");
+                    Ok(Err(TierMiss::WrongCopy(e)))
+                }
+            }
+        })
+        .await
+        .expect("import task does not panic")
+    }
+
+    /// Downloads `file` from the hub. A broken connection or a transient hub error is retried
+    /// with backoff (a ranged download keeps what it wrote); a mismatch is tried once more,
+    /// then fails.
+    async fn download_blob(
+        &self,
+        src: Source<'_>,
+        file: &PlannedFile,
+        progress: &Progress,
+    ) -> Result<(), FetchError> {
+        let mut backoff = retry_policy().build();
+        let mut mismatches = 0;
+        loop {
+            let counted = AtomicU64::new(0);
+            let res = self
+                .download(src.file(file), src.share, file, progress, &counted)
+                .await;
+            progress
+                .bytes_done
+                .fetch_sub(counted.load(Ordering::Relaxed), Ordering::Relaxed);
+            let e = match res {
+                Ok(()) => {
+                    progress.bytes_done.fetch_add(file.size, Ordering::Relaxed);
+                    progress
+                        .bytes_downloaded
+                        .fetch_add(file.size, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            let wait = match &e {
+                FetchError::Integrity { .. } => {
+                    mismatches += 1;
+                    (mismatches < 2).then_some(Duration::ZERO)
+                }
+                FetchError::Interrupted { .. } => backoff.next(),
+                FetchError::Hub(h) if h.is_transient() => backoff.next(),
+                _ => None,
+            };
+            let Some(wait) = wait else {
+                return Err(e);
+            };
+            tracing::warn!(file = %file.path, error = %e, retry_in = ?wait, "download failed; retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// One attempt at a blob; `counted` holds the bytes it added to `progress`.
+    async fn download(
+        &self,
+        src: FileSource<'_>,
+        share: &budget::Share,
+        file: &PlannedFile,
+        progress: &Progress,
+        counted: &AtomicU64,
+    ) -> Result<(), FetchError> {
+        if file.size > self.tuning.chunk_size {
+            let job = ranged::Job {
+                hub: &self.hub,
+                store: &self.store,
+                connections: share,
+                chunk_size: self.tuning.chunk_size,
+                parallel: self.tuning.connections,
+                src,
+                file,
+                progress,
+                counted,
+            };
+            match job.run().await? {
+                ranged::Outcome::Done => return Ok(()),
+                ranged::Outcome::NoRanges => {
+                    tracing::info!(file = %file.path, "the hub does not serve byte ranges; downloading in one stream");
+                }
+            }
+        }
+        self.download_stream(src, share, file, progress, counted)
+            .await
+    }
+
+    /// Downloads a file in one request into staging, hashing as the bytes arrive.
+    async fn download_stream(
+        &self,
+        src: FileSource<'_>,
+        share: &budget::Share,
+        file: &PlannedFile,
+        progress: &Progress,
+        counted: &AtomicU64,
+    ) -> Result<(), FetchError> {
+        let _permit = share.acquire().await;
+        let resp = self.hub.download(&src).await?;
+        let tmp = self.store.staging_file()?;
+        let std_file = tmp
+            .reopen()
+            .map_err(|e| FetchError::Store(StoreError::from_io("reopen", tmp.path(), e)))?;
+        let mut out =
+            tokio::io::BufWriter::with_capacity(256 << 10, tokio::fs::File::from_std(std_file));
+        let mut hasher = Hasher::new(file.hash.algo(), file.size);
+        let mut body = std::pin::pin!(resp.bytes());
+        let mut got = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|source| FetchError::Interrupted {
+                path: file.path.to_string(),
+                source,
+            })?;
+            got += chunk.len() as u64;
+            if got > file.size {
+                return Err(FetchError::Integrity {
+                    path: file.path.to_string(),
+                    detail: format!("body is longer than the {} bytes announced", file.size),
+                });
+            }
+            hasher.update(&chunk);
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| StoreError::from_io("write", tmp.path(), e))?;
+            progress
+                .bytes_done
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            counted.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        out.flush()
+            .await
+            .map_err(|e| StoreError::from_io("write", tmp.path(), e))?;
+        if got != file.size {
+            return Err(FetchError::Integrity {
+                path: file.path.to_string(),
+                detail: format!("{got} bytes received, {} announced", file.size),
+            });
+        }
+        let actual = hasher.finish();
+        if actual != file.hash {
+            return Err(FetchError::Integrity {
+                path: file.path.to_string(),
+                detail: format!("expected {}, got {}", file.hash, actual),
+            });
+        }
+        let store = self.store.clone();
+        let hash = file.hash.clone();
+        tokio::task::spawn_blocking(move || store.commit_blob(tmp, &hash))
+            .await
+            .expect("commit task does not panic")?;
+        tracing::debug!(file = %file.path, bytes = got, "verified");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fetch::Sources;
+    use crate::shared_cache::SharedCache;
+    use crate::store::Store;
+    use modelcache_core::filter::FileFilter;
+    use modelcache_core::hash::{Algo, ContentHash};
+    use modelcache_core::repo::{RepoId, RepoKind};
+    use modelcache_hub::HubClient;
+    use modelcache_hub::served::ServedRepos;
+    use modelcache_hub::server::{self, Hub};
+    use tokio_util::sync::CancellationToken;
+
+    fn git_sha1(bytes: &[u8]) -> ContentHash {
+        let mut h = Hasher::new(Algo::GitSha1, bytes.len() as u64);
+        h.update(bytes);
+        h.finish()
+    }
+
+    const FILES: [(&str, &[u8]); 3] = [
+        ("config.json", b"{\"a\":1}"),
+        ("tok.json", b"{\"t\":2}"),
+        ("other.json", b"{\"o\":4}"),
+    ];
+
+    /// The tier walk with `pvc,hub`: each file comes from the first tier that has it with the
+    /// right hash. The shared cache gives what it holds whole (config.json); its wrong copy
+    /// (tok.json) and what it lacks (other.json) come from the hub.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn each_file_comes_from_the_first_tier_that_has_it_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let served = dir.path().join("hub/models/org/m");
+        std::fs::create_dir_all(&served).unwrap();
+        for (name, bytes) in FILES {
+            std::fs::write(served.join(name), bytes).unwrap();
+        }
+        // The shared cache, as huggingface_hub lays it out: blobs by git hash.
+        let blobs = dir.path().join("shared/models--org--m/blobs");
+        std::fs::create_dir_all(&blobs).unwrap();
+        std::fs::write(blobs.join(git_sha1(FILES[0].1).hex()), FILES[0].1).unwrap();
+        std::fs::write(blobs.join(git_sha1(FILES[1].1).hex()), b"{\"t\":3}").unwrap();
+
+        let hub = Hub {
+            repos: ServedRepos::load(&dir.path().join("hub")).unwrap(),
+            gated: Default::default(),
+            faults: Default::default(),
+            cdn: None,
+            cdn_link_ttl: Duration::from_secs(60),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        tokio::spawn(server::serve(listener, Arc::new(hub), stop.clone()));
+        let store = Arc::new(Store::open(dir.path().join("store")).unwrap());
+        let shared = SharedCache::open(&dir.path().join("shared")).unwrap();
+        let sources = Sources::new(vec![Tier::Pvc, Tier::Hub], Some(shared)).unwrap();
+        let fetcher = Fetcher::new(
+            HubClient::new(&endpoint, &[]).unwrap(),
+            store,
+            Default::default(),
+        )
+        .with_sources(sources);
+
+        let model = modelcache_core::repo::ModelRef {
+            kind: RepoKind::Model,
+            repo: RepoId::parse("org/m").unwrap(),
+            revision: modelcache_core::repo::Revision::main(),
+        };
+        let commit = fetcher.resolve(&model, None).await.unwrap();
+        let progress = Arc::new(Progress::default());
+        let snap = fetcher
+            .fetch(
+                RepoKind::Model,
+                &model.repo,
+                &commit,
+                &FileFilter::default(),
+                None,
+                &progress,
+            )
+            .await
+            .unwrap();
+        for (name, bytes) in FILES {
+            assert_eq!(
+                std::fs::read(snap.path.join(name)).unwrap(),
+                bytes,
+                "{name}"
+            );
+        }
+        let view = progress.view();
+        assert_eq!(view.bytes_imported, FILES[0].1.len() as u64, "{view:?}");
+        assert_eq!(
+            view.bytes_downloaded,
+            (FILES[1].1.len() + FILES[2].1.len()) as u64,
+            "{view:?}"
+        );
+        stop.cancel();
+    }
+}
