@@ -264,104 +264,25 @@ impl NodeLabeller {
 mod tests {
     use super::*;
     use crate::store::SnapshotFile;
-    use axum::extract::{Path as UrlPath, RawQuery};
-    use axum::http::HeaderMap;
     use modelcache_core::repo::{RepoId, RepoKind, RepoPath};
-    use std::sync::Mutex;
+    use modelcache_testkit::kube_api::{self, Cluster, FakeKubeApi};
 
-    /// A request the fake API server saw.
-    #[derive(Debug, Clone)]
-    struct Seen {
-        method: String,
-        path: String,
-        query: String,
-        content_type: String,
-        body: Value,
-    }
-
-    /// A Node as the API server returns it.
-    fn node_json(labels: Value, disk_pressure: &str, version: &str) -> Value {
-        json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": "node-a", "resourceVersion": version, "labels": labels},
-            "status": {"conditions": [
-                {"type": "Ready", "status": "True"},
-                {"type": "DiskPressure", "status": disk_pressure}
-            ]}
+    /// The stand-in API server with node-a labelled for pre-warming, whose watch then sees
+    /// DiskPressure turn True.
+    async fn fake_api_server() -> FakeKubeApi {
+        let labels = json!({"prewarm.modelcache.dev/qwen": "true"});
+        FakeKubeApi::serve(Cluster {
+            node: kube_api::node(labels.clone(), "False", "1"),
+            node_events: vec![json!({
+                "type": "MODIFIED",
+                "object": kube_api::node(labels, "True", "2"),
+            })],
         })
+        .await
     }
 
-    /// An in-process API server: it records node PATCHes and answers them as the real one does,
-    /// and serves node-a to a list and then one watch event (DiskPressure turns True).
-    async fn fake_api_server() -> (String, Arc<Mutex<Vec<Seen>>>) {
-        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let log = seen.clone();
-        let list_log = seen.clone();
-        let app = axum::Router::new().route(
-            "/api/v1/nodes",
-            axum::routing::get(move |RawQuery(query): RawQuery| {
-                let log = list_log.clone();
-                async move {
-                    let query = query.unwrap_or_default();
-                    log.lock().unwrap().push(Seen {
-                        method: "GET".into(),
-                        path: "/api/v1/nodes".into(),
-                        query: query.clone(),
-                        content_type: String::new(),
-                        body: Value::Null,
-                    });
-                    let labels = json!({"prewarm.modelcache.dev/qwen": "true"});
-                    if query.split('&').any(|p| p == "watch=true") {
-                        let event = json!({
-                            "type": "MODIFIED",
-                            "object": node_json(labels, "True", "2"),
-                        });
-                        let line = format!("{event}\n");
-                        let body = futures::stream::iter([Ok::<_, std::io::Error>(line)])
-                            .chain(futures::stream::pending());
-                        axum::body::Body::from_stream(body)
-                    } else {
-                        let list = json!({
-                            "apiVersion": "v1", "kind": "NodeList",
-                            "metadata": {"resourceVersion": "1"},
-                            "items": [node_json(labels, "False", "1")],
-                        });
-                        axum::body::Body::from(list.to_string())
-                    }
-                }
-            }),
-        );
-        let app = app.route(
-            "/api/v1/nodes/{name}",
-            axum::routing::patch(
-                move |UrlPath(name): UrlPath<String>,
-                      RawQuery(query): RawQuery,
-                      headers: HeaderMap,
-                      body: String| {
-                    let log = log.clone();
-                    async move {
-                        log.lock().unwrap().push(Seen {
-                            method: "PATCH".into(),
-                            path: format!("/api/v1/nodes/{name}"),
-                            query: query.unwrap_or_default(),
-                            content_type: headers
-                                .get("content-type")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or_default()
-                                .to_owned(),
-                            body: serde_json::from_str(&body).unwrap_or(Value::Null),
-                        });
-                        axum::Json(json!({
-                            "apiVersion": "v1", "kind": "Node", "metadata": {"name": name}
-                        }))
-                    }
-                },
-            ),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (url, seen)
+    fn client(api: &FakeKubeApi) -> kube::Client {
+        kube::Client::try_from(kube::Config::new(api.url.parse().unwrap())).unwrap()
     }
 
     fn snapshot(store: &Store, repo: &str, commit: &str, bytes: &[u8]) -> crate::store::Snapshot {
@@ -384,12 +305,11 @@ mod tests {
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let commit = "0123456789abcdef0123456789abcdef01234567";
         let snap = snapshot(&store, "Qwen/Qwen3-0.6B", commit, b"weights");
-        let (url, seen) = fake_api_server().await;
-        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-        let mut labeller = NodeLabeller::new(client, "node-a".into(), store.clone());
+        let api = fake_api_server().await;
+        let mut labeller = NodeLabeller::new(client(&api), "node-a".into(), store.clone());
 
         assert!(labeller.sync().await.unwrap());
-        let first = seen.lock().unwrap()[0].clone();
+        let first = api.seen()[0].clone();
         assert_eq!(
             (first.method.as_str(), first.path.as_str()),
             ("PATCH", "/api/v1/nodes/node-a")
@@ -417,12 +337,12 @@ mod tests {
 
         // Nothing changed: nothing sent.
         assert!(!labeller.sync().await.unwrap());
-        assert_eq!(seen.lock().unwrap().len(), 1);
+        assert_eq!(api.seen().len(), 1);
 
         // Evicted: the next apply leaves the label out, and the API server drops it.
         store.remove_snapshot(&snap).unwrap();
         assert!(labeller.sync().await.unwrap());
-        let second = seen.lock().unwrap()[1].clone();
+        let second = api.seen()[1].clone();
         assert_eq!(second.body["metadata"]["labels"], json!({}));
         assert_eq!(
             second.body["metadata"]["annotations"][INVENTORY_ANNOTATION],
@@ -432,9 +352,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_node_is_watched_by_its_name_alone_and_its_disk_pressure_seen() {
-        let (url, seen) = fake_api_server().await;
-        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-        let states: Vec<NodeState> = watch_node(client, "node-a").take(2).collect().await;
+        let api = fake_api_server().await;
+        let states: Vec<NodeState> = watch_node(client(&api), "node-a").take(2).collect().await;
         let labels: BTreeMap<String, String> =
             [("prewarm.modelcache.dev/qwen".to_owned(), "true".to_owned())].into();
         assert_eq!(
@@ -450,7 +369,7 @@ mod tests {
                 },
             ]
         );
-        let requests = seen.lock().unwrap().clone();
+        let requests = api.seen();
         assert_eq!(requests.len(), 2, "one list, one watch: {requests:?}");
         for r in &requests {
             assert_eq!(

@@ -225,52 +225,37 @@ impl PodEvents {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::extract::Path as UrlPath;
+    use modelcache_testkit::kube_api::FakeKubeApi;
     use serde_json::{Value, json};
-    use std::sync::Arc;
-
-    /// An API server that records event creations and answers with what it was sent.
-    async fn fake_api_server() -> (String, Arc<Mutex<Vec<(String, Value)>>>) {
-        let seen: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
-        let log = seen.clone();
-        let app = axum::Router::new().route(
-            "/apis/events.k8s.io/v1/namespaces/{ns}/events",
-            axum::routing::post(move |UrlPath(ns): UrlPath<String>, body: String| {
-                let log = log.clone();
-                async move {
-                    let body: Value = serde_json::from_str(&body).unwrap();
-                    log.lock().unwrap().push((
-                        format!("/apis/events.k8s.io/v1/namespaces/{ns}/events"),
-                        body.clone(),
-                    ));
-                    (axum::http::StatusCode::CREATED, axum::Json(body))
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (url, seen)
-    }
 
     /// Every event the server got: once `n` have come, it waits a while longer for any that
     /// should not have been sent, so a test can assert there were exactly `n`.
-    async fn settled(seen: &Mutex<Vec<(String, Value)>>, n: usize) -> Vec<(String, Value)> {
+    async fn settled(api: &FakeKubeApi, n: usize) -> Vec<(String, Value)> {
+        let events = || -> Vec<(String, Value)> {
+            api.seen()
+                .into_iter()
+                .filter(|s| s.method == "POST" && s.path.ends_with("/events"))
+                .map(|s| (s.path, s.body))
+                .collect()
+        };
         for _ in 0..200 {
-            if seen.lock().unwrap().len() >= n {
+            if events().len() >= n {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        seen.lock().unwrap().clone()
+        events()
+    }
+
+    fn client(api: &FakeKubeApi) -> kube::Client {
+        kube::Client::try_from(kube::Config::new(api.url.parse().unwrap())).unwrap()
     }
 
     #[tokio::test]
     async fn a_pod_sees_progress_rate_limited_then_ready_with_the_facts() {
-        let (url, seen) = fake_api_server().await;
-        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-        let events = PodEvents::new(client, "node-a");
+        let api = FakeKubeApi::start().await;
+        let events = PodEvents::new(client(&api), "node-a");
         let pod = PodRef::parse("team-a/vllm-0", "0b3c7c4e-uid").unwrap();
         let commit = "0123456789abcdef0123456789abcdef01234567";
         let progress = ProgressView {
@@ -288,7 +273,7 @@ mod tests {
         // Another pod finds it on the node.
         let other = PodRef::parse("team-a/vllm-1", "uid-2").unwrap();
         events.ready(&other, "Qwen/Qwen3-0.6B", commit, 4_800_000_000, 10, hub);
-        let seen = settled(&seen, 3).await;
+        let seen = settled(&api, 3).await;
         assert_eq!(seen.len(), 3, "{seen:?}");
         let (path, fetching) = &seen[0];
         assert_eq!(path, "/apis/events.k8s.io/v1/namespaces/team-a/events");
@@ -321,9 +306,8 @@ mod tests {
 
     #[tokio::test]
     async fn failures_are_warnings_and_outside_a_cluster_nothing_is_sent() {
-        let (url, seen) = fake_api_server().await;
-        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-        let events = PodEvents::new(client, "node-a");
+        let api = FakeKubeApi::start().await;
+        let events = PodEvents::new(client(&api), "node-a");
         let pod = PodRef::parse("ns/p", "uid-1").unwrap();
         events.failed(
             &pod,
@@ -331,7 +315,7 @@ mod tests {
             "access to org/gated was refused (403): accept the licence",
         );
         events.failed(&pod, "org/gated", "again, seconds later");
-        let seen = settled(&seen, 1).await;
+        let seen = settled(&api, 1).await;
         assert_eq!(
             seen.len(),
             1,

@@ -4,7 +4,7 @@
 //! pod how its model came, with events. The chart's RBAC allows every request it made, and grants
 //! nothing it did not use.
 
-use modelcache_tests::kube_api::FakeKubeApi;
+use modelcache_testkit::kube_api::FakeKubeApi;
 use modelcache_tests::models::generate_model;
 use modelcache_tests::node::{Hub, LocalNode};
 use modelcache_tests::{helm, rbac};

@@ -1,7 +1,8 @@
 //! A stand-in for the Kubernetes API server, in process, for the agent's cluster integration:
-//! it serves one Node (`node-a`) and an empty pre-warm catalogue ConfigMap to lists and watches, answers server-side applies and event
+//! it serves one Node (`node-a`, with the labels and watch events a test gives) and an empty
+//! pre-warm catalogue ConfigMap to lists and watches, answers server-side applies and event
 //! writes as the real server does, and records every request so tests can assert exact paths,
-//! queries, content types and bodies. The one part of the system that cannot run here for real.
+//! queries, content types and bodies.
 
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, RawQuery, Request};
@@ -33,11 +34,15 @@ pub struct FakeKubeApi {
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
-fn node(version: &str) -> Value {
+/// Node `node-a` as the API server returns it.
+pub fn node(labels: Value, disk_pressure: &str, version: &str) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": "node-a", "resourceVersion": version, "labels": {}},
-        "status": {"conditions": [{"type": "DiskPressure", "status": "False"}]}
+        "metadata": {"name": "node-a", "resourceVersion": version, "labels": labels},
+        "status": {"conditions": [
+            {"type": "Ready", "status": "True"},
+            {"type": "DiskPressure", "status": disk_pressure}
+        ]}
     })
 }
 
@@ -62,10 +67,17 @@ async fn record(seen: &Mutex<Vec<Seen>>, req: Request) -> Value {
     body
 }
 
-/// A watch that stays open (nothing changes), or a list of one item.
-fn watch_or_list(query: &str, list_kind: &str, item: Value) -> Body {
+/// A watch that sends `events` and stays open, or a list of one item.
+fn watch_or_list(query: &str, list_kind: &str, item: Value, events: Vec<Value>) -> Body {
     if query.split('&').any(|p| p == "watch=true") {
-        Body::from_stream(futures::stream::pending::<Result<String, std::io::Error>>().boxed())
+        let lines = events
+            .into_iter()
+            .map(|e| Ok::<_, std::io::Error>(format!("{e}\n")));
+        Body::from_stream(
+            futures::stream::iter(lines)
+                .chain(futures::stream::pending())
+                .boxed(),
+        )
     } else {
         let list = json!({"apiVersion": "v1", "kind": list_kind,
                           "metadata": {"resourceVersion": "1"}, "items": [item]});
@@ -73,9 +85,33 @@ fn watch_or_list(query: &str, list_kind: &str, item: Value) -> Body {
     }
 }
 
+/// What the fake serves: the Node a list returns, and the events a Node watch sends.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// `node-a` as a list returns it.
+    pub node: Value,
+    /// Watch events (`{"type": …, "object": …}`) a Node watch sends before it idles.
+    pub node_events: Vec<Value>,
+}
+
+impl Default for Cluster {
+    /// `node-a` without labels or disk pressure, and a watch on which nothing changes.
+    fn default() -> Self {
+        Cluster {
+            node: node(json!({}), "False", "1"),
+            node_events: Vec::new(),
+        }
+    }
+}
+
 impl FakeKubeApi {
-    /// Starts it on a free port.
+    /// Starts it on a free port, serving the default [`Cluster`].
     pub async fn start() -> FakeKubeApi {
+        Self::serve(Cluster::default()).await
+    }
+
+    /// Starts it on a free port, serving `cluster`.
+    pub async fn serve(cluster: Cluster) -> FakeKubeApi {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let (s1, s2, s3, s4) = (seen.clone(), seen.clone(), seen.clone(), seen.clone());
         let app = axum::Router::new()
@@ -83,13 +119,17 @@ impl FakeKubeApi {
                 "/api/v1/nodes",
                 get(move |RawQuery(q): RawQuery, req: Request| async move {
                     record(&s1, req).await;
-                    watch_or_list(&q.unwrap_or_default(), "NodeList", node("1"))
+                    let Cluster { node, node_events } = cluster.clone();
+                    watch_or_list(&q.unwrap_or_default(), "NodeList", node, node_events)
                 }),
             )
             .route(
                 "/api/v1/nodes/{name}",
-                patch(move |UrlPath(_name): UrlPath<String>, req: Request| async move {
-                    let body = record(&s2, req).await;
+                patch(move |UrlPath(name): UrlPath<String>, req: Request| async move {
+                    let mut body = record(&s2, req).await;
+                    if body.is_null() {
+                        body = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}});
+                    }
                     axum::Json(body)
                 }),
             )
@@ -105,7 +145,7 @@ impl FakeKubeApi {
                     let item = json!({"apiVersion": "v1", "kind": "ConfigMap",
                                       "metadata": {"name": name, "namespace": ns, "resourceVersion": "1"},
                                       "data": {"catalogue.json": "[]"}});
-                    watch_or_list(&q, "ConfigMapList", item)
+                    watch_or_list(&q, "ConfigMapList", item, Vec::new())
                 }),
             )
             .route(
