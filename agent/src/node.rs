@@ -778,23 +778,20 @@ mod tests {
         let repo_dir = dir.path().join("hub/models/org/slow");
         std::fs::create_dir_all(&repo_dir).unwrap();
         std::fs::write(repo_dir.join("config.json"), b"{}").unwrap();
-        let hub = server::Hub {
+        let hub = server::LocalHub::start(server::Hub {
             repos: modelcache_hub::served::ServedRepos::load(&dir.path().join("hub")).unwrap(),
-            gated: Default::default(),
             // Every answer waits: the fetch is still running when the others ask.
             faults: modelcache_hub::faults::Faults::new(modelcache_hub::faults::FaultPlan {
                 latency: Duration::from_millis(300),
                 ..Default::default()
             }),
-            cdn: None,
-            cdn_link_ttl: Duration::from_secs(60),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(server::serve(listener, Arc::new(hub), stop.clone()));
         let store = Arc::new(crate::store::Store::open(dir.path().join("store")).unwrap());
-        let client = modelcache_hub::HubClient::new(&endpoint, &[]).unwrap();
+        let client = modelcache_hub::HubClient::new(&hub.endpoint, &[]).unwrap();
         let api = Node::new(
             Fetcher::new(client, store, Default::default()),
             Watermarks::default(),
@@ -831,9 +828,7 @@ mod tests {
     #[test]
     fn rm_never_removes_a_snapshot_a_volume_has_pinned() {
         use crate::store::SnapshotFile;
-        use modelcache_core::hash::{Algo, Hasher};
         use modelcache_core::repo::RepoPath;
-        use std::io::Write;
         const ROUNDS: usize = 400;
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(crate::store::Store::open(dir.path().join("store")).unwrap());
@@ -880,13 +875,7 @@ mod tests {
                 .snapshot(model.kind, &model.repo, &commit, None)
                 .is_none()
             {
-                let bytes = b"weights";
-                let mut h = Hasher::new(Algo::GitSha1, bytes.len() as u64);
-                h.update(bytes);
-                let hash = h.finish();
-                let mut f = store.staging_file().unwrap();
-                f.write_all(bytes).unwrap();
-                store.commit_blob(f, &hash).unwrap();
+                let hash = crate::store::tests::put_blob(&store, b"weights");
                 let file = SnapshotFile {
                     path: RepoPath::parse("w.bin").unwrap(),
                     hash,

@@ -3,9 +3,13 @@
 
 use axum::Router;
 use axum::response::IntoResponse;
+use modelcache_testkit::process::{Running, free_loopback_addr, wait_listening};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+
+/// A hub process.
+type Hub = Running;
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_modelcache-agent");
 
@@ -20,15 +24,6 @@ fn hub_bin() -> PathBuf {
     hub
 }
 
-struct Hub(Child);
-
-impl Drop for Hub {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn serve_hub(root: &Path) -> (Hub, String) {
     let (hub, endpoint, _) = serve_hub_with(root, |_| Vec::new());
     (hub, endpoint)
@@ -36,12 +31,8 @@ fn serve_hub(root: &Path) -> (Hub, String) {
 
 /// modelcache-hub with extra arguments, which may name the port it listens on.
 fn serve_hub_with(root: &Path, extra: impl Fn(u16) -> Vec<String>) -> (Hub, String, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_loopback_addr();
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
     let child = Command::new(hub_bin())
         .args(["--root", root.to_str().unwrap(), "--listen", &addr])
         .args(extra(port))
@@ -49,12 +40,9 @@ fn serve_hub_with(root: &Path, extra: impl Fn(u16) -> Vec<String>) -> (Hub, Stri
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "modelcache-hub did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Hub(child), format!("http://{addr}"), port)
+    let mut hub = Running(child);
+    wait_listening(&mut hub, &addr, "modelcache-hub", Duration::from_secs(30));
+    (hub, format!("http://{addr}"), port)
 }
 
 fn pull(endpoint: &str, store: &Path, args: &[&str]) -> Output {
@@ -583,25 +571,16 @@ fn serve_hub_from_before_the_move_runs_modelcache_hub() {
     let hub_root = dir.path().join("hub");
     large_repo(&hub_root, "m", 1, 1);
     hub_bin();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let hub = Command::new(BIN)
+    let addr = free_loopback_addr();
+    let child = Command::new(BIN)
         .args(["serve-hub", "--root", hub_root.to_str().unwrap()])
         .args(["--listen", &addr])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _hub = Hub(hub);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "serve-hub did not start a hub");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut hub = Running(child);
+    wait_listening(&mut hub, &addr, "serve-hub", Duration::from_secs(30));
     let store = dir.path().join("store");
     let out = pull(&format!("http://{addr}"), &store, &["org/m"]);
     assert!(out.status.success(), "{}", stderr(&out));

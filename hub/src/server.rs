@@ -124,6 +124,47 @@ pub async fn serve(
         .await
 }
 
+/// A hub serving from this process on a free loopback port, for tests of clients. Dropping it
+/// stops it.
+#[derive(Debug)]
+pub struct LocalHub {
+    /// Its base URL.
+    pub endpoint: String,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl LocalHub {
+    /// Serves `hub` on `127.0.0.1` at a free port.
+    pub async fn start(hub: Hub) -> std::io::Result<LocalHub> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, Arc::new(hub), stop.clone()));
+        Ok(LocalHub {
+            endpoint,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    /// Stops it, and waits until it no longer listens (a client then meets a refused
+    /// connection, as when a hub is down).
+    pub async fn stop(&mut self) -> std::io::Result<()> {
+        self.stop.cancel();
+        match self.task.take() {
+            Some(task) => task.await.map_err(std::io::Error::other)?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for LocalHub {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 pub(crate) fn error(status: StatusCode, code: &'static str, message: String) -> Response {
     let mut resp = (
         status,

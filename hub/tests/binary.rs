@@ -1,30 +1,23 @@
 //! The `modelcache-hub` binary as a process: it serves a directory of repos over the Hub's
 //! protocol, refuses writes, gates repos by token, and reports the faults it injects.
 
+use modelcache_testkit::process::{Running, free_loopback_addr, wait_listening};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_modelcache-hub");
 
-struct Hub(Child, String);
-
-impl Drop for Hub {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// The process (stopped when dropped) and the address it listens on.
+struct Hub {
+    _process: Running,
+    addr: String,
 }
 
 fn start(root: &Path, extra: &[&str]) -> Hub {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_loopback_addr();
     let child = Command::new(BIN)
         .args(["--root", root.to_str().unwrap(), "--listen", &addr])
         .args(extra)
@@ -32,20 +25,20 @@ fn start(root: &Path, extra: &[&str]) -> Hub {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "modelcache-hub did not start");
-        std::thread::sleep(Duration::from_millis(20));
+    let mut hub = Running(child);
+    wait_listening(&mut hub, &addr, "modelcache-hub", Duration::from_secs(30));
+    Hub {
+        _process: hub,
+        addr,
     }
-    Hub(child, addr)
 }
 
 /// One HTTP/1.0 request; the status code and the body.
 fn request(hub: &Hub, method: &str, path: &str, headers: &[&str]) -> (u16, String) {
-    let mut conn = TcpStream::connect(&hub.1).unwrap();
+    let mut conn = TcpStream::connect(&hub.addr).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {}\r\n", hub.1);
+    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {}\r\n", hub.addr);
     for h in headers {
         req += &format!("{h}\r\n");
     }

@@ -272,8 +272,7 @@ mod tests {
     use modelcache_core::repo::{RepoId, RepoKind};
     use modelcache_hub::HubClient;
     use modelcache_hub::served::ServedRepos;
-    use modelcache_hub::server::{self, Hub};
-    use tokio_util::sync::CancellationToken;
+    use modelcache_hub::server::{Hub, LocalHub};
 
     fn git_sha1(bytes: &[u8]) -> ContentHash {
         let mut h = Hasher::new(Algo::GitSha1, bytes.len() as u64);
@@ -304,22 +303,17 @@ mod tests {
         std::fs::write(blobs.join(git_sha1(FILES[0].1).hex()), FILES[0].1).unwrap();
         std::fs::write(blobs.join(git_sha1(FILES[1].1).hex()), b"{\"t\":3}").unwrap();
 
-        let hub = Hub {
+        let hub = LocalHub::start(Hub {
             repos: ServedRepos::load(&dir.path().join("hub")).unwrap(),
-            gated: Default::default(),
-            faults: Default::default(),
-            cdn: None,
-            cdn_link_ttl: Duration::from_secs(60),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let stop = CancellationToken::new();
-        tokio::spawn(server::serve(listener, Arc::new(hub), stop.clone()));
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         let store = Arc::new(Store::open(dir.path().join("store")).unwrap());
         let shared = SharedCache::open(&dir.path().join("shared")).unwrap();
         let sources = Sources::new(vec![Tier::Pvc, Tier::Hub], Some(shared)).unwrap();
         let fetcher = Fetcher::new(
-            HubClient::new(&endpoint, &[]).unwrap(),
+            HubClient::new(&hub.endpoint, &[]).unwrap(),
             store,
             Default::default(),
         )
@@ -357,6 +351,5 @@ mod tests {
             (FILES[1].1.len() + FILES[2].1.len()) as u64,
             "{view:?}"
         );
-        stop.cancel();
     }
 }

@@ -176,10 +176,9 @@ mod tests {
     use modelcache_core::repo::Revision;
     use modelcache_hub::HubClient;
     use modelcache_hub::served::ServedRepos;
-    use modelcache_hub::server::{self, Hub};
+    use modelcache_hub::server::{Hub, LocalHub};
     use std::sync::Arc;
     use std::time::Duration;
-    use tokio_util::sync::CancellationToken;
 
     fn model(repo: &str, revision: &str) -> ModelRef {
         ModelRef {
@@ -200,19 +199,15 @@ mod tests {
             std::fs::create_dir_all(&repo).unwrap();
             std::fs::write(repo.join("config.json"), name).unwrap();
         }
-        let hub = Hub {
+        let mut hub = LocalHub::start(Hub {
             repos: ServedRepos::load(&dir.path().join("hub")).unwrap(),
             gated: [(RepoId::parse("org/gated").unwrap(), vec!["hf_t".into()])].into(),
-            faults: Default::default(),
-            cdn: None,
-            cdn_link_ttl: Duration::from_secs(60),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let stop = CancellationToken::new();
-        let serving = tokio::spawn(server::serve(listener, Arc::new(hub), stop.clone()));
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         let store = Arc::new(Store::open(dir.path().join("store")).unwrap());
-        let client = HubClient::new(&endpoint, &[])
+        let client = HubClient::new(&hub.endpoint, &[])
             .unwrap()
             .with_api_deadline(Duration::from_secs(5));
         let fetcher =
@@ -229,8 +224,7 @@ mod tests {
             .unwrap();
         assert_ne!(public, gated);
 
-        stop.cancel();
-        serving.await.unwrap().unwrap();
+        hub.stop().await.unwrap();
 
         let down = fetcher.resolve(&model("org/public", "main"), None).await;
         assert_eq!(
