@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared-cache import benchmark: modelcache-agent pull --sources pvc vs cp of the same files on
+# Shared-cache import benchmark: modelcache-agent pull --sources shared-cache vs cp of the same files on
 # the same disk, with the source in the page cache and cold. Prints a Markdown table of ratios
 # and writes docs/bench/pvc-import.{json,svg}. Needs root (drops the page cache) and about
 # 7 GiB free in /tmp. Flags pass through: hack/bench-import.sh --help

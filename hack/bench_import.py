@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Shared-cache import benchmark: `modelcache-agent pull --sources pvc` against `cp` of the same
+"""Shared-cache import benchmark: `modelcache-agent pull --sources shared-cache` against `cp` of the same
 files on the same disk.
 
 huggingface_hub's `snapshot_download` fills an HF cache (the shared PVC of a "download Job")
@@ -7,7 +7,7 @@ from `modelcache-hub` with a repo of two 1 GiB safetensors files plus small file
 directory, so source, `cp`'s destination and modelcache's store share one disk. Then each client
 copies the snapshot into a fresh directory, `--runs` times, interleaved:
 
-  modelcache  pull --sources pvc into a fresh store: copy_file_range, sha256 / git sha1 of every
+  modelcache  pull --sources shared-cache into a fresh store: copy_file_range, sha256 / git sha1 of every
               byte copied, fsync of every blob, the snapshot
   cp          cp -rL of the snapshot (following its symlinks to the blobs)
   cp + sync   the same, then sync: on disk, as modelcache's blobs are when it returns
@@ -85,7 +85,7 @@ def main():
     out = os.path.join(a.workdir, "out")
     clients = {
         "modelcache": [a.agent, "pull", REPO, "--store", out, "--shared-cache", home,
-                       "--sources", "pvc"],
+                       "--sources", "shared-cache"],
         "cp": ["cp", "-rL", snapshot, out],
         "cp + sync": ["bash", "-c", f'cp -rL "{snapshot}" "{out}" && sync'],
     }

@@ -109,9 +109,9 @@ pub struct HubArgs {
         help_heading = "Sources"
     )]
     pub shared_cache: Option<PathBuf>,
-    /// Where files come from, tried in order per file: `pvc` (the shared cache), `hub`.
-    /// Default: pvc,hub with --shared-cache, else hub. With pvc alone, revisions resolve through
-    /// the cache's refs/ and no hub is asked.
+    /// Where files come from, tried in order per file: `shared-cache` (`pvc` is accepted), `hub`.
+    /// Default: shared-cache,hub with --shared-cache, else hub. With shared-cache alone,
+    /// revisions resolve through the cache's refs/ and no hub is asked.
     #[arg(
         long,
         env = "MODELCACHE_SOURCES",

@@ -32,7 +32,7 @@ pub struct Metrics {
     pub fetches: Family<FetchResult, Counter>,
     /// Seconds a successful fetch took.
     pub fetch_seconds: Histogram,
-    /// Bytes fetched, per source (`hub`, `pvc`).
+    /// Bytes fetched, per source (`hub`, `shared-cache`).
     pub fetched_bytes: Family<Source, Counter>,
     /// Hub errors that failed a resolve or a fetch, per kind.
     pub hub_errors: Family<ErrorKind, Counter>,
@@ -79,7 +79,7 @@ impl Metrics {
         let fetched_bytes = Family::<Source, Counter>::default();
         registry.register(
             "fetched_bytes",
-            "Bytes fetched and verified, per source (hub, pvc); their rate is the throughput",
+            "Bytes fetched and verified, per source (hub, shared-cache); their rate is the throughput",
             fetched_bytes.clone(),
         );
         let hub_errors = Family::<ErrorKind, Counter>::default();
@@ -112,7 +112,7 @@ impl Metrics {
         self.fetch_seconds.observe(seconds);
         let by_source = [
             ("hub", progress.bytes_downloaded),
-            ("pvc", progress.bytes_imported),
+            ("shared-cache", progress.bytes_imported),
         ];
         for (source, bytes) in by_source {
             self.fetched_bytes

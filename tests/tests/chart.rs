@@ -320,7 +320,7 @@ fn every_value_of_the_full_values_file_arrives_where_it_must() {
     assert_eq!(
         hub.sources,
         [
-            modelcache_agent::fetch::Tier::Pvc,
+            modelcache_agent::fetch::Tier::SharedCache,
             modelcache_agent::fetch::Tier::Hub
         ]
     );

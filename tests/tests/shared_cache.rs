@@ -4,9 +4,10 @@
 //! that lies (wrong bytes, symlinks that lead out): what it lies about never enters the store,
 //! and no snapshot is made from a lie.
 
+use modelcache_testkit::process::free_loopback_addr;
 use modelcache_tests::models::{generate_model, run_python};
 use modelcache_tests::node::{Hub, LocalNode};
-use modelcache_tests::procs::{agent_command, agent_command_logged, serve_hub};
+use modelcache_tests::procs::{agent_command, agent_command_logged, http_get, serve_hub};
 use modelcache_tests::tree::{assert_same_tree, mount_options};
 use std::path::{Path, PathBuf};
 
@@ -127,7 +128,7 @@ fn a_shared_cache_gives_what_it_holds_and_the_hub_only_the_rest() {
         .sum();
 
     let store = s.store("store");
-    let (snap, log) = s.pull(&store, "pvc,hub").unwrap();
+    let (snap, log) = s.pull(&store, "shared-cache,hub").unwrap();
     assert_same_tree(&s.model, &snap);
     let source = snapshots(&store)[0]["source"].as_str().unwrap().to_owned();
     let want = format!(
@@ -145,7 +146,7 @@ fn a_shared_cache_gives_what_it_holds_and_the_hub_only_the_rest() {
 
     // With the hub first, the hub gives everything and the shared cache nothing.
     let hub_first = s.store("hub-first");
-    s.pull(&hub_first, "hub,pvc").unwrap();
+    s.pull(&hub_first, "hub,shared-cache").unwrap();
     let source = snapshots(&hub_first)[0]["source"]
         .as_str()
         .unwrap()
@@ -160,6 +161,7 @@ fn without_a_hub_the_shared_cache_alone_serves_the_commit_its_refs_name() {
     let hf_snapshot = s.fill_shared_cache(None);
     s.hub.stop();
     let store = s.store("store");
+    // `pvc`, the tier's name before it was `shared-cache`, still works.
     let (snap, _) = s.pull(&store, "pvc").unwrap();
     assert_same_tree(&s.model, &snap);
     let commit = std::fs::read_to_string(s.folder().join("refs/main")).unwrap();
@@ -183,7 +185,7 @@ fn without_a_hub_the_shared_cache_alone_serves_the_commit_its_refs_name() {
         "--shared-cache",
         s.shared().to_str().unwrap(),
         "--sources",
-        "pvc",
+        "shared-cache",
     ])
     .unwrap_err()
     .to_string();
@@ -206,7 +208,7 @@ fn a_lying_shared_cache_is_refused_and_nothing_it_gave_enters_the_store() {
     bytes[4096] ^= 1;
     std::fs::write(&weights_blob, &bytes).unwrap();
     let store = s.store("alone");
-    let err = s.pull(&store, "pvc").unwrap_err().to_string();
+    let err = s.pull(&store, "shared-cache").unwrap_err().to_string();
     assert!(
         err.contains("model.safetensors") && err.contains("has hash sha256:"),
         "{err}"
@@ -231,7 +233,10 @@ fn a_lying_shared_cache_is_refused_and_nothing_it_gave_enters_the_store() {
         std::fs::read(&escape).is_ok(),
         "the link does lead to the secret"
     );
-    let err = s.pull(&s.store("escape"), "pvc").unwrap_err().to_string();
+    let err = s
+        .pull(&s.store("escape"), "shared-cache")
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("escape.json") && err.contains("not to ../blobs/") && err.contains("refused"),
         "{err}"
@@ -243,7 +248,10 @@ fn a_lying_shared_cache_is_refused_and_nothing_it_gave_enters_the_store() {
     let config_blob = std::fs::canonicalize(hf_snapshot.join("config.json")).unwrap();
     std::fs::remove_file(&config_blob).unwrap();
     std::os::unix::fs::symlink(&secret, &config_blob).unwrap();
-    let err = s.pull(&s.store("escape"), "pvc").unwrap_err().to_string();
+    let err = s
+        .pull(&s.store("escape"), "shared-cache")
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("is a symlink") && err.contains("refused"),
         "{err}"
@@ -253,7 +261,7 @@ fn a_lying_shared_cache_is_refused_and_nothing_it_gave_enters_the_store() {
     // With the hub as the next tier, what the shared cache cannot give truthfully comes from
     // the hub.
     let store = s.store("repaired");
-    let (snap, log) = s.pull(&store, "pvc,hub").unwrap();
+    let (snap, log) = s.pull(&store, "shared-cache,hub").unwrap();
     assert_same_tree(&s.model, &snap);
     assert!(
         log.contains("has hash") && log.contains("is a symlink"),
@@ -278,6 +286,7 @@ async fn a_node_without_a_hub_publishes_volumes_from_the_shared_cache() {
     s.fill_shared_cache(None);
     s.hub.stop();
     let shared = s.shared();
+    let metrics = free_loopback_addr();
     let mut node = LocalNode::start_with(
         &s.dir.path().join("node"),
         // Nothing listens there: a hub asked anything would fail the publish.
@@ -287,7 +296,9 @@ async fn a_node_without_a_hub_publishes_volumes_from_the_shared_cache() {
             "--shared-cache",
             shared.to_str().unwrap(),
             "--sources",
-            "pvc",
+            "shared-cache",
+            "--metrics-listen",
+            &metrics,
         ],
     )
     .unwrap();
@@ -300,7 +311,16 @@ async fn a_node_without_a_hub_publishes_volumes_from_the_shared_cache() {
     assert_same_tree(&s.model, &target);
     let opts = mount_options(&target).expect("mounted");
     assert!(opts.iter().any(|o| o == "ro"), "{opts:?}");
-    let log = node.agent_log();
-    assert!(log.contains("imported from the shared cache"), "{log}");
+    // Every byte came from the share, none from a hub.
+    let (status, body) = http_get(&metrics, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let fetched = |source: &str| -> u64 {
+        let series = format!("modelcache_fetched_bytes_total{{source=\"{source}\"}}");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(fetched("shared-cache") > 0, "{body}");
+    assert_eq!(fetched("hub"), 0, "{body}");
     node.unpublish("vol-pvc", &target).await.unwrap();
 }

@@ -35,7 +35,7 @@ impl Fetcher {
         for (i, tier) in order.iter().enumerate() {
             let last = i + 1 == order.len();
             let miss = match tier {
-                Tier::Pvc => self.import_blob(src, file, progress).await?.err(),
+                Tier::SharedCache => self.import_blob(src, file, progress).await?.err(),
                 Tier::Hub => match self.download_blob(src, file, progress).await {
                     Ok(()) => None,
                     Err(e) if last => return Err(e),
@@ -69,7 +69,7 @@ impl Fetcher {
         let shared = self
             .sources
             .shared()
-            .expect("pvc is a tier only with a shared cache")
+            .expect("shared-cache is a tier only with a shared cache")
             .clone();
         let (store, progress, file) = (self.store.clone(), progress.clone(), file.clone());
         let (kind, repo, commit) = (src.kind, src.repo.clone(), src.commit.to_owned());
@@ -286,7 +286,7 @@ mod tests {
         ("other.json", b"{\"o\":4}"),
     ];
 
-    /// The tier walk with `pvc,hub`: each file comes from the first tier that has it with the
+    /// The tier walk with `shared-cache,hub`: each file comes from the first tier that has it with the
     /// right hash. The shared cache gives what it holds whole (config.json); its wrong copy
     /// (tok.json) and what it lacks (other.json) come from the hub.
     #[tokio::test(flavor = "multi_thread")]
@@ -311,7 +311,7 @@ mod tests {
         .unwrap();
         let store = Arc::new(Store::open(dir.path().join("store")).unwrap());
         let shared = SharedCache::open(&dir.path().join("shared")).unwrap();
-        let sources = Sources::new(vec![Tier::Pvc, Tier::Hub], Some(shared)).unwrap();
+        let sources = Sources::new(vec![Tier::SharedCache, Tier::Hub], Some(shared)).unwrap();
         let fetcher = Fetcher::new(
             HubClient::new(&hub.endpoint, &[]).unwrap(),
             store,

@@ -335,7 +335,7 @@ impl Fetcher {
             ),
             (true, false) => shared(),
             (false, true) => hub(),
-            (false, false) if listed_by == Tier::Pvc => shared(),
+            (false, false) if listed_by == Tier::SharedCache => shared(),
             (false, false) => hub(),
         }
     }

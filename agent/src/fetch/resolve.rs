@@ -121,7 +121,7 @@ impl Fetcher {
             return match self.shared_listing(kind, repo, commit) {
                 Ok(Some(files)) => {
                     tracing::warn!(error = %e, "hub unreachable; taking the file list from the shared cache");
-                    Ok((files, Tier::Pvc))
+                    Ok((files, Tier::SharedCache))
                 }
                 Ok(None) => Err(e.into()),
                 Err(shared) => {
@@ -131,7 +131,7 @@ impl Fetcher {
             };
         }
         match self.shared_listing(kind, repo, commit)? {
-            Some(files) => Ok((files, Tier::Pvc)),
+            Some(files) => Ok((files, Tier::SharedCache)),
             None => Err(FetchError::NotInSharedCache {
                 repo: repo.to_string(),
                 revision: commit.to_owned(),

@@ -1,13 +1,14 @@
 //! Where a node's files come from, in order: the hub, and optionally a shared cache (a PVC that
 //! already holds an HF cache).
 //!
-//! - **Files** are taken from the first tier that has them with the right hash: with `pvc,hub`
-//!   the shared cache gives what it holds and the hub only the rest; with `hub,pvc` the shared
+//! - **Files** are taken from the first tier that has them with the right hash: with
+//!   `shared-cache,hub` the shared cache gives what it holds and the hub only the rest; with
+//!   `hub,shared-cache` the shared
 //!   cache stands in when the hub fails.
 //! - **Revisions and access** are the hub's to answer whenever the hub is a tier: it says which
 //!   commit `main` is now and whether a token may read a gated repo. The shared cache's
 //!   `refs/` answer only without a hub, or while the hub is unreachable for a repo not known to
-//!   be gated. With `pvc` alone, whatever the shared cache holds is served to any volume that
+//!   be gated. With `shared-cache` alone, whatever the shared cache holds is served to any volume that
 //!   names it, as the PVC itself would be: keep gated models off a cache shared by tenants, or
 //!   keep `hub` in the tiers.
 
@@ -18,8 +19,9 @@ use std::sync::Arc;
 /// A source of files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Tier {
-    /// The shared cache (`--shared-cache`).
-    Pvc,
+    /// The shared cache (`--shared-cache`); `pvc`, its name before 0.2, is accepted.
+    #[value(name = "shared-cache", alias = "pvc")]
+    SharedCache,
     /// The hub (`--endpoint`).
     Hub,
 }
@@ -48,17 +50,17 @@ impl Default for Sources {
 
 impl Sources {
     /// Checks that `order` names each tier at most once, and the shared cache exactly when
-    /// `pvc` is in it. An empty order means `pvc,hub` with a shared cache and `hub` without.
+    /// `shared-cache` is in it. An empty order means `shared-cache,hub` with a shared cache and `hub` without.
     pub fn new(order: Vec<Tier>, shared: Option<SharedCache>) -> Result<Self, BadSources> {
         let order = if order.is_empty() {
             match shared {
-                Some(_) => vec![Tier::Pvc, Tier::Hub],
+                Some(_) => vec![Tier::SharedCache, Tier::Hub],
                 None => vec![Tier::Hub],
             }
         } else {
             order
         };
-        if order.iter().filter(|t| **t == Tier::Pvc).count() > 1
+        if order.iter().filter(|t| **t == Tier::SharedCache).count() > 1
             || order.iter().filter(|t| **t == Tier::Hub).count() > 1
         {
             return Err(BadSources(format!(
@@ -66,14 +68,14 @@ impl Sources {
                 join(&order)
             )));
         }
-        match (order.contains(&Tier::Pvc), &shared) {
+        match (order.contains(&Tier::SharedCache), &shared) {
             (true, None) => Err(BadSources(
-                "--sources names pvc but no --shared-cache is given: point --shared-cache at the \
+                "--sources names shared-cache but no --shared-cache is given: point --shared-cache at the \
                  HF cache on the shared volume (its HF_HOME or HF_HOME/hub)"
                     .into(),
             )),
             (false, Some(_)) => Err(BadSources(format!(
-                "--shared-cache is given but --sources {} does not name pvc: add it, e.g. --sources pvc,hub",
+                "--shared-cache is given but --sources {} does not name shared-cache: add it, e.g. --sources shared-cache,hub",
                 join(&order)
             ))),
             _ => Ok(Sources {
@@ -110,7 +112,7 @@ fn join(order: &[Tier]) -> String {
 impl fmt::Display for Tier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Tier::Pvc => "pvc",
+            Tier::SharedCache => "shared-cache",
             Tier::Hub => "hub",
         })
     }
@@ -131,19 +133,22 @@ mod tests {
         assert_eq!(Sources::new(vec![], None).unwrap().order(), [Tier::Hub]);
         let (_d, c) = cache();
         let s = Sources::new(vec![], Some(c)).unwrap();
-        assert_eq!(s.order(), [Tier::Pvc, Tier::Hub]);
+        assert_eq!(s.order(), [Tier::SharedCache, Tier::Hub]);
         let (_d, c) = cache();
-        let s = Sources::new(vec![Tier::Pvc], Some(c)).unwrap();
+        let s = Sources::new(vec![Tier::SharedCache], Some(c)).unwrap();
         assert!(!s.uses_hub() && s.shared().is_some());
     }
 
     #[test]
     fn orders_that_cannot_work_say_what_to_change() {
-        let err = Sources::new(vec![Tier::Pvc, Tier::Hub], None).unwrap_err();
+        let err = Sources::new(vec![Tier::SharedCache, Tier::Hub], None).unwrap_err();
         assert!(err.to_string().contains("no --shared-cache"), "{err}");
         let (_d, c) = cache();
         let err = Sources::new(vec![Tier::Hub], Some(c)).unwrap_err();
-        assert!(err.to_string().contains("--sources pvc,hub"), "{err}");
+        assert!(
+            err.to_string().contains("--sources shared-cache,hub"),
+            "{err}"
+        );
         let err = Sources::new(vec![Tier::Hub, Tier::Hub], None).unwrap_err();
         assert!(err.to_string().contains("twice"), "{err}");
     }
