@@ -5,7 +5,7 @@
 //! that granted access are kept: a refusal is asked again every time. Tokens are keyed by their
 //! sha256, never kept.
 
-use modelcache_core::repo::{ModelRef, RepoId, RepoKind};
+use modelcache_core::repo::{Commit, ModelRef, RepoId, RepoKind};
 use modelcache_hub::client::Token;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,7 +17,7 @@ type Key = (RepoKind, RepoId, String, String);
 #[derive(Debug)]
 pub struct AccessCache {
     ttl: Duration,
-    granted: Mutex<HashMap<Key, (Instant, String)>>,
+    granted: Mutex<HashMap<Key, (Instant, Commit)>>,
 }
 
 impl AccessCache {
@@ -39,7 +39,7 @@ impl AccessCache {
     }
 
     /// The commit the hub granted for this model and token within the last `ttl`.
-    pub fn get(&self, model: &ModelRef, token: Option<&Token>, now: Instant) -> Option<String> {
+    pub fn get(&self, model: &ModelRef, token: Option<&Token>, now: Instant) -> Option<Commit> {
         let mut granted = self.granted.lock().expect("access cache lock");
         let key = Self::key(model, token);
         match granted.get(&key) {
@@ -53,19 +53,23 @@ impl AccessCache {
     }
 
     /// Remembers that the hub granted this model to this token, resolving to `commit`.
-    pub fn grant(&self, model: &ModelRef, token: Option<&Token>, commit: &str, now: Instant) {
+    pub fn grant(&self, model: &ModelRef, token: Option<&Token>, commit: &Commit, now: Instant) {
         if self.ttl.is_zero() {
             return;
         }
         let mut granted = self.granted.lock().expect("access cache lock");
         granted.retain(|_, (at, _)| now.duration_since(*at) < self.ttl);
-        granted.insert(Self::key(model, token), (now, commit.to_owned()));
+        granted.insert(Self::key(model, token), (now, commit.clone()));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn c1() -> Commit {
+        Commit::parse(&"c1".repeat(20)).unwrap()
+    }
     use modelcache_core::repo::Revision;
 
     fn model(rev: &str) -> ModelRef {
@@ -82,11 +86,8 @@ mod tests {
         let t0 = Instant::now();
         let a = Token::new("token-a");
         let b = Token::new("token-b");
-        cache.grant(&model("main"), a.as_ref(), "c1", t0);
-        assert_eq!(
-            cache.get(&model("main"), a.as_ref(), t0).as_deref(),
-            Some("c1")
-        );
+        cache.grant(&model("main"), a.as_ref(), &c1(), t0);
+        assert_eq!(cache.get(&model("main"), a.as_ref(), t0), Some(c1()));
         assert_eq!(
             cache.get(&model("main"), b.as_ref(), t0),
             None,
@@ -110,7 +111,7 @@ mod tests {
     fn zero_ttl_keeps_nothing() {
         let cache = AccessCache::new(Duration::ZERO);
         let now = Instant::now();
-        cache.grant(&model("main"), None, "c1", now);
+        cache.grant(&model("main"), None, &c1(), now);
         assert_eq!(cache.get(&model("main"), None, now), None);
     }
 

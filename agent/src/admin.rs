@@ -11,7 +11,7 @@
 
 use crate::store::{Pins, Snapshot, Store, StoreError};
 use modelcache_core::hash::{ContentHash, hash_file};
-use modelcache_core::repo::{RepoId, RepoKind};
+use modelcache_core::repo::{Commit, RepoId, RepoKind};
 use modelcache_core::size::Size;
 use modelcache_proto::agent_v1 as pb;
 use serde::Serialize;
@@ -112,7 +112,7 @@ pub fn remove(
     pins: &Pins,
     kind: RepoKind,
     repo: &RepoId,
-    commit: Option<&str>,
+    commit: Option<&Commit>,
     keep: impl Fn(&ContentHash) -> bool,
 ) -> Result<RemoveReport, AdminError> {
     let what = match commit {
@@ -123,7 +123,7 @@ pub fn remove(
         .list_snapshots()?
         .into_iter()
         .filter(|s| s.kind == kind && &s.repo == repo)
-        .filter(|s| commit.is_none_or(|c| s.commit == c))
+        .filter(|s| commit.is_none_or(|c| s.commit == *c))
         .collect();
     if doomed.is_empty() {
         return Err(AdminError::NoSuchSnapshot(what));
@@ -165,7 +165,7 @@ pub fn inventory(store: &Store) -> Result<Inventory, AdminError> {
             kind: snap.kind.singular(),
             repo: snap.repo.to_string(),
             revisions: store.revisions_of(&snap),
-            commit: snap.commit.clone(),
+            commit: snap.commit.to_string(),
             filter: snap.filter.clone(),
             files: meta.files,
             bytes: meta.bytes,
@@ -490,7 +490,7 @@ mod tests {
         let record = PinRecord {
             kind: "model".into(),
             repo: "org/m".into(),
-            commit: snap.commit.clone(),
+            commit: snap.commit.to_string(),
             target_path: "/t".into(),
             pod: None,
             filter: None,
@@ -510,10 +510,13 @@ mod tests {
         let repo = RepoId::parse("org/m").unwrap();
         store
             .assemble_snapshot(
-                RepoKind::Model,
-                &repo,
-                &commit.to_string().repeat(40),
-                None,
+                &crate::store::SnapshotKey::parse(
+                    RepoKind::Model,
+                    &repo,
+                    &commit.to_string().repeat(40),
+                    None,
+                )
+                .unwrap(),
                 &files,
             )
             .unwrap()
@@ -536,7 +539,7 @@ mod tests {
                 RepoKind::Model,
                 &repo,
                 &Revision::parse("main").unwrap(),
-                &"2".repeat(40),
+                &Commit::parse(&"2".repeat(40)).unwrap(),
             )
             .unwrap();
         pin(&store, "vol-1", &s1);
@@ -583,7 +586,7 @@ mod tests {
             &pins(&store),
             RepoKind::Model,
             &repo,
-            Some(&"9".repeat(40)),
+            Some(&Commit::parse(&"9".repeat(40)).unwrap()),
             |_| false,
         )
         .unwrap_err();

@@ -75,7 +75,7 @@ pub fn node_fields(node: &str, store: &Store) -> Result<Value, StoreError> {
             kind: snap.kind.singular(),
             repo: snap.repo.to_string(),
             revisions: store.revisions_of(&snap),
-            commit: snap.commit.clone(),
+            commit: snap.commit.to_string(),
             filter: snap.filter.clone(),
             bytes: meta.bytes,
             state: "ready",
@@ -293,7 +293,10 @@ mod tests {
         };
         let repo = RepoId::parse(repo).unwrap();
         let snap = store
-            .assemble_snapshot(RepoKind::Model, &repo, commit, None, &[file])
+            .assemble_snapshot(
+                &crate::store::SnapshotKey::parse(RepoKind::Model, &repo, commit, None).unwrap(),
+                &[file],
+            )
             .unwrap();
         store.record_snapshot(&snap, "test").unwrap();
         snap

@@ -565,7 +565,11 @@ mod tests {
             };
             let commit = i.to_string().repeat(40);
             let snap = store
-                .assemble_snapshot(RepoKind::Model, &repo, &commit, None, &[file])
+                .assemble_snapshot(
+                    &crate::store::SnapshotKey::parse(RepoKind::Model, &repo, &commit, None)
+                        .unwrap(),
+                    &[file],
+                )
                 .unwrap();
             store.record_snapshot(&snap, "test").unwrap();
             store.set_last_used(&snap, used);
@@ -595,7 +599,7 @@ mod tests {
         let pin = PinRecord {
             kind: "model".into(),
             repo: "org/m".into(),
-            commit: snaps[3].commit.clone(),
+            commit: snaps[3].commit.to_string(),
             target_path: "/t".into(),
             pod: None,
             filter: None,

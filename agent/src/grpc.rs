@@ -5,7 +5,7 @@
 
 use crate::events::PodRef;
 use crate::node::{Answer, Node, NodeError, VolumeAsk};
-use modelcache_core::repo::{InvalidInput, RepoId, RepoKind, is_commit_id};
+use modelcache_core::repo::{Commit, RepoId, RepoKind};
 use modelcache_core::wire::{kind_to_proto, layout_from_proto, model_from_proto};
 use modelcache_hub::client::Token;
 use modelcache_proto::agent_v1 as pb;
@@ -36,18 +36,6 @@ async fn blocking<T: Send + 'static>(
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
         .map_err(Status::from)
-}
-
-/// Refuses anything but a 40-hex commit.
-fn check_commit(c: &str) -> Result<(), NodeError> {
-    if is_commit_id(c) {
-        return Ok(());
-    }
-    Err(NodeError::Invalid(InvalidInput {
-        what: "commit",
-        value: modelcache_core::repo::clip_to(c, 64),
-        reason: "is not a 40-hex commit",
-    }))
 }
 
 fn required(field: &'static str, value: &str) -> Result<(), NodeError> {
@@ -88,13 +76,13 @@ impl pb::agent_server::Agent for AgentService {
                 files,
             } => pb::ensure_response::State::Ready(pb::Ready {
                 snapshot_path: path.display().to_string(),
-                commit,
+                commit: commit.into(),
                 bytes,
                 files,
             }),
             Answer::Fetching { commit, progress } => {
                 pb::ensure_response::State::Fetching(pb::Fetching {
-                    commit,
+                    commit: commit.into(),
                     bytes_done: progress.bytes_done,
                     bytes_total: progress.bytes_total,
                     files_done: progress.files_done,
@@ -108,7 +96,7 @@ impl pb::agent_server::Agent for AgentService {
     async fn pin(&self, req: Request<pb::PinRequest>) -> Result<Response<pb::PinResponse>, Status> {
         let req = req.into_inner();
         let (model, filter) = model_from_proto(req.model).map_err(NodeError::from)?;
-        check_commit(&req.commit)?;
+        let commit = Commit::parse(&req.commit).map_err(NodeError::from)?;
         required("volume_id", &req.volume_id)?;
         let node = self.0.clone();
         blocking(move || {
@@ -117,7 +105,7 @@ impl pb::agent_server::Agent for AgentService {
                 &req.volume_id,
                 &model,
                 &filter,
-                &req.commit,
+                &commit,
                 &req.target_path,
                 pod,
             )?;
@@ -174,7 +162,7 @@ impl pb::agent_server::Agent for AgentService {
             .map(|l| pb::SnapshotInfo {
                 kind: kind_to_proto(l.snapshot.kind) as i32,
                 repo: l.snapshot.repo.to_string(),
-                commit: l.snapshot.commit,
+                commit: l.snapshot.commit.into(),
                 path: l.snapshot.path.display().to_string(),
                 bytes: l.bytes,
                 files: l.files,
@@ -192,12 +180,12 @@ impl pb::agent_server::Agent for AgentService {
         let req = req.into_inner();
         let kind = kind_from_proto(req.kind);
         let repo = RepoId::parse(&req.repo).map_err(NodeError::from)?;
-        let commit = Some(req.commit).filter(|c| !c.is_empty());
-        if let Some(c) = &commit {
-            check_commit(c)?;
-        }
+        let commit = match req.commit.as_str() {
+            "" => None,
+            c => Some(Commit::parse(c).map_err(NodeError::from)?),
+        };
         let admin = self.0.admin();
-        let report = blocking(move || admin.remove(kind, &repo, commit.as_deref())).await?;
+        let report = blocking(move || admin.remove(kind, &repo, commit.as_ref())).await?;
         tracing::info!(model.repo = %req.repo, removed = report.removed.len(), bytes_freed = report.bytes_freed, "removed on request");
         Ok(Response::new(report.into()))
     }

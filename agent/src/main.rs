@@ -14,7 +14,7 @@ use modelcache_agent::shared_cache::SharedCache;
 use modelcache_agent::store::Pins;
 use modelcache_agent::{admin, progress};
 use modelcache_core::filter::FileFilter;
-use modelcache_core::repo::{ModelRef, RepoId, RepoKind, Revision};
+use modelcache_core::repo::{Commit, ModelRef, RepoId, RepoKind, Revision};
 use modelcache_core::telemetry;
 use modelcache_core::{shutdown, transport};
 use modelcache_hub::HubClient;
@@ -143,18 +143,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 RepoKind::Model
             };
             let repo = RepoId::parse(&repo)?;
-            if let Some(c) = &commit {
-                anyhow::ensure!(
-                    modelcache_core::repo::is_commit_id(c),
-                    "--commit {c:?} is not a 40-hex commit: `modelcache-agent ls` shows them"
-                );
-            }
+            let commit = commit
+                .map(|c| {
+                    Commit::parse(&c).with_context(|| {
+                        format!("--commit {c:?}: `modelcache-agent ls --json` shows the commits")
+                    })
+                })
+                .transpose()?;
             let report = match running_agent(&agent.endpoint)? {
                 Some(mut client) => client
                     .remove(pb::RemoveRequest {
                         kind: modelcache_core::wire::kind_to_proto(kind) as i32,
                         repo: repo.to_string(),
-                        commit: commit.clone().unwrap_or_default(),
+                        commit: commit.as_ref().map(Commit::to_string).unwrap_or_default(),
                     })
                     .await
                     .map_err(agent_refused)?
@@ -163,7 +164,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 None => {
                     let store = store.open()?;
                     let pins = Pins::load(store.root()).context("cannot read the pins")?;
-                    admin::remove(&store, &pins, kind, &repo, commit.as_deref(), |_| false)?
+                    admin::remove(&store, &pins, kind, &repo, commit.as_ref(), |_| false)?
                 }
             };
             if json {

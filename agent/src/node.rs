@@ -33,10 +33,10 @@ use crate::fetch::{FetchError, Fetcher, Progress};
 use crate::metrics::{CacheResult, Metrics};
 use crate::mounts::MountTable;
 use crate::prewarm::Catalogue;
-use crate::store::{PinRecord, Pins, Reconciled, Snapshot, Store, StoreError, unix};
+use crate::store::{PinRecord, Pins, Reconciled, Snapshot, SnapshotKey, Store, StoreError, unix};
 use modelcache_core::error::Class;
 use modelcache_core::filter::FileFilter;
-use modelcache_core::repo::{InvalidInput, ModelRef, RepoId, RepoKind};
+use modelcache_core::repo::{Commit, InvalidInput, ModelRef, RepoId, RepoKind};
 use modelcache_hub::client::Token;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -98,7 +98,7 @@ struct Flight {
     done: watch::Receiver<FlightResult>,
 }
 
-type FlightKey = (RepoKind, RepoId, String, FileFilter);
+type FlightKey = (RepoKind, RepoId, Commit, FileFilter);
 
 /// The answer of [`Node::ensure`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,7 +108,7 @@ pub enum Ensured {
     /// Still downloading.
     Fetching {
         /// The commit being fetched.
-        commit: String,
+        commit: Commit,
         /// Progress so far.
         progress: crate::fetch::ProgressView,
     },
@@ -139,7 +139,7 @@ pub enum Answer {
         /// The snapshot, or its view in the layout asked for.
         path: std::path::PathBuf,
         /// The commit.
-        commit: String,
+        commit: Commit,
         /// Bytes its files show.
         bytes: u64,
         /// Its files.
@@ -148,7 +148,7 @@ pub enum Answer {
     /// Still downloading.
     Fetching {
         /// The commit being fetched.
-        commit: String,
+        commit: Commit,
         /// Progress so far.
         progress: crate::fetch::ProgressView,
     },
@@ -358,8 +358,13 @@ impl Node {
             .inspect_err(|e| self.metrics.hub_error(e))?;
         tracing::Span::current().record("model.commit", commit.as_str());
         let store = self.fetcher.store();
-        let key = filter.key();
-        if let Some(s) = store.snapshot(model.kind, &model.repo, &commit, key.as_deref()) {
+        let key = SnapshotKey {
+            kind: model.kind,
+            repo: model.repo.clone(),
+            commit: commit.clone(),
+            filter: filter.key(),
+        };
+        if let Some(s) = store.snapshot(&key) {
             // Kept from eviction until the publish that asked pins it. Leased first, then
             // looked at again: an eviction between the lookup and the lease is seen.
             self.evictor.lease(&s);
@@ -393,7 +398,7 @@ impl Node {
         &self,
         model: &ModelRef,
         filter: &FileFilter,
-        commit: &str,
+        commit: &Commit,
         token: Option<Token>,
     ) -> Result<Arc<Flight>, NodeError> {
         if self.shutdown.is_cancelled() {
@@ -402,7 +407,7 @@ impl Node {
         let key: FlightKey = (
             model.kind,
             model.repo.clone(),
-            commit.to_owned(),
+            commit.clone(),
             filter.clone(),
         );
         let mut flights = self.flights.lock().expect("flights lock");
@@ -572,20 +577,25 @@ impl Node {
         volume_id: &str,
         model: &ModelRef,
         filter: &FileFilter,
-        commit: &str,
+        commit: &Commit,
         target_path: &str,
         pod: Option<&str>,
     ) -> Result<Snapshot, NodeError> {
         let store = self.fetcher.store();
         let mut pins = self.pins.lock().expect("pins lock");
-        let key = filter.key();
+        let key = SnapshotKey {
+            kind: model.kind,
+            repo: model.repo.clone(),
+            commit: commit.clone(),
+            filter: filter.key(),
+        };
         let snap = store
-            .snapshot(model.kind, &model.repo, commit, key.as_deref())
+            .snapshot(&key)
             .ok_or_else(|| NodeError::NotPresent(format!("{}@{commit}", model.repo)))?;
         let record = PinRecord {
             kind: snap.kind.singular().to_owned(),
             repo: snap.repo.to_string(),
-            commit: snap.commit.clone(),
+            commit: snap.commit.to_string(),
             target_path: target_path.to_owned(),
             pod: pod.map(str::to_owned),
             filter: snap.filter.clone(),
@@ -684,9 +694,17 @@ impl Node {
             "dataset" => RepoKind::Dataset,
             _ => RepoKind::Model,
         };
-        let paths = RepoId::parse(&pin.repo)
+        let key = RepoId::parse(&pin.repo)
             .ok()
-            .and_then(|repo| store.snapshot(kind, &repo, &pin.commit, pin.filter.as_deref()))
+            .zip(Commit::parse(&pin.commit).ok())
+            .map(|(repo, commit)| SnapshotKey {
+                kind,
+                repo,
+                commit,
+                filter: pin.filter.clone(),
+            });
+        let paths = key
+            .and_then(|key| store.snapshot(&key))
             .map(|s| store.shown_dirs(&s))
             .unwrap_or_default();
         Some(PinView {
@@ -746,7 +764,7 @@ impl Admin {
         &self,
         kind: RepoKind,
         repo: &RepoId,
-        commit: Option<&str>,
+        commit: Option<&Commit>,
     ) -> Result<RemoveReport, NodeError> {
         let pins = self.pins.lock().expect("pins lock");
         Ok(admin::remove(
@@ -847,7 +865,7 @@ mod tests {
             repo: RepoId::parse("org/race").unwrap(),
             revision: modelcache_core::repo::Revision::main(),
         };
-        let commit = "a".repeat(40);
+        let commit = Commit::parse(&"a".repeat(40)).unwrap();
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let remover = {
             let (admin, done, repo) = (api.admin(), done.clone(), model.repo.clone());
@@ -872,7 +890,10 @@ mod tests {
         let (mut pinned, mut refused) = (0, 0);
         for round in 0..ROUNDS {
             if store
-                .snapshot(model.kind, &model.repo, &commit, None)
+                .snapshot(
+                    &crate::store::SnapshotKey::parse(model.kind, &model.repo, &commit, None)
+                        .unwrap(),
+                )
                 .is_none()
             {
                 let hash = crate::store::tests::put_blob(&store, b"weights");
@@ -881,7 +902,11 @@ mod tests {
                     hash,
                 };
                 // rm's garbage collection may take the blob first: try again next round.
-                let _ = store.assemble_snapshot(model.kind, &model.repo, &commit, None, &[file]);
+                let _ = store.assemble_snapshot(
+                    &crate::store::SnapshotKey::parse(model.kind, &model.repo, &commit, None)
+                        .unwrap(),
+                    &[file],
+                );
             }
             let all = FileFilter::default();
             match api.pin("vol", &model, &all, &commit, "/t", None) {

@@ -21,7 +21,7 @@
 //! - a ref must hold a 40-hex commit, and snapshot paths pass [`RepoPath`]'s checks.
 
 use modelcache_core::hash::{Algo, ContentHash};
-use modelcache_core::repo::{RepoId, RepoKind, RepoPath, Revision, cache_folder, is_commit_id};
+use modelcache_core::repo::{Commit, RepoId, RepoKind, RepoPath, Revision, cache_folder};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 use nix::sys::stat::{FileStat, SFlag, fstat};
@@ -164,13 +164,14 @@ impl SharedCache {
         kind: RepoKind,
         repo: &RepoId,
         revision: &Revision,
-    ) -> Result<Option<String>> {
+    ) -> Result<Option<Commit>> {
         let Some(folder) = self.folder(kind, repo)? else {
             return Ok(None);
         };
         if revision.is_commit() {
             let snap = format!("snapshots/{revision}");
-            return Ok(folder.exists_dir(&snap)?.then(|| revision.to_string()));
+            let commit = Commit::parse(revision.as_str()).ok();
+            return Ok(commit.filter(|_| folder.exists_dir(&snap).unwrap_or(false)));
         }
         let rel = format!("refs/{revision}");
         let Some(file) = folder.open_file(&rel, true)? else {
@@ -186,13 +187,13 @@ impl SharedCache {
                 source,
             })?;
         let commit = text.trim();
-        if !is_commit_id(commit) {
-            return Err(SharedCacheError::Unexpected {
+        match Commit::parse(commit) {
+            Ok(c) => Ok(Some(c)),
+            Err(_) => Err(SharedCacheError::Unexpected {
                 path: folder.path(&rel),
                 reason: format!("holds {commit:?}, not a 40-hex commit"),
-            });
+            }),
         }
-        Ok(Some(commit.to_owned()))
     }
 
     /// Opens the blob `hash` of the repo (`blobs/<hex>`), if the cache has it.
@@ -214,7 +215,7 @@ impl SharedCache {
         &self,
         kind: RepoKind,
         repo: &RepoId,
-        commit: &str,
+        commit: &Commit,
         path: &RepoPath,
     ) -> Result<Option<File>> {
         match self.folder(kind, repo)? {
@@ -230,7 +231,7 @@ impl SharedCache {
         &self,
         kind: RepoKind,
         repo: &RepoId,
-        commit: &str,
+        commit: &Commit,
     ) -> Result<Option<Vec<CachedFile>>> {
         let Some(folder) = self.folder(kind, repo)? else {
             return Ok(None);
@@ -466,6 +467,10 @@ mod tests {
 
     const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
+    fn commit() -> Commit {
+        Commit::parse(COMMIT).unwrap()
+    }
+
     fn sha1_of(bytes: &[u8]) -> ContentHash {
         let mut h = modelcache_core::hash::Hasher::new(Algo::GitSha1, bytes.len() as u64);
         h.update(bytes);
@@ -504,16 +509,16 @@ mod tests {
         let m = RepoKind::Model;
         assert_eq!(
             cache.read_ref(m, &repo, &Revision::main()).unwrap(),
-            Some(COMMIT.to_owned())
+            Some(commit())
         );
         let by_commit = Revision::parse(COMMIT).unwrap();
         assert_eq!(
             cache.read_ref(m, &repo, &by_commit).unwrap(),
-            Some(COMMIT.to_owned())
+            Some(commit())
         );
         let other = RepoId::parse("org/other").unwrap();
         assert_eq!(cache.read_ref(m, &other, &Revision::main()).unwrap(), None);
-        let files = cache.list_snapshot(m, &repo, COMMIT).unwrap().unwrap();
+        let files = cache.list_snapshot(m, &repo, &commit()).unwrap().unwrap();
         let paths: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
         assert_eq!(paths, ["config.json", "sub/a.json"]);
         assert!(files.iter().all(|f| f.hash == hash && f.size == 2));
@@ -521,12 +526,14 @@ mod tests {
         let path = RepoPath::parse("sub/a.json").unwrap();
         assert!(
             cache
-                .open_snapshot_file(m, &repo, COMMIT, &path)
+                .open_snapshot_file(m, &repo, &commit(), &path)
                 .unwrap()
                 .is_some()
         );
         assert_eq!(
-            cache.list_snapshot(m, &repo, &"f".repeat(40)).unwrap(),
+            cache
+                .list_snapshot(m, &repo, &Commit::parse(&"f".repeat(40)).unwrap())
+                .unwrap(),
             None
         );
     }
@@ -553,7 +560,7 @@ mod tests {
         let m = RepoKind::Model;
         let cache = SharedCache::open(dir.path()).unwrap();
         let open = |name: &str| {
-            cache.open_snapshot_file(m, &repo, COMMIT, &RepoPath::parse(name).unwrap())
+            cache.open_snapshot_file(m, &repo, &commit(), &RepoPath::parse(name).unwrap())
         };
 
         symlink(&outside, snap.join("absolute")).unwrap();
@@ -569,7 +576,7 @@ mod tests {
             "{err}"
         );
         // Listing refuses the snapshot: the escaping link does not point into blobs/.
-        let err = cache.list_snapshot(m, &repo, COMMIT).unwrap_err();
+        let err = cache.list_snapshot(m, &repo, &commit()).unwrap_err();
         assert!(err.to_string().contains("not to ../blobs/"), "{err}");
 
         // A blob that is itself a symlink, even one that stays inside, is refused.
@@ -619,7 +626,7 @@ mod tests {
             b"x",
         )
         .unwrap();
-        let err = cache.list_snapshot(m, &repo, COMMIT).unwrap_err();
+        let err = cache.list_snapshot(m, &repo, &commit()).unwrap_err();
         assert!(err.to_string().contains("add hub to --sources"), "{err}");
     }
 

@@ -214,6 +214,81 @@ pub fn is_commit_id(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// A commit id: 40 lowercase hex digits, checked on construction, so it is safe as a directory
+/// name and in a URL.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Commit(String);
+
+impl Commit {
+    /// Parses a 40-hex commit id.
+    pub fn parse(s: &str) -> Result<Self, InvalidInput> {
+        if is_commit_id(s) {
+            Ok(Commit(s.to_owned()))
+        } else {
+            Err(invalid("commit", s, "is not a 40-hex commit"))
+        }
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Its first 12 digits, as people write a commit.
+    pub fn short(&self) -> &str {
+        &self.0[..12]
+    }
+}
+
+impl fmt::Display for Commit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::ops::Deref for Commit {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for Commit {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Commit {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl PartialEq<String> for Commit {
+    fn eq(&self, other: &String) -> bool {
+        &self.0 == other
+    }
+}
+
+impl PartialEq<Commit> for str {
+    fn eq(&self, other: &Commit) -> bool {
+        self == other.0
+    }
+}
+
+impl PartialEq<Commit> for String {
+    fn eq(&self, other: &Commit) -> bool {
+        *self == other.0
+    }
+}
+
+impl From<Commit> for String {
+    fn from(c: Commit) -> String {
+        c.0
+    }
+}
+
 /// A repository at a revision: what a volume asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ModelRef {
@@ -375,5 +450,21 @@ mod tests {
             RepoPath::parse("a/b").unwrap().under(dir),
             PathBuf::from("/store/snap/a/b")
         );
+    }
+
+    #[test]
+    fn commits_are_40_lowercase_hex() {
+        let c = Commit::parse(&"a1".repeat(20)).unwrap();
+        assert_eq!((c.short(), c.as_str().len()), ("a1a1a1a1a1a1", 40));
+        for bad in [
+            "",
+            "main",
+            &"A".repeat(40),
+            &"a".repeat(39),
+            &"a".repeat(41),
+            "../x",
+        ] {
+            assert!(Commit::parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -5,7 +5,7 @@
 use crate::error::HubError;
 use crate::wire::{RepoInfo, TreeEntry, X_ERROR_CODE, X_ERROR_MESSAGE, X_REPO_COMMIT};
 use backon::{ExponentialBuilder, Retryable};
-use modelcache_core::repo::{ModelRef, RepoId, RepoKind, RepoPath, is_commit_id};
+use modelcache_core::repo::{Commit, ModelRef, RepoId, RepoKind, RepoPath};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::StatusCode;
 use std::time::Duration;
@@ -53,7 +53,7 @@ impl std::fmt::Debug for Token {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
     /// The commit.
-    pub commit: String,
+    pub commit: Commit,
     /// Whether the repo is private or gated.
     pub restricted: bool,
 }
@@ -136,13 +136,13 @@ impl HubClient {
         );
         let ctx = Ctx::new(model.kind, &model.repo).revision(model.revision.as_str());
         let info: RepoInfo = self.get_json(&url, token, &ctx).await?;
-        if !is_commit_id(&info.sha) {
+        let Ok(commit) = Commit::parse(&info.sha) else {
             return Err(HubError::Protocol {
                 url,
                 reason: format!("`sha` {:?} is not a 40-hex commit", info.sha),
             });
-        }
-        if model.revision.is_commit() && info.sha != model.revision.as_str() {
+        };
+        if model.revision.is_commit() && commit != model.revision.as_str() {
             return Err(HubError::Protocol {
                 url,
                 reason: format!("asked for commit {} and got {}", model.revision, info.sha),
@@ -150,7 +150,7 @@ impl HubClient {
         }
         Ok(Resolved {
             restricted: info.restricted(),
-            commit: info.sha,
+            commit,
         })
     }
 
@@ -159,7 +159,7 @@ impl HubClient {
         &self,
         kind: RepoKind,
         repo: &RepoId,
-        commit: &str,
+        commit: &Commit,
         token: Option<&Token>,
     ) -> Result<Vec<TreeEntry>, HubError> {
         let ctx = Ctx::new(kind, repo).revision(commit);
@@ -287,7 +287,7 @@ impl HubClient {
             .get(X_REPO_COMMIT)
             .and_then(|v| v.to_str().ok());
         if let Some(got) = answered
-            && got != file.commit
+            && got != file.commit.as_str()
         {
             return Err(HubError::Protocol {
                 url,
@@ -588,7 +588,7 @@ pub struct FileSource<'a> {
     /// `org/name`.
     pub repo: &'a RepoId,
     /// The commit.
-    pub commit: &'a str,
+    pub commit: &'a Commit,
     /// The file.
     pub path: &'a RepoPath,
     /// The token to ask with, if any.

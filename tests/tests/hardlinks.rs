@@ -75,7 +75,16 @@ fn a_blob_at_the_link_limit_gets_a_replica_and_nothing_fails() {
     let repo = |n: &str| RepoId::parse(n).unwrap();
     let (c1, c2) = ("1".repeat(40), "2".repeat(40));
     let flood = store
-        .assemble_snapshot(RepoKind::Dataset, &repo("org/flood"), &c1, None, &copies)
+        .assemble_snapshot(
+            &modelcache_agent::store::SnapshotKey::parse(
+                RepoKind::Dataset,
+                &repo("org/flood"),
+                &c1,
+                None,
+            )
+            .unwrap(),
+            &copies,
+        )
         .unwrap();
     // Another model with the same file: linked to the replica.
     let one = [SnapshotFile {
@@ -83,7 +92,16 @@ fn a_blob_at_the_link_limit_gets_a_replica_and_nothing_fails() {
         hash: hash.clone(),
     }];
     let other = store
-        .assemble_snapshot(RepoKind::Model, &repo("org/other"), &c2, None, &one)
+        .assemble_snapshot(
+            &modelcache_agent::store::SnapshotKey::parse(
+                RepoKind::Model,
+                &repo("org/other"),
+                &c2,
+                None,
+            )
+            .unwrap(),
+            &one,
+        )
         .unwrap();
     assert_eq!(
         std::fs::read(other.path.join("config.json")).unwrap(),

@@ -32,11 +32,11 @@ pub trait Room: Send + Sync + std::fmt::Debug {
 }
 
 use crate::access::AccessCache;
-use crate::store::{Snapshot, SnapshotFile, Store, StoreError};
+use crate::store::{Snapshot, SnapshotFile, SnapshotKey, Store, StoreError};
 use futures::{StreamExt, TryStreamExt};
 use inflight::BlobLocks;
 use modelcache_core::filter::FileFilter;
-use modelcache_core::repo::{RepoId, RepoKind};
+use modelcache_core::repo::{Commit, RepoId, RepoKind};
 use modelcache_hub::client::FileSource;
 use modelcache_hub::{HubClient, client::Token};
 use std::sync::Arc;
@@ -90,7 +90,7 @@ impl Progress {
 struct Source<'a> {
     kind: RepoKind,
     repo: &'a RepoId,
-    commit: &'a str,
+    commit: &'a Commit,
     token: Option<&'a Token>,
     /// This fetch's share of the connections.
     share: &'a budget::Share,
@@ -211,13 +211,18 @@ impl Fetcher {
         &self,
         kind: RepoKind,
         repo: &RepoId,
-        commit: &str,
+        commit: &Commit,
         filter: &FileFilter,
         token: Option<&Token>,
         progress: &Arc<Progress>,
     ) -> Result<Snapshot, FetchError> {
-        let key = filter.key();
-        if let Some(s) = self.store.snapshot(kind, repo, commit, key.as_deref()) {
+        let key = SnapshotKey {
+            kind,
+            repo: repo.clone(),
+            commit: commit.clone(),
+            filter: filter.key(),
+        };
+        if let Some(s) = self.store.snapshot(&key) {
             return Ok(s);
         }
         let (mut files, listed_by) = self.list_files(kind, repo, commit, token).await?;
@@ -225,7 +230,7 @@ impl Fetcher {
         if files.is_empty() && !filter.is_all() {
             return Err(FetchError::NothingMatches {
                 repo: repo.to_string(),
-                commit: commit.to_owned(),
+                commit: commit.to_string(),
                 include: filter.include().join(","),
                 exclude: filter.exclude().join(","),
             });
@@ -254,7 +259,7 @@ impl Fetcher {
         };
         let no_room = |source| FetchError::NoRoom {
             repo: repo.to_string(),
-            commit: commit.to_owned(),
+            commit: commit.to_string(),
             source,
         };
         self.make_room(&files).await.map_err(no_room)?;
@@ -284,10 +289,9 @@ impl Fetcher {
             })
             .collect();
         let store = self.store.clone();
-        let (repo, commit) = (repo.clone(), commit.to_owned());
         let source = self.describe_source(listed_by, progress.view());
         let snap = tokio::task::spawn_blocking(move || {
-            let snap = store.assemble_snapshot(kind, &repo, &commit, key.as_deref(), &links)?;
+            let snap = store.assemble_snapshot(&key, &links)?;
             store.record_snapshot(&snap, &source)?;
             Ok::<_, StoreError>(snap)
         })

@@ -3,7 +3,7 @@
 //! is refused), or of the shared cache alone.
 
 use super::{FetchError, Fetcher, PlannedFile, Tier, plan};
-use modelcache_core::repo::{ModelRef, RepoId, RepoKind};
+use modelcache_core::repo::{Commit, ModelRef, RepoId, RepoKind};
 use modelcache_hub::client::Token;
 use std::time::Instant;
 
@@ -18,7 +18,7 @@ impl Fetcher {
         &self,
         model: &ModelRef,
         token: Option<&Token>,
-    ) -> Result<String, FetchError> {
+    ) -> Result<Commit, FetchError> {
         if !self.sources.uses_hub() {
             return self.resolve_in_shared_cache(model);
         }
@@ -42,8 +42,8 @@ impl Fetcher {
                 })
             }
             Err(e) if e.is_transient() => {
-                let known = if model.revision.is_commit() {
-                    Some((model.revision.to_string(), "the commit asked for"))
+                let known = if let Ok(c) = Commit::parse(model.revision.as_str()) {
+                    Some((c, "the commit asked for"))
                 } else if let Some(c) = self.store.read_ref(kind, repo, &model.revision) {
                     Some((c, "the commit this revision last resolved to on this node"))
                 } else {
@@ -64,7 +64,7 @@ impl Fetcher {
 
     /// The shared cache's ref for `model.revision`, when there is a shared cache and it has one;
     /// a fallback, so a cache that cannot be read is logged and counts as no answer.
-    pub(super) fn shared_ref(&self, model: &ModelRef) -> Option<String> {
+    pub(super) fn shared_ref(&self, model: &ModelRef) -> Option<Commit> {
         let shared = self.sources.shared()?;
         shared
             .read_ref(model.kind, &model.repo, &model.revision)
@@ -76,7 +76,7 @@ impl Fetcher {
 
     /// Without a hub: the commit the shared cache's `refs/<revision>` names (or the commit asked
     /// for, when the cache holds its snapshot).
-    fn resolve_in_shared_cache(&self, model: &ModelRef) -> Result<String, FetchError> {
+    fn resolve_in_shared_cache(&self, model: &ModelRef) -> Result<Commit, FetchError> {
         let shared = self
             .sources
             .shared()
@@ -107,7 +107,7 @@ impl Fetcher {
         &self,
         kind: RepoKind,
         repo: &RepoId,
-        commit: &str,
+        commit: &Commit,
         token: Option<&Token>,
     ) -> Result<(Vec<PlannedFile>, Tier), FetchError> {
         if self.sources.uses_hub() {
@@ -134,7 +134,7 @@ impl Fetcher {
             Some(files) => Ok((files, Tier::SharedCache)),
             None => Err(FetchError::NotInSharedCache {
                 repo: repo.to_string(),
-                revision: commit.to_owned(),
+                revision: commit.to_string(),
                 what: format!("snapshot {commit}"),
                 cache: self
                     .sources
@@ -150,7 +150,7 @@ impl Fetcher {
         &self,
         kind: RepoKind,
         repo: &RepoId,
-        commit: &str,
+        commit: &Commit,
     ) -> Result<Option<Vec<PlannedFile>>, FetchError> {
         let Some(shared) = self.sources.shared() else {
             return Ok(None);
@@ -234,7 +234,11 @@ mod tests {
         );
         let commit = "c".repeat(40);
         let pinned = fetcher.resolve(&model("org/public", &commit), None).await;
-        assert_eq!(pinned.unwrap(), commit, "a commit stands for itself");
+        assert_eq!(
+            pinned.unwrap(),
+            commit.as_str(),
+            "a commit stands for itself"
+        );
         let unknown = fetcher.resolve(&model("org/public", "v2"), None).await;
         assert!(
             matches!(unknown, Err(FetchError::Hub(ref e)) if e.is_transient()),

@@ -178,7 +178,11 @@ mod tests {
         }];
         let repo = RepoId::parse("org/m").unwrap();
         let snap = store
-            .assemble_snapshot(RepoKind::Model, &repo, &"1".repeat(40), None, &files)
+            .assemble_snapshot(
+                &crate::store::SnapshotKey::parse(RepoKind::Model, &repo, &"1".repeat(40), None)
+                    .unwrap(),
+                &files,
+            )
             .unwrap();
         let made = store.record_snapshot(&snap, "hub http://h").unwrap();
         assert_eq!((made.bytes, made.files), (7, 1));

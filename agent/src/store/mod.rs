@@ -30,7 +30,7 @@ pub use partial::Partial;
 pub use pins::{PIN_SETTLE_SECONDS, PinRecord, Pins, Reconciled};
 
 use modelcache_core::hash::{Algo, ContentHash};
-use modelcache_core::repo::{RepoId, RepoKind, RepoPath, Revision, is_commit_id};
+use modelcache_core::repo::{Commit, RepoId, RepoKind, RepoPath, Revision, is_commit_id};
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -102,6 +102,36 @@ pub struct SnapshotFile {
     pub hash: ContentHash,
 }
 
+/// What names a snapshot: a repo at a commit, with the files a filter takes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SnapshotKey {
+    /// Model or dataset.
+    pub kind: RepoKind,
+    /// `org/name`.
+    pub repo: RepoId,
+    /// The commit.
+    pub commit: Commit,
+    /// The key of the include/exclude filter ([`modelcache_core::filter::FileFilter::key`]); None: all files.
+    pub filter: Option<String>,
+}
+
+impl SnapshotKey {
+    /// The key of `repo` at `commit` (checked: 40 hex digits) with the files `filter` names.
+    pub fn parse(
+        kind: RepoKind,
+        repo: &RepoId,
+        commit: &str,
+        filter: Option<&str>,
+    ) -> std::result::Result<Self, modelcache_core::repo::InvalidInput> {
+        Ok(SnapshotKey {
+            kind,
+            repo: repo.clone(),
+            commit: Commit::parse(commit)?,
+            filter: filter.map(str::to_owned),
+        })
+    }
+}
+
 /// A complete snapshot in the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -110,7 +140,7 @@ pub struct Snapshot {
     /// `org/name`.
     pub repo: RepoId,
     /// The commit.
-    pub commit: String,
+    pub commit: Commit,
     /// The key of the include/exclude filter ([`modelcache_core::filter::FileFilter::key`]); None: all files.
     pub filter: Option<String>,
     /// The directory holding its files.
@@ -428,49 +458,30 @@ impl Store {
 
     /// Where a snapshot lives (whether or not it is there): `<commit>` for every file,
     /// `<commit>+<filter key>` for a filtered one.
-    pub fn snapshot_path(
-        &self,
-        kind: RepoKind,
-        repo: &RepoId,
-        commit: &str,
-        filter: Option<&str>,
-    ) -> PathBuf {
-        let name = match filter {
-            Some(key) => format!("{commit}+{key}"),
-            None => commit.to_owned(),
+    pub fn snapshot_path(&self, key: &SnapshotKey) -> PathBuf {
+        let name = match &key.filter {
+            Some(f) => format!("{}+{f}", key.commit),
+            None => key.commit.to_string(),
         };
-        self.repo_dir("snapshots", kind, repo).join(name)
+        self.repo_dir("snapshots", key.kind, &key.repo).join(name)
     }
 
     /// The snapshot, if complete in the store.
-    pub fn snapshot(
-        &self,
-        kind: RepoKind,
-        repo: &RepoId,
-        commit: &str,
-        filter: Option<&str>,
-    ) -> Option<Snapshot> {
-        let path = self.snapshot_path(kind, repo, commit, filter);
+    pub fn snapshot(&self, key: &SnapshotKey) -> Option<Snapshot> {
+        let path = self.snapshot_path(key);
         path.is_dir().then(|| Snapshot {
-            kind,
-            repo: repo.clone(),
-            commit: commit.to_owned(),
-            filter: filter.map(str::to_owned),
+            kind: key.kind,
+            repo: key.repo.clone(),
+            commit: key.commit.clone(),
+            filter: key.filter.clone(),
             path,
         })
     }
 
     /// Builds a snapshot of hardlinks to blobs (all of which must be present) and makes it
     /// visible in one rename. Idempotent: an existing snapshot is returned as is.
-    pub fn assemble_snapshot(
-        &self,
-        kind: RepoKind,
-        repo: &RepoId,
-        commit: &str,
-        filter: Option<&str>,
-        files: &[SnapshotFile],
-    ) -> Result<Snapshot> {
-        if let Some(s) = self.snapshot(kind, repo, commit, filter) {
+    pub fn assemble_snapshot(&self, key: &SnapshotKey, files: &[SnapshotFile]) -> Result<Snapshot> {
+        if let Some(s) = self.snapshot(key) {
             return Ok(s);
         }
         let staging = self.staging();
@@ -487,7 +498,7 @@ impl Store {
         }
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))
             .ctx("chmod", tmp.path())?;
-        let dest = self.snapshot_path(kind, repo, commit, filter);
+        let dest = self.snapshot_path(key);
         let parent = dest.parent().expect("snapshot has a parent");
         fs::create_dir_all(parent).ctx("create", parent)?;
         let tmp_path = tmp.keep();
@@ -505,10 +516,10 @@ impl Store {
         }
         sync_dir(parent)?;
         Ok(Snapshot {
-            kind,
-            repo: repo.clone(),
-            commit: commit.to_owned(),
-            filter: filter.map(str::to_owned),
+            kind: key.kind,
+            repo: key.repo.clone(),
+            commit: key.commit.clone(),
+            filter: key.filter.clone(),
             path: dest,
         })
     }
@@ -519,12 +530,12 @@ impl Store {
         kind: RepoKind,
         repo: &RepoId,
         revision: &Revision,
-        commit: &str,
+        commit: &Commit,
     ) -> Result<()> {
         if revision.is_commit() {
             return Ok(());
         }
-        if self.read_ref(kind, repo, revision).as_deref() == Some(commit) {
+        if self.read_ref(kind, repo, revision).as_ref() == Some(commit) {
             // Unchanged: a warm publish writes nothing, so a full disk does not fail it.
             return Ok(());
         }
@@ -539,15 +550,14 @@ impl Store {
     }
 
     /// The commit a branch or tag last resolved to, if known.
-    pub fn read_ref(&self, kind: RepoKind, repo: &RepoId, revision: &Revision) -> Option<String> {
+    pub fn read_ref(&self, kind: RepoKind, repo: &RepoId, revision: &Revision) -> Option<Commit> {
         let flat = self.ref_path(kind, repo, revision);
         // Stores written before refs were flat keep `a/b` as nested directories.
         let nested = self.repo_dir("refs", kind, repo).join(revision.as_str());
         let commit = fs::read_to_string(flat)
             .or_else(|_| fs::read_to_string(nested))
             .ok()?;
-        let commit = commit.trim();
-        is_commit_id(commit).then(|| commit.to_owned())
+        Commit::parse(commit.trim()).ok()
     }
 
     /// Records whether a repo is private or gated, so that access to it is never granted
@@ -592,7 +602,9 @@ impl Store {
                     Some((c, f)) => (c.to_owned(), Some(f.to_owned())),
                     None => (name, None),
                 };
-                if is_commit_id(&commit) && path.is_dir() {
+                if let Ok(commit) = Commit::parse(&commit)
+                    && path.is_dir()
+                {
                     out.push(Snapshot {
                         kind,
                         repo: repo.clone(),
@@ -731,7 +743,7 @@ impl Store {
     pub fn revisions_of(&self, snap: &Snapshot) -> Vec<String> {
         self.refs(snap.kind, &snap.repo)
             .into_iter()
-            .filter(|(_, c)| *c == snap.commit)
+            .filter(|(_, c)| snap.commit == c.as_str())
             .map(|(r, _)| r)
             .collect()
     }
@@ -808,3 +820,15 @@ fn make_writable(dir: &Path) {
 
 #[cfg(test)]
 pub(crate) mod tests;
+
+impl Snapshot {
+    /// What names it.
+    pub fn key(&self) -> SnapshotKey {
+        SnapshotKey {
+            kind: self.kind,
+            repo: self.repo.clone(),
+            commit: self.commit.clone(),
+            filter: self.filter.clone(),
+        }
+    }
+}

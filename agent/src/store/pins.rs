@@ -50,7 +50,7 @@ impl PinRecord {
     pub fn holds(&self, snap: &super::Snapshot) -> bool {
         self.kind == snap.kind.singular()
             && self.repo == snap.repo.as_str()
-            && self.commit == snap.commit
+            && snap.commit == self.commit.as_str()
             && self.filter == snap.filter
     }
 }
@@ -239,7 +239,7 @@ impl Pins {
                 PinRecord {
                     kind: snap.kind.singular().to_owned(),
                     repo: snap.repo.to_string(),
-                    commit: snap.commit.clone(),
+                    commit: snap.commit.to_string(),
                     target_path: target,
                     pod: None,
                     filter: snap.filter.clone(),

@@ -31,24 +31,18 @@ fn snapshots_share_blobs_and_appear_whole() {
     let (c1, c2) = ("1".repeat(40), "2".repeat(40));
     assert!(
         store
-            .snapshot(RepoKind::Model, &repo(), &c1, None)
+            .snapshot(&SnapshotKey::parse(RepoKind::Model, &repo(), &c1, None).unwrap())
             .is_none()
     );
     let s1 = store
         .assemble_snapshot(
-            RepoKind::Model,
-            &repo(),
-            &c1,
-            None,
+            &SnapshotKey::parse(RepoKind::Model, &repo(), &c1, None).unwrap(),
             &[file("tok/t.json", &a), file("w.bin", &b)],
         )
         .unwrap();
     let s2 = store
         .assemble_snapshot(
-            RepoKind::Model,
-            &repo(),
-            &c2,
-            None,
+            &SnapshotKey::parse(RepoKind::Model, &repo(), &c2, None).unwrap(),
             &[file("tok/t.json", &a), file("w.bin", &c)],
         )
         .unwrap();
@@ -67,7 +61,10 @@ fn snapshots_share_blobs_and_appear_whole() {
     assert_eq!(mode & 0o777, 0o444);
     // Idempotent.
     let again = store
-        .assemble_snapshot(RepoKind::Model, &repo(), &c1, None, &[])
+        .assemble_snapshot(
+            &SnapshotKey::parse(RepoKind::Model, &repo(), &c1, None).unwrap(),
+            &[],
+        )
         .unwrap();
     assert_eq!(again, s1);
     assert_eq!(store.list_snapshots().unwrap(), vec![s1, s2]);
@@ -88,10 +85,7 @@ fn missing_blob_fails_and_leaves_no_snapshot() {
     let commit = "3".repeat(40);
     let err = store
         .assemble_snapshot(
-            RepoKind::Model,
-            &repo(),
-            &commit,
-            None,
+            &SnapshotKey::parse(RepoKind::Model, &repo(), &commit, None).unwrap(),
             &[SnapshotFile {
                 path: RepoPath::parse("x").unwrap(),
                 hash: absent,
@@ -101,7 +95,7 @@ fn missing_blob_fails_and_leaves_no_snapshot() {
     assert_eq!(err.io().kind(), io::ErrorKind::NotFound);
     assert!(
         store
-            .snapshot(RepoKind::Model, &repo(), &commit, None)
+            .snapshot(&SnapshotKey::parse(RepoKind::Model, &repo(), &commit, None).unwrap())
             .is_none()
     );
     assert_eq!(
@@ -119,7 +113,7 @@ fn open_sweeps_staging_and_refs_roundtrip() {
     let leftover = store.staging_file().unwrap().keep().unwrap().1;
     std::fs::create_dir_all(dir.path().join("staging/snap-x/sub")).unwrap();
     let rev = Revision::parse("refs/pr/1").unwrap();
-    let commit = "a".repeat(40);
+    let commit = Commit::parse(&"a".repeat(40)).unwrap();
     store
         .write_ref(RepoKind::Dataset, &repo(), &rev, &commit)
         .unwrap();
@@ -158,7 +152,7 @@ fn pins_survive_reload_and_corruption_is_an_error() {
     let snap = Snapshot {
         kind: RepoKind::Model,
         repo: repo(),
-        commit: rec.commit.clone(),
+        commit: Commit::parse(&rec.commit).unwrap(),
         filter: None,
         path: PathBuf::new(),
     };
@@ -196,19 +190,13 @@ fn a_filtered_snapshot_is_its_own_directory_sharing_blobs() {
     let key = "0123456789abcdef";
     let all = store
         .assemble_snapshot(
-            RepoKind::Model,
-            &repo(),
-            &c,
-            None,
+            &SnapshotKey::parse(RepoKind::Model, &repo(), &c, None).unwrap(),
             &[file("c.json", &a), file("w.bin", &b)],
         )
         .unwrap();
     let some = store
         .assemble_snapshot(
-            RepoKind::Model,
-            &repo(),
-            &c,
-            Some(key),
+            &SnapshotKey::parse(RepoKind::Model, &repo(), &c, Some(key)).unwrap(),
             &[file("c.json", &a)],
         )
         .unwrap();
@@ -216,7 +204,7 @@ fn a_filtered_snapshot_is_its_own_directory_sharing_blobs() {
     assert!(some.path.ends_with(format!("{c}+{key}")));
     assert!(!some.path.join("w.bin").exists());
     assert_eq!(
-        store.snapshot(RepoKind::Model, &repo(), &c, Some(key)),
+        store.snapshot(&SnapshotKey::parse(RepoKind::Model, &repo(), &c, Some(key)).unwrap()),
         Some(some.clone())
     );
     assert_eq!(store.list_snapshots().unwrap(), vec![all, some]);
@@ -250,7 +238,10 @@ fn reconcile_drops_pins_of_unmounted_volumes_and_pins_mounted_snapshots() {
     };
     let commit = "a".repeat(40);
     let snap = store
-        .assemble_snapshot(RepoKind::Model, &repo(), &commit, None, &[file])
+        .assemble_snapshot(
+            &SnapshotKey::parse(RepoKind::Model, &repo(), &commit, None).unwrap(),
+            &[file],
+        )
         .unwrap();
     let m = std::fs::metadata(&snap.path).unwrap();
     let shows_snapshot = MountedDir {
@@ -374,7 +365,8 @@ fn a_pin_that_cannot_be_saved_is_not_kept_in_memory() {
 fn refs_of_revisions_that_are_path_prefixes_do_not_collide() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let (c1, c2) = ("1".repeat(40), "2".repeat(40));
+    let c1 = Commit::parse(&"1".repeat(40)).unwrap();
+    let c2 = Commit::parse(&"2".repeat(40)).unwrap();
     for (rev, c) in [("v1", &c1), ("v1/x", &c2)] {
         let rev = Revision::parse(rev).unwrap();
         store.write_ref(RepoKind::Model, &repo(), &rev, c).unwrap();

@@ -61,7 +61,7 @@ impl Store {
             .tempdir_in(&staging)
             .ctx("create temp dir in", &staging)?;
         let repo_dir = tmp.path().join(&cache_name);
-        let files_dir = repo_dir.join("snapshots").join(&snap.commit);
+        let files_dir = repo_dir.join("snapshots").join(snap.commit.as_str());
         fs::create_dir_all(repo_dir.join("blobs")).ctx("create", &repo_dir)?;
         for entry in walkdir::WalkDir::new(&snap.path).min_depth(1) {
             let entry = entry.map_err(|e| {
@@ -87,7 +87,7 @@ impl Store {
             // Revisions are validated (no '..', no leading '/'): this stays below refs/.
             let r = repo_dir.join("refs").join(revision.as_str());
             fs::create_dir_all(r.parent().expect("ref has a parent")).ctx("create", &r)?;
-            fs::write(&r, &snap.commit).ctx("write", &r)?;
+            fs::write(&r, snap.commit.as_str()).ctx("write", &r)?;
         }
         let parent = dest.parent().expect("view has a parent");
         fs::create_dir_all(parent).ctx("create", parent)?;
@@ -142,7 +142,10 @@ mod tests {
             hash: hash.clone(),
         }];
         let snap = store
-            .assemble_snapshot(RepoKind::Model, &repo, &commit, None, &files)
+            .assemble_snapshot(
+                &crate::store::SnapshotKey::parse(RepoKind::Model, &repo, &commit, None).unwrap(),
+                &files,
+            )
             .unwrap();
         assert_eq!(
             store
