@@ -266,9 +266,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {}", socket.display()))?;
             tracing::info!(socket = %socket.display(), "agent API listening");
             api.metrics().set_ready(true);
-            let server = tonic::transport::Server::builder()
-                .add_service(AgentServer::new(AgentService(api)))
-                .serve_with_incoming_shutdown(incoming, shutdown.cancelled());
+            let server = tonic::transport::Server::builder().serve_with_incoming_shutdown(
+                AgentServer::new(AgentService(api)),
+                incoming,
+                shutdown.cancelled(),
+            );
             shutdown::drain(server, &shutdown, shutdown::GRACE).await?;
             tracing::info!("agent stopped");
         }

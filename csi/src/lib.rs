@@ -17,3 +17,4 @@ pub mod identity;
 pub mod limiter;
 pub mod mounter;
 pub mod node;
+pub mod routes;

@@ -12,6 +12,7 @@ use modelcache_csi::controller::ControllerService;
 use modelcache_csi::identity::IdentityService;
 use modelcache_csi::mounter::LinuxMounter;
 use modelcache_csi::node::{NodeService, Paths};
+use modelcache_csi::routes::Routes;
 use modelcache_proto::csi_v1::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
 };
@@ -28,8 +29,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     cli.check()?;
     let shutdown = shutdown::on_signals()?;
     let socket = transport::unix_socket_path(&cli.endpoint)?;
-    let mut server = tonic::transport::Server::builder();
-    let router = match cli.mode {
+    let incoming = transport::bind_unix(&socket)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    let server = tonic::transport::Server::builder();
+    let stop = shutdown.cancelled();
+    let serving = match cli.mode {
         Mode::Node => {
             // `check` made sure node mode has one.
             let node_id = cli.node_id.clone().unwrap_or_default();
@@ -53,24 +57,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Duration::from_secs(cli.publish_wait_seconds),
                 paths,
             );
-            tracing::info!(node.id = %node_id, agent = %agent_socket.display(), "node mode");
-            server
-                .add_service(IdentityServer::new(IdentityService::new(Some(agent))))
-                .add_service(NodeServer::new(node))
+            tracing::info!(node.id = %node_id, agent = %agent_socket.display(), socket = %socket.display(), "CSI plugin listening, node mode");
+            let routes = Routes::new(
+                IdentityServer::new(IdentityService::new(Some(agent))),
+                NodeServer::new(node),
+            );
+            Box::pin(server.serve_with_incoming_shutdown(routes, incoming, stop))
+                as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
         }
         Mode::Controller => {
-            tracing::info!("controller mode");
-            server
-                .add_service(IdentityServer::new(IdentityService::<AgentClient>::new(
-                    None,
-                )))
-                .add_service(ControllerServer::new(ControllerService::default()))
+            tracing::info!(socket = %socket.display(), "CSI plugin listening, controller mode");
+            let routes = Routes::new(
+                IdentityServer::new(IdentityService::<AgentClient>::new(None)),
+                ControllerServer::new(ControllerService::default()),
+            );
+            Box::pin(server.serve_with_incoming_shutdown(routes, incoming, stop))
         }
     };
-    let incoming = transport::bind_unix(&socket)
-        .with_context(|| format!("cannot listen on {}", socket.display()))?;
-    tracing::info!(socket = %socket.display(), "CSI plugin listening");
-    let serving = router.serve_with_incoming_shutdown(incoming, shutdown.cancelled());
     shutdown::drain(serving, &shutdown, shutdown::GRACE).await?;
     tracing::info!("CSI plugin stopped");
     Ok(())
