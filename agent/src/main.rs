@@ -9,9 +9,8 @@ use modelcache_agent::events::PodEvents;
 use modelcache_agent::fetch::{Fetcher, Progress, Sources, Tuning};
 use modelcache_agent::grpc::AgentService;
 use modelcache_agent::mounts::ProcMountTable;
-use modelcache_agent::node::Node;
+use modelcache_agent::node::{self, Admin, Node};
 use modelcache_agent::shared_cache::SharedCache;
-use modelcache_agent::store::Pins;
 use modelcache_agent::{admin, progress};
 use modelcache_core::filter::FileFilter;
 use modelcache_core::repo::{Commit, ModelRef, RepoId, RepoKind, Revision};
@@ -91,10 +90,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let fetcher = fetcher(&store, &hub)?;
             let token = hub.token.clone().and_then(Token::new);
-            let commit = fetcher.resolve(&model, token.as_ref()).await?;
-            let span =
-                tracing::info_span!("pull", model.repo = %model.repo, model.commit = %commit);
-            let _enter = span.enter();
+            let filter = FileFilter::new(&include, &exclude)?;
             let progress = Arc::new(Progress::default());
             let done = CancellationToken::new();
             let reporter = tokio::spawn(progress::report(
@@ -102,22 +98,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 model.repo.to_string(),
                 done.clone(),
             ));
-            let filter = FileFilter::new(&include, &exclude)?;
             let result = tokio::select! {
-                r = fetcher.fetch(model.kind, &model.repo, &commit, &filter, token.as_ref(), &progress) => r,
+                r = node::pull(&fetcher, &model, &filter, token.as_ref(), &progress) => r,
                 () = shutdown.cancelled() => anyhow::bail!("interrupted; run the same command again to continue"),
             };
             done.cancel();
             let _ = reporter.await;
             let snap = result?;
-            let v = progress.view();
-            tracing::info!(
-                files = v.files_total,
-                bytes = v.bytes_total,
-                downloaded = v.bytes_downloaded,
-                imported = v.bytes_imported,
-                "verified"
-            );
             println!("{}", snap.path.display());
         }
         Command::Ls { store, json } => {
@@ -162,9 +149,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .into_inner()
                     .into(),
                 None => {
-                    let store = store.open()?;
-                    let pins = Pins::load(store.root()).context("cannot read the pins")?;
-                    admin::remove(&store, &pins, kind, &repo, commit.as_ref(), |_| false)?
+                    Admin::offline(Arc::new(store.open()?))?.remove(kind, &repo, commit.as_ref())?
                 }
             };
             if json {
@@ -186,11 +171,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map_err(agent_refused)?
                     .into_inner()
                     .into(),
-                None => {
-                    let store = store.open()?;
-                    let pins = Pins::load(store.root()).context("cannot read the pins")?;
-                    admin::verify(&store, &pins, dry_run)?
-                }
+                None => Admin::offline(Arc::new(store.open()?))?.verify(dry_run)?,
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

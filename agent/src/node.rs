@@ -749,9 +749,39 @@ impl Node {
     }
 }
 
-/// `rm` and `verify` inside the agent: checked and done under the pins lock that Pin and
-/// eviction take, so no volume pins a snapshot as it is removed, and sparing the blobs of
-/// downloads in flight. Blocking: call it on the blocking pool.
+/// `pull`: the commit `model` names now, then its snapshot with the files `filter` takes,
+/// fetched into the store with `progress` kept up to date. The same resolve and fetch an Ensure
+/// runs, without a Node around them: a pull pins nothing and evicts nothing.
+pub async fn pull(
+    fetcher: &Fetcher,
+    model: &ModelRef,
+    filter: &FileFilter,
+    token: Option<&Token>,
+    progress: &Arc<Progress>,
+) -> Result<Snapshot, NodeError> {
+    let commit = fetcher.resolve(model, token).await?;
+    let span = tracing::info_span!("pull", model.repo = %model.repo, model.commit = %commit);
+    let snap = fetcher
+        .fetch(model.kind, &model.repo, &commit, filter, token, progress)
+        .instrument(span.clone())
+        .await?;
+    let v = progress.view();
+    span.in_scope(|| {
+        tracing::info!(
+            files = v.files_total,
+            bytes = v.bytes_total,
+            downloaded = v.bytes_downloaded,
+            imported = v.bytes_imported,
+            "verified"
+        )
+    });
+    Ok(snap)
+}
+
+/// `rm` and `verify`: checked and done under the pins lock that Pin and eviction take, so no
+/// volume pins a snapshot as it is removed, and sparing the blobs of downloads in flight. Inside
+/// the agent ([`Node::admin`]), or, with no agent, over a store whose lock the command holds
+/// ([`Admin::offline`]). Blocking: call it on the blocking pool.
 pub struct Admin {
     store: Arc<Store>,
     pins: Arc<Mutex<Pins>>,
@@ -759,6 +789,18 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// `rm` and `verify` with no agent running: `store` must be opened with its lock
+    /// ([`Store::open`]), so no agent starts meanwhile; nothing is downloading.
+    pub fn offline(store: Arc<Store>) -> Result<Admin, NodeError> {
+        let pins =
+            Pins::load(store.root()).map_err(|e| StoreError::from_io("load", store.root(), e))?;
+        Ok(Admin {
+            store,
+            pins: Arc::new(Mutex::new(pins)),
+            wanted: Default::default(),
+        })
+    }
+
     /// `rm`: see [`admin::remove`].
     pub fn remove(
         &self,
