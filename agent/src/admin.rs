@@ -29,6 +29,8 @@ pub struct SnapshotRow {
     pub repo: String,
     /// Branches and tags that last resolved to this commit on this node.
     pub revisions: Vec<String>,
+    /// When the hub last said so, per branch or tag, in Unix seconds.
+    pub resolved: std::collections::BTreeMap<String, u64>,
     /// The commit.
     pub commit: String,
     /// The include/exclude filter key, for a snapshot of some files.
@@ -161,10 +163,13 @@ pub fn inventory(store: &Store) -> Result<Inventory, AdminError> {
     let mut snapshots = Vec::new();
     for snap in store.list_snapshots()? {
         let meta = store.peek_meta(&snap);
+        let resolved: std::collections::BTreeMap<String, u64> =
+            store.revisions_resolved(&snap).into_iter().collect();
         snapshots.push(SnapshotRow {
             kind: snap.kind.singular(),
             repo: snap.repo.to_string(),
-            revisions: store.revisions_of(&snap),
+            revisions: resolved.keys().cloned().collect(),
+            resolved,
             commit: snap.commit.to_string(),
             filter: snap.filter.clone(),
             files: meta.files,
@@ -389,6 +394,15 @@ impl From<pb::VerifyResponse> for VerifyReport {
     }
 }
 
+/// How long before `now` the Unix time `at` was, for people.
+fn ago(now: u64, at: u64) -> String {
+    let secs = now.saturating_sub(at);
+    format!(
+        "{} ago",
+        indicatif::HumanDuration(std::time::Duration::from_secs(secs))
+    )
+}
+
 /// `ls` as a table for people.
 pub fn render_inventory(inv: &Inventory) -> String {
     let mut table = comfy_table::Table::new();
@@ -413,18 +427,18 @@ pub fn render_inventory(inv: &Inventory) -> String {
             if s.revisions.is_empty() {
                 "-".to_owned()
             } else {
-                s.revisions.join(",")
+                // Each with when the hub last said it names this commit.
+                s.resolved
+                    .iter()
+                    .map(|(rev, at)| format!("{rev} ({})", ago(now, *at)))
+                    .collect::<Vec<_>>()
+                    .join(",")
             },
             s.commit[..12].to_owned(),
             s.filter.clone().unwrap_or_else(|| "-".to_owned()),
             s.files.to_string(),
             Size(s.bytes).to_string(),
-            format!(
-                "{} ago",
-                indicatif::HumanDuration(std::time::Duration::from_secs(
-                    now.saturating_sub(s.last_used)
-                ))
-            ),
+            ago(now, s.last_used),
             if s.pinned_by.is_empty() {
                 "-".to_owned()
             } else {

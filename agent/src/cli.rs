@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use modelcache_core::telemetry::LogFormat;
 use modelcache_hub::client::DEFAULT_ENDPOINT;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// modelcache node agent: fills a node's model store from a Hugging Face–compatible hub and
 /// serves it to the modelcache CSI plugin.
@@ -82,10 +83,18 @@ pub struct HubArgs {
     /// subdomains: a mirror's CDN. The Hugging Face Hub's CDN (hf.co) needs no entry.
     #[arg(long, env = "MODELCACHE_CDN_HOSTS", value_delimiter = ',')]
     pub cdn_hosts: Vec<String>,
-    /// Seconds the hub's answer on a revision (and on a token's access to it) is reused before
-    /// asking again.
-    #[arg(long, env = "MODELCACHE_ACCESS_CACHE_SECONDS", default_value_t = 30)]
-    pub access_cache_seconds: u64,
+    /// How long the commit a branch or tag resolved to is used before the hub is asked again
+    /// (e.g. 300, 90s, 5m, 1h). Past it, a publish whose snapshot is on the node is served the
+    /// commit it has while the hub is asked in the background; 0 asks on every publish, and
+    /// the publish waits.
+    #[arg(long, env = "MODELCACHE_REVISION_TTL", value_name = "DURATION",
+          default_value = "5m", value_parser = parse_duration)]
+    pub revision_ttl: Duration,
+    /// How long the hub's answer on whether a token may read a gated or private repo is
+    /// trusted (a refusal: at most 10 s); 0 asks on every publish.
+    #[arg(long, env = "MODELCACHE_ACCESS_TTL", value_name = "DURATION",
+          default_value = "2m", value_parser = parse_duration)]
+    pub access_ttl: Duration,
     /// Files downloaded at once.
     #[arg(long, env = "MODELCACHE_PARALLEL_FILES", default_value_t = Tuning::default().files,
           value_parser = at_least_one)]
@@ -294,6 +303,30 @@ fn at_least_one(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(_) => Err(format!("{s:?} is not a whole number")),
     }
+}
+
+/// A duration: whole seconds, or a number with `s`, `m` or `h`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => {
+            return Err(format!(
+                "{s:?}: write seconds, or a number with s, m or h (90s, 5m)"
+            ));
+        }
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?}: write seconds, or a number with s, m or h (90s, 5m)"))
 }
 
 /// A hub endpoint: an http or https URL with a host, checked when the flag is read.

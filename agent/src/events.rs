@@ -192,6 +192,40 @@ impl PodEvents {
         self.publish(pod, EventType::Normal, "ModelReady", "Fetch", note);
     }
 
+    /// The hub could not be asked which commit `revision` names now (`error`): the pod gets
+    /// `commit`, which it last resolved to on this node at `resolved`.
+    pub fn served_stale(
+        &self,
+        pod: &PodRef,
+        model: &str,
+        revision: &str,
+        commit: &str,
+        resolved: Option<std::time::SystemTime>,
+        error: &str,
+    ) {
+        let when = match resolved.and_then(|t| t.elapsed().ok()) {
+            Some(age) => format!(
+                "as resolved {} ago",
+                indicatif::HumanDuration(std::time::Duration::from_secs(age.as_secs()))
+            ),
+            None => "as last resolved".to_owned(),
+        };
+        let note: String = format!(
+            "{model}: the hub could not be asked which commit {revision} names now, so this pod gets {} {when}; it may be out of date ({error})",
+            &commit[..commit.len().min(12)]
+        )
+        .chars()
+        .take(1000)
+        .collect();
+        self.publish(
+            pod,
+            EventType::Warning,
+            "ModelRevisionStale",
+            "Resolve",
+            note,
+        );
+    }
+
     /// The model cannot be had; `reason` says what to do.
     pub fn failed(&self, pod: &PodRef, model: &str, reason: &str) {
         if !self.due(pod, model, Instant::now()) {

@@ -6,7 +6,6 @@
 //! [`node`] (the core every front end uses), [`grpc`] (the agent API over it). The names a volume uses and the process plumbing shared with the
 //! CSI plugin live in `modelcache-core`; the hub client (and the test hub) in `modelcache-hub`.
 
-pub mod access;
 pub mod admin;
 pub mod cli;
 pub mod cluster;

@@ -6,7 +6,7 @@ use clap::Parser;
 use modelcache_agent::cli::{Cli, Command, HubArgs, StoreArgs};
 use modelcache_agent::cluster;
 use modelcache_agent::events::PodEvents;
-use modelcache_agent::fetch::{Fetcher, Progress, Sources, Tuning};
+use modelcache_agent::fetch::{Fetcher, Progress, Sources, Ttls, Tuning};
 use modelcache_agent::grpc::AgentService;
 use modelcache_agent::mounts::ProcMountTable;
 use modelcache_agent::node::{self, Admin, Node};
@@ -56,7 +56,10 @@ fn fetcher(store: &StoreArgs, hub: &HubArgs) -> anyhow::Result<Fetcher> {
     };
     let sources = Sources::new(hub.sources.clone(), shared)?;
     Ok(Fetcher::new(client, Arc::new(store), tuning)
-        .with_access_ttl(std::time::Duration::from_secs(hub.access_cache_seconds))
+        .with_ttls(Ttls {
+            revision: hub.revision_ttl,
+            access: hub.access_ttl,
+        })
         .with_sources(sources))
 }
 

@@ -4,12 +4,13 @@
 //! - `/metrics`: the store (bytes used and capacity of its filesystem, bytes of blobs,
 //!   snapshots, pins), read at each scrape; publishes that found their model in the store,
 //!   started a fetch or joined one; fetches by outcome and their durations; bytes fetched per source (their
-//!   rate is the download throughput); evictions and bytes freed per reason; hub errors per kind.
+//!   rate is the download throughput); evictions and bytes freed per reason; hub errors per kind;
+//!   hub requests per purpose and publishes served a stale revision per reason.
 //! - `/healthz`: the process answers.
 //! - `/readyz`: the agent API is serving and the store is readable.
 
 use crate::evict::{Evictor, Reason};
-use crate::fetch::{FetchError, ProgressView};
+use crate::fetch::{FetchError, HubCounters, ProgressView};
 use crate::store::{Pins, Store};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -53,11 +54,29 @@ one_label!(CacheResult, result);
 one_label!(FetchResult, result);
 one_label!(Source, source);
 one_label!(ErrorKind, kind);
+one_label!(Purpose, purpose);
+one_label!(StaleReason, reason);
 
 impl Metrics {
-    /// Metrics of the agent serving `store`, with `pins`, kept in shape by `evictor`.
-    pub fn new(store: Arc<Store>, pins: Arc<Mutex<Pins>>, evictor: Arc<Evictor>) -> Self {
+    /// Metrics of the agent serving `store`, with `pins`, kept in shape by `evictor`, asking
+    /// the hub as `hub` counts.
+    pub fn new(
+        store: Arc<Store>,
+        pins: Arc<Mutex<Pins>>,
+        evictor: Arc<Evictor>,
+        hub: &HubCounters,
+    ) -> Self {
         let mut registry = Registry::with_prefix("modelcache");
+        registry.register(
+            "hub_requests",
+            "Requests to the hub before a fetch, by purpose: revision (which commit a branch or tag names), access (may a token read a restricted repo), tree (a commit's file list)",
+            hub.requests.clone(),
+        );
+        registry.register(
+            "stale_serves",
+            "Publishes served the commit a revision last resolved to without a fresh answer from the hub, by reason: expired (past --revision-ttl, asked again in the background), outage (the hub could not be asked)",
+            hub.stale_serves.clone(),
+        );
         let publishes = Family::<CacheResult, Counter>::default();
         registry.register(
             "publishes",

@@ -29,7 +29,7 @@
 use crate::admin::{self, AdminError, RemoveReport, VerifyReport};
 use crate::events::{PodEvents, PodRef};
 use crate::evict::{Evictor, Statvfs, Watermarks};
-use crate::fetch::{FetchError, Fetcher, Progress};
+use crate::fetch::{FetchError, Fetcher, Freshness, Progress, Resolution};
 use crate::metrics::{CacheResult, Metrics};
 use crate::mounts::MountTable;
 use crate::prewarm::Catalogue;
@@ -225,7 +225,12 @@ impl Node {
             marks,
             Box::new(Statvfs),
         ));
-        let metrics = Arc::new(Metrics::new(store.clone(), pins.clone(), evictor.clone()));
+        let metrics = Arc::new(Metrics::new(
+            store.clone(),
+            pins.clone(),
+            evictor.clone(),
+            fetcher.hub_counters(),
+        ));
         let api = Node {
             fetcher: fetcher.with_room(evictor.clone()),
             pins,
@@ -263,8 +268,23 @@ impl Node {
     }
 
     /// Reports how an Ensure for `pod` went, as an event on it.
-    fn report(&self, pod: &PodRef, model: &ModelRef, state: &Result<Ensured, NodeError>) {
+    fn report(
+        &self,
+        pod: &PodRef,
+        model: &ModelRef,
+        state: &Result<(Ensured, Freshness), NodeError>,
+    ) {
         let name = model.repo.to_string();
+        if let Ok((ensured, Freshness::Outage { resolved, error })) = state {
+            let commit = match ensured {
+                Ensured::Ready(s) => &s.commit,
+                Ensured::Fetching { commit, .. } => commit,
+            };
+            let revision = model.revision.as_str();
+            self.events
+                .served_stale(pod, &name, revision, commit, *resolved, error);
+        }
+        let state = state.as_ref().map(|(e, _)| e);
         match state {
             Ok(Ensured::Ready(s)) => {
                 let meta = self.fetcher.store().peek_meta(s);
@@ -342,18 +362,19 @@ impl Node {
         tokio::join!(watch, reconcile);
     }
 
-    /// Resolves the revision, then waits up to `wait` for the snapshot, starting (or joining)
-    /// its fetch.
+    /// Resolves the revision (without waiting for the hub when the node holds what it last
+    /// resolved to, see [`Fetcher::resolve_for_volume`]), then waits up to `wait` for the
+    /// snapshot, starting (or joining) its fetch.
     pub async fn ensure(
         &self,
         model: &ModelRef,
         filter: &FileFilter,
         token: Option<Token>,
         wait: Duration,
-    ) -> Result<Ensured, NodeError> {
-        let commit = self
+    ) -> Result<(Ensured, Freshness), NodeError> {
+        let Resolution { commit, freshness } = self
             .fetcher
-            .resolve(model, token.as_ref())
+            .resolve_for_volume(model, filter, token.as_ref())
             .await
             .inspect_err(|e| self.metrics.hub_error(e))?;
         tracing::Span::current().record("model.commit", commit.as_str());
@@ -371,27 +392,28 @@ impl Node {
             if s.path.is_dir() {
                 let hit = CacheResult { result: "hit" };
                 self.metrics.publishes.get_or_create(&hit).inc();
-                return Ok(Ensured::Ready(s));
+                return Ok((Ensured::Ready(s), freshness));
             }
         }
         let flight = self.join_or_start(model, filter, &commit, token)?;
         let mut done = flight.done.clone();
         let finished = tokio::time::timeout(wait, done.wait_for(Option::is_some)).await;
-        match finished {
+        let ensured = match finished {
             Ok(Ok(result)) => match result.clone().expect("waited for Some") {
                 Ok(s) => {
                     self.evictor.lease(&s);
-                    Ok(Ensured::Ready(s))
+                    Ensured::Ready(s)
                 }
-                Err(e) => Err(NodeError::Fetch(e)),
+                Err(e) => return Err(NodeError::Fetch(e)),
             },
             // The fetch task went away without an answer: only on shutdown.
-            Ok(Err(_)) => Err(NodeError::ShuttingDown),
-            Err(_elapsed) => Ok(Ensured::Fetching {
+            Ok(Err(_)) => return Err(NodeError::ShuttingDown),
+            Err(_elapsed) => Ensured::Fetching {
                 commit,
                 progress: flight.progress.view(),
-            }),
-        }
+            },
+        };
+        Ok((ensured, freshness))
     }
 
     fn join_or_start(
@@ -528,8 +550,8 @@ impl Node {
                     .instrument(span)
                     .await;
                 let snap = match ensured {
-                    Ok(Ensured::Ready(snap)) => snap,
-                    Ok(Ensured::Fetching { .. }) => continue,
+                    Ok((Ensured::Ready(snap), _)) => snap,
+                    Ok((Ensured::Fetching { .. }, _)) => continue,
                     Err(e) => {
                         let msg = e.to_string();
                         if errors.get(name) != Some(&msg) {
@@ -653,7 +675,7 @@ impl Node {
         if let Some(pod) = &ask.pod {
             self.report(pod, &ask.model, &state);
         }
-        match state? {
+        match state?.0 {
             Ensured::Ready(s) => {
                 let store = self.fetcher.store().clone();
                 let (snap, rev, layout) = (s.clone(), ask.model.revision.clone(), ask.layout);
@@ -759,7 +781,7 @@ pub async fn pull(
     token: Option<&Token>,
     progress: &Arc<Progress>,
 ) -> Result<Snapshot, NodeError> {
-    let commit = fetcher.resolve(model, token).await?;
+    let commit = fetcher.resolve(model, token).await?.commit;
     let span = tracing::info_span!("pull", model.repo = %model.repo, model.commit = %commit);
     let snap = fetcher
         .fetch(model.kind, &model.repo, &commit, filter, token, progress)
@@ -866,7 +888,7 @@ mod tests {
         };
         let all = FileFilter::default();
         for _ in 0..3 {
-            let got = api
+            let (got, _) = api
                 .ensure(&model, &all, None, Duration::ZERO)
                 .await
                 .unwrap();

@@ -84,7 +84,7 @@ impl HubClient {
             .build()
             .map_err(|source| HubError::Network {
                 url: endpoint.clone(),
-                source,
+                source: source.into(),
             })?;
         Ok(HubClient {
             http,
@@ -152,6 +152,21 @@ impl HubClient {
             restricted: info.restricted(),
             commit,
         })
+    }
+
+    /// Whether `token` may read the files of `repo`: the Hub's `auth-check`, the question
+    /// `huggingface_hub.auth_check` asks. A gated repo's card and revisions can be public while
+    /// its files are not, so a restricted repo's revision answer alone does not grant access.
+    pub async fn check_access(
+        &self,
+        kind: RepoKind,
+        repo: &RepoId,
+        token: Option<&Token>,
+    ) -> Result<(), HubError> {
+        let url = format!("{}/auth-check", self.api_url(kind, repo));
+        self.send_json_retrying(&url, token, &Ctx::new(kind, repo))
+            .await
+            .map(drop)
     }
 
     /// Every entry of the repo at `commit`, recursively, across all pages.
@@ -349,7 +364,7 @@ impl HubClient {
             }
             let resp = req.send().await.map_err(|source| HubError::Network {
                 url: url.to_owned(),
-                source,
+                source: source.into(),
             })?;
             classify(resp, url, ctx, &self.endpoint)
         };
@@ -393,7 +408,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|source| HubError::Network {
         url: url.to_owned(),
-        source,
+        source: source.into(),
     })? {
         if body.len() + chunk.len() > MAX_JSON_BYTES {
             return Err(too_big());

@@ -1,7 +1,8 @@
 //! What can go wrong talking to a hub, in terms a user can act on.
 
-/// A failed hub request.
-#[derive(Debug, thiserror::Error)]
+/// A failed hub request. Cloneable, so one answer can go to every caller that shared the
+/// request.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum HubError {
     /// The repo does not exist, or is private and the token cannot see it.
     #[error(
@@ -81,7 +82,7 @@ pub enum HubError {
         url: String,
         /// The underlying error.
         #[source]
-        source: reqwest::Error,
+        source: std::sync::Arc<reqwest::Error>,
     },
     /// The hub answered something that does not follow the protocol.
     #[error("the hub answered {url} with something modelcache cannot use: {reason}")]

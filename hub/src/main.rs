@@ -145,6 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         cdn: cli.cdn_url,
         cdn_link_ttl: std::time::Duration::from_secs(cli.cdn_link_seconds),
+        requests: Default::default(),
     };
     server::serve(listener, Arc::new(hub), shutdown).await?;
     Ok(())

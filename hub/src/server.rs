@@ -48,6 +48,32 @@ pub struct Hub {
     pub cdn: Option<String>,
     /// How long a CDN link stays valid, as a presigned URL's expiry.
     pub cdn_link_ttl: std::time::Duration,
+    /// Requests answered so far, by purpose, reported at [`REQUESTS_PATH`].
+    pub requests: Requests,
+}
+
+/// Where the hub reports the requests it answered, as JSON: `{"revision": n, "auth-check": n,
+/// "tree": n, "file": n}` (a purpose appears once asked).
+pub const REQUESTS_PATH: &str = "/_hub/requests";
+
+/// Requests answered, by purpose.
+#[derive(Debug, Default)]
+pub struct Requests(std::sync::Mutex<BTreeMap<&'static str, u64>>);
+
+impl Requests {
+    fn count(&self, purpose: &'static str) {
+        *self
+            .0
+            .lock()
+            .expect("requests lock")
+            .entry(purpose)
+            .or_default() += 1;
+    }
+
+    /// The counts so far.
+    pub fn counts(&self) -> BTreeMap<&'static str, u64> {
+        self.0.lock().expect("requests lock").clone()
+    }
 }
 
 fn unix_now() -> u64 {
@@ -130,6 +156,8 @@ pub async fn serve(
 pub struct LocalHub {
     /// Its base URL.
     pub endpoint: String,
+    /// What it serves, and its request counts.
+    pub hub: Arc<Hub>,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -140,12 +168,30 @@ impl LocalHub {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let endpoint = format!("http://{}", listener.local_addr()?);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(serve(listener, Arc::new(hub), stop.clone()));
+        let hub = Arc::new(hub);
+        let task = tokio::spawn(serve(listener, hub.clone(), stop.clone()));
         Ok(LocalHub {
             endpoint,
+            hub,
             stop,
             task: Some(task),
         })
+    }
+
+    /// Stops it and serves `hub` in its place, at the same address (a hub whose repos or
+    /// gating changed).
+    pub async fn restart(&mut self, hub: Hub) -> std::io::Result<()> {
+        self.stop().await?;
+        let addr = self.endpoint.trim_start_matches("http://");
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        self.stop = CancellationToken::new();
+        self.hub = Arc::new(hub);
+        self.task = Some(tokio::spawn(serve(
+            listener,
+            self.hub.clone(),
+            self.stop.clone(),
+        )));
+        Ok(())
     }
 
     /// Stops it, and waits until it no longer listens (a client then meets a refused
@@ -188,6 +234,9 @@ fn not_found_route() -> Response {
 }
 
 async fn handle(State(hub): State<Arc<Hub>>, req: Request) -> Response {
+    if req.uri().path() == REQUESTS_PATH {
+        return Json(hub.requests.counts()).into_response();
+    }
     #[cfg(feature = "faults")]
     if let Some(resp) = hub.faults.before_answer(req.uri().path()).await {
         return resp;
@@ -216,15 +265,31 @@ async fn handle(State(hub): State<Arc<Hub>>, req: Request) -> Response {
             let Some(kind) = kind_of(plural) else {
                 return not_found_route();
             };
+            // As on the Hub, a gated repo's card and revisions are public; its files, tree
+            // and `auth-check` need a token with access.
+            hub.requests.count(match rest {
+                [] | ["revision", ..] => "revision",
+                ["tree", ..] => "tree",
+                ["auth-check"] => "auth-check",
+                _ => "other",
+            });
+            let found = match find_repo(&hub.repos, kind, org, name) {
+                Ok(r) => r,
+                Err(resp) => return *resp,
+            };
+            let gated = hub.gated.contains_key(&found.id);
+            match rest {
+                [] => return repo_info(found, "main", gated),
+                ["revision", rev] => return repo_info(found, rev, gated),
+                _ => {}
+            }
             let repo = match hub.repo(kind, org, name, req.headers()) {
                 Ok(r) => r,
                 Err(resp) => return *resp,
             };
-            let gated = hub.gated.contains_key(&repo.id);
             match rest {
-                [] => repo_info(repo, "main", gated),
-                ["revision", rev] => repo_info(repo, rev, gated),
                 ["tree", rev, path @ ..] => tree(repo, rev, &path.join("/"), recursive),
+                ["auth-check"] => Json(serde_json::json!({})).into_response(),
                 _ => not_found_route(),
             }
         }
@@ -236,6 +301,7 @@ async fn handle(State(hub): State<Arc<Hub>>, req: Request) -> Response {
             match rest {
                 ["cdn", sha] if kind == RepoKind::Model => cdn(&hub, sha, req).await,
                 [org, name, "resolve", rev, path @ ..] if !path.is_empty() => {
+                    hub.requests.count("file");
                     let file = (*org, *name, *rev, path.join("/"));
                     resolve(&hub, kind, file, req).await
                 }

@@ -286,12 +286,13 @@ fn every_value_of_the_full_values_file_arrives_where_it_must() {
     assert_eq!(hub.endpoint, "https://hf-mirror.internal.example.com");
     assert_eq!(
         (
-            hub.access_cache_seconds,
+            hub.revision_ttl.as_secs(),
+            hub.access_ttl.as_secs(),
             hub.parallel_files,
             hub.connections,
             hub.chunk_mib
         ),
-        (60, 16, 64, 32)
+        (600, 60, 16, 64, 32)
     );
     assert_eq!(
         hub.cdn_hosts,

@@ -40,12 +40,12 @@ async fn volumes_revisions_and_fine_tunes_share_every_byte_they_can() {
     let hub_root = dir.path().join("hub");
     let base = hub_root.join("models").join(BASE);
     generate_model(&base, (32 * MIB) as usize).unwrap();
-    // Revisions are asked of the hub every time, so `main` moves as soon as the hub does.
+    // Revisions are asked of the hub on every publish, so `main` moves as soon as the hub does.
     let mut node = LocalNode::start_with(
         &dir.path().join("node"),
         Hub::Serve(hub_root.clone(), vec![]),
         60,
-        &["--access-cache-seconds", "0"],
+        &["--revision-ttl", "0"],
     )
     .unwrap();
     node.wait_ready().await.unwrap();

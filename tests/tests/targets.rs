@@ -20,7 +20,7 @@ async fn node_with_model(dir: &Path) -> (LocalNode, PathBuf) {
         Hub::Serve(hub_root.clone(), vec![]),
         30,
         // Ask the hub at every publish, so a moved `main` is seen at once.
-        &["--access-cache-seconds", "0"],
+        &["--revision-ttl", "0"],
     )
     .unwrap();
     node.wait_ready().await.unwrap();

@@ -109,11 +109,16 @@ async fn a_gated_model_reaches_only_volumes_whose_token_has_access() {
         .await
         .unwrap();
 
-    // Hub outage: access to the gated model cannot be checked, so a tenant without a recent
-    // grant is refused (retryably); recent grants and public models keep working.
+    // Hub outage: access to the gated model cannot be checked, so a token without a recent
+    // answer is refused (retryably); recent grants and public models keep working.
     node.stop_hub();
     let target = node.target("vol-b9");
-    let req = publish_request("vol-b9", &target, &[("model", GATED)], &[]);
+    let req = publish_request(
+        "vol-b9",
+        &target,
+        &[("model", GATED)],
+        &[("token", "token-c")],
+    );
     let err = node.node.node_publish_volume(req).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
     assert!(

@@ -324,7 +324,7 @@ mod tests {
             repo: RepoId::parse("org/m").unwrap(),
             revision: modelcache_core::repo::Revision::main(),
         };
-        let commit = fetcher.resolve(&model, None).await.unwrap();
+        let commit = fetcher.resolve(&model, None).await.unwrap().commit;
         let progress = Arc::new(Progress::default());
         let snap = fetcher
             .fetch(

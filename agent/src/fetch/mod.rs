@@ -10,6 +10,7 @@
 mod blob;
 mod budget;
 mod error;
+mod freshness;
 mod import;
 mod inflight;
 mod plan;
@@ -19,8 +20,12 @@ mod sources;
 mod wanted;
 
 pub use error::{FetchError, Misses, NoRoom, TierMiss};
+pub use freshness::{
+    Answers, DEFAULT_ACCESS_TTL, DEFAULT_REVISION_TTL, HubCounters, REFUSAL_TTL, Ttls,
+};
 pub use import::ImportError;
 pub use plan::{PlannedFile, plan};
+pub use resolve::{Freshness, Resolution};
 pub use sources::{BadSources, Sources, Tier};
 pub use wanted::{Wanted, WantedGuard};
 
@@ -31,7 +36,6 @@ pub trait Room: Send + Sync + std::fmt::Debug {
     fn make_room(&self, bytes: u64) -> Result<(), NoRoom>;
 }
 
-use crate::access::AccessCache;
 use crate::store::{Snapshot, SnapshotFile, SnapshotKey, Store, StoreError};
 use futures::{StreamExt, TryStreamExt};
 use inflight::BlobLocks;
@@ -41,7 +45,6 @@ use modelcache_hub::client::FileSource;
 use modelcache_hub::{HubClient, client::Token};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Duration;
 
 /// Counters a fetch updates as it goes; readers poll them for progress.
 #[derive(Debug, Default)]
@@ -140,15 +143,12 @@ pub struct Fetcher {
     store: Arc<Store>,
     tuning: Tuning,
     connections: Arc<budget::Budget>,
-    access: Arc<AccessCache>,
+    answers: Arc<Answers>,
     inflight: Arc<BlobLocks>,
     sources: Sources,
     wanted: Wanted,
     room: Option<Arc<dyn Room>>,
 }
-
-/// How long the hub's "yes" to a (repo, revision, token) is trusted by default.
-pub const DEFAULT_ACCESS_TTL: Duration = Duration::from_secs(30);
 
 impl Fetcher {
     /// A fetcher that spreads downloads as `tuning` says.
@@ -163,7 +163,7 @@ impl Fetcher {
             store,
             tuning,
             connections: budget::Budget::new(tuning.connections),
-            access: Arc::new(AccessCache::new(DEFAULT_ACCESS_TTL)),
+            answers: Arc::new(Answers::new(Ttls::default())),
             inflight: Arc::default(),
             sources: Sources::default(),
             wanted: Wanted::default(),
@@ -194,10 +194,15 @@ impl Fetcher {
         &self.sources
     }
 
-    /// Trusts the hub's answers on access and revisions for `ttl` (zero: ask every time).
-    pub fn with_access_ttl(mut self, ttl: Duration) -> Self {
-        self.access = Arc::new(AccessCache::new(ttl));
+    /// Trusts the hub's answers on revisions and access for `ttls` (see [`freshness`]).
+    pub fn with_ttls(mut self, ttls: Ttls) -> Self {
+        self.answers = Arc::new(Answers::new(ttls));
         self
+    }
+
+    /// Hub requests made and stale answers served, for the metrics.
+    pub fn hub_counters(&self) -> &HubCounters {
+        &self.answers.counters
     }
 
     /// The store filled.

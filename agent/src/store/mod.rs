@@ -35,6 +35,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 /// A store operation that failed, with the path involved.
 #[derive(Debug, thiserror::Error)]
@@ -535,11 +536,35 @@ impl Store {
         if revision.is_commit() {
             return Ok(());
         }
+        let path = self.ref_path(kind, repo, revision);
         if self.read_ref(kind, repo, revision).as_ref() == Some(commit) {
-            // Unchanged: a warm publish writes nothing, so a full disk does not fail it.
-            return Ok(());
+            // Unchanged: only its time moves (when the hub last said so), which a full disk
+            // does not refuse.
+            let touch = fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(SystemTime::now()));
+            match touch {
+                // A store from before flat refs keeps `a/b` nested: written flat below.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                touch => return touch.ctx("touch", &path),
+            }
         }
-        write_atomic(&self.ref_path(kind, repo, revision), commit.as_bytes())
+        write_atomic(&path, commit.as_bytes())
+    }
+
+    /// The commit a branch or tag last resolved to, and when the hub said so, if known.
+    pub fn read_ref_at(
+        &self,
+        kind: RepoKind,
+        repo: &RepoId,
+        revision: &Revision,
+    ) -> Option<(Commit, SystemTime)> {
+        let commit = self.read_ref(kind, repo, revision)?;
+        let at = fs::metadata(self.ref_path(kind, repo, revision))
+            .and_then(|m| m.modified())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        Some((commit, at))
     }
 
     /// One flat file per revision, `/` and `%` escaped: `v1` and `v1/x` are two files, not a
@@ -722,28 +747,40 @@ impl Store {
         Ok(bytes)
     }
 
-    /// The branches and tags recorded for a repo, with the commit each last resolved to.
-    pub fn refs(&self, kind: RepoKind, repo: &RepoId) -> Vec<(String, String)> {
+    /// The branches and tags recorded for a repo: each with the commit it last resolved to,
+    /// and when the hub said so (Unix seconds).
+    pub fn refs(&self, kind: RepoKind, repo: &RepoId) -> Vec<(String, String, u64)> {
         let dir = self.repo_dir("refs", kind, repo);
-        let mut out: Vec<(String, String)> = walkdir::WalkDir::new(&dir)
+        let mut out: Vec<(String, String, u64)> = walkdir::WalkDir::new(&dir)
             .into_iter()
             .flatten()
             .filter(|e| e.file_type().is_file())
             .filter_map(|e| {
-                let rev = e.path().strip_prefix(&dir).ok()?.to_str()?.to_owned();
+                let name = e.path().strip_prefix(&dir).ok()?.to_str()?;
+                let rev = name.replace("%2F", "/").replace("%25", "%");
                 let commit = fs::read_to_string(e.path()).ok()?.trim().to_owned();
-                is_commit_id(&commit).then_some((rev, commit))
+                let at = e.metadata().ok()?.modified().ok().map(meta::unix)?;
+                is_commit_id(&commit).then_some((rev, commit, at))
             })
             .collect();
         out.sort();
         out
     }
 
-    /// The branches and tags that last resolved to `snap`'s commit on this node.
-    pub fn revisions_of(&self, snap: &Snapshot) -> Vec<String> {
+    /// The branches and tags that last resolved to `snap`'s commit on this node, each with when
+    /// the hub said so (Unix seconds).
+    pub fn revisions_resolved(&self, snap: &Snapshot) -> Vec<(String, u64)> {
         self.refs(snap.kind, &snap.repo)
             .into_iter()
-            .filter(|(_, c)| snap.commit == c.as_str())
+            .filter(|(_, c, _)| snap.commit == c.as_str())
+            .map(|(r, _, at)| (r, at))
+            .collect()
+    }
+
+    /// The branches and tags that last resolved to `snap`'s commit on this node.
+    pub fn revisions_of(&self, snap: &Snapshot) -> Vec<String> {
+        self.revisions_resolved(snap)
+            .into_iter()
             .map(|(r, _)| r)
             .collect()
     }
