@@ -25,6 +25,10 @@ struct Cli {
     /// Gate a repo: only requests with one of these tokens may read it (repeatable).
     #[arg(long, value_name = "ORG/NAME=TOKEN[,TOKEN...]", value_parser = parse_gated)]
     gated: Vec<(RepoId, Vec<String>)>,
+    /// Make a repo private: only requests with one of these tokens see it; to others it does
+    /// not exist (repeatable).
+    #[arg(long, value_name = "ORG/NAME=TOKEN[,TOKEN...]", value_parser = parse_gated)]
+    private: Vec<(RepoId, Vec<String>)>,
     /// Redirect LFS files to this base URL's /cdn/ route (this server under another host
     /// name, e.g. http://localhost:8080 when listening on 127.0.0.1:8080), as the Hub
     /// redirects to its CDN.
@@ -137,6 +141,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let hub = server::Hub {
         repos,
         gated: cli.gated.into_iter().collect(),
+        private: cli.private.into_iter().collect(),
         #[cfg(feature = "faults")]
         faults: {
             let plan = cli.faults.plan();

@@ -38,8 +38,10 @@ use tower_http::services::ServeFile;
 pub struct Hub {
     /// The repos.
     pub repos: ServedRepos,
-    /// Gated repos and the tokens that may read them; every other repo is public.
+    /// Gated repos and the tokens that may read their files; their cards are public.
     pub gated: BTreeMap<RepoId, Vec<String>>,
+    /// Private repos and the tokens that may see them; to any other request they do not exist.
+    pub private: BTreeMap<RepoId, Vec<String>>,
     /// Faults to inject.
     #[cfg(feature = "faults")]
     pub faults: crate::faults::Faults,
@@ -102,13 +104,22 @@ impl Hub {
         headers: &HeaderMap,
     ) -> Result<&ServedRepo, Box<Response>> {
         let repo = find_repo(&self.repos, kind, org, name)?;
-        let Some(allowed) = self.gated.get(&repo.id) else {
-            return Ok(repo);
-        };
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
+        if let Some(allowed) = self.private.get(&repo.id)
+            && !bearer.is_some_and(|t| allowed.iter().any(|a| a == t))
+        {
+            return Err(Box::new(error(
+                StatusCode::UNAUTHORIZED,
+                "RepoNotFound",
+                format!("Repository Not Found for url: {}", repo.id),
+            )));
+        }
+        let Some(allowed) = self.gated.get(&repo.id) else {
+            return Ok(repo);
+        };
         match bearer {
             Some(t) if allowed.iter().any(|a| a == t) => Ok(repo),
             Some(_) => Err(Box::new(error(
@@ -274,13 +285,21 @@ async fn handle(State(hub): State<Arc<Hub>>, req: Request) -> Response {
                 _ => "other",
             });
             let found = match find_repo(&hub.repos, kind, org, name) {
-                Ok(r) => r,
+                Ok(r) if !hub.private.contains_key(&r.id) => r,
+                // A private repo shows itself only to its tokens.
+                Ok(_) => match hub.repo(kind, org, name, req.headers()) {
+                    Ok(r) => r,
+                    Err(resp) => return *resp,
+                },
                 Err(resp) => return *resp,
             };
-            let gated = hub.gated.contains_key(&found.id);
+            let restricted = Restricted {
+                gated: hub.gated.contains_key(&found.id),
+                private: hub.private.contains_key(&found.id),
+            };
             match rest {
-                [] => return repo_info(found, "main", gated),
-                ["revision", rev] => return repo_info(found, rev, gated),
+                [] => return repo_info(found, "main", restricted),
+                ["revision", rev] => return repo_info(found, rev, restricted),
                 _ => {}
             }
             let repo = match hub.repo(kind, org, name, req.headers()) {
@@ -347,7 +366,14 @@ fn check_revision(repo: &ServedRepo, rev: &str) -> Result<(), Box<Response>> {
     }
 }
 
-fn repo_info(repo: &ServedRepo, rev: &str, gated: bool) -> Response {
+/// Who may read a repo, as its card says.
+#[derive(Debug, Clone, Copy)]
+struct Restricted {
+    gated: bool,
+    private: bool,
+}
+
+fn repo_info(repo: &ServedRepo, rev: &str, Restricted { gated, private }: Restricted) -> Response {
     if let Err(resp) = check_revision(repo, rev) {
         return *resp;
     }
@@ -361,7 +387,7 @@ fn repo_info(repo: &ServedRepo, rev: &str, gated: bool) -> Response {
                 rfilename: p.to_string(),
             })
             .collect(),
-        private: false,
+        private,
         gated: if gated {
             serde_json::Value::from("manual")
         } else {

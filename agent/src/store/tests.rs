@@ -380,6 +380,34 @@ fn refs_of_revisions_that_are_path_prefixes_do_not_collide() {
     }
 }
 
+/// A ref says when the hub last named its commit, also when the answer did not change: the
+/// age a restarted agent and `ls` go by.
+#[test]
+fn an_unchanged_answer_moves_the_refs_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let c = Commit::parse(&"1".repeat(40)).unwrap();
+    let rev = Revision::parse("feature/x").unwrap();
+    store.write_ref(RepoKind::Model, &repo(), &rev, &c).unwrap();
+    let path = store.ref_path(RepoKind::Model, &repo(), &rev);
+    let hour_ago = SystemTime::now() - std::time::Duration::from_secs(3600);
+    fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
+    let (_, at) = store.read_ref_at(RepoKind::Model, &repo(), &rev).unwrap();
+    assert!(at <= hour_ago + std::time::Duration::from_secs(1));
+    store.write_ref(RepoKind::Model, &repo(), &rev, &c).unwrap();
+    let (commit, at) = store.read_ref_at(RepoKind::Model, &repo(), &rev).unwrap();
+    assert_eq!(commit, c);
+    assert!(at.elapsed().unwrap() < std::time::Duration::from_secs(60));
+    let listed = store.refs(RepoKind::Model, &repo());
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].0, "feature/x", "listed as named, not as escaped");
+}
+
 #[test]
 fn abandoned_partial_downloads_are_reclaimed_open_ones_kept() {
     let dir = tempfile::tempdir().unwrap();

@@ -8,12 +8,13 @@
 use anyhow::Context;
 use clap::Parser;
 use modelcache_csi::mounter::{LinuxMounter, Mounter};
+use modelcache_tests::chart::{BLUE, Bar, GREY, RED, Series, bars_svg, ms};
 use modelcache_tests::models::generate_model;
 use modelcache_tests::node::{Hub, LocalNode, publish_request};
 use modelcache_tests::tree::unmount_all_below;
 use nix::mount::MntFlags;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Benchmark warm NodePublishVolume against bare bind mounts and copies.
 #[derive(Parser)]
@@ -44,24 +45,6 @@ fn main() -> std::process::ExitCode {
     modelcache_core::process::run_main(run(cli))
 }
 
-/// Latencies of one way of giving a pod a model.
-struct Series {
-    samples: Vec<Duration>,
-}
-
-impl Series {
-    fn pct(&self, p: f64) -> Duration {
-        let mut s = self.samples.clone();
-        s.sort();
-        let i = ((s.len() as f64 * p).ceil() as usize).clamp(1, s.len()) - 1;
-        s[i]
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 struct Case {
     label: String,
     publish: Series,
@@ -84,7 +67,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         println!("==> generating {repo} ({mib} MiB)");
         generate_model(&hub_root.join("models").join(repo), mib << 20)?;
     }
-    let mut node = LocalNode::start(&work.join("node"), Hub::Serve(hub_root, vec![]), 600)?;
+    let mut node = LocalNode::start(&work.join("node"), Hub::Serve(hub_root, vec![]), 100)?;
     node.wait_ready().await?;
     let mut cases = Vec::new();
     for (repo, mib, copies) in models {
@@ -206,66 +189,32 @@ fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A horizontal bar chart of p50 latency, log scale, one group of bars per model. A dozen SVG
-/// elements: simpler than a plotting crate's font setup.
+/// The p50 of each way, one group of bars per model.
 fn chart(cases: &[Case]) -> String {
-    let rows: Vec<(String, &'static str, f64)> = cases
+    let rows: Vec<Bar> = cases
         .iter()
         .flat_map(|c| {
             [
-                (
+                Bar::new(
                     format!("{} — bare bind+remount", c.label),
-                    "#9e9e9e",
+                    GREY,
                     ms(c.bind.pct(0.5)),
                 ),
-                (
+                Bar::new(
                     format!("{} — modelcache publish", c.label),
-                    "#1f77b4",
+                    BLUE,
                     ms(c.publish.pct(0.5)),
                 ),
-                (
+                Bar::new(
                     format!("{} — copy into pod dir", c.label),
-                    "#d62728",
+                    RED,
                     ms(c.copy.pct(0.5)),
                 ),
             ]
         })
         .collect();
-    let (left, width, bar, gap) = (330.0, 420.0, 18.0, 8.0);
-    let (lo, hi) = (0.01f64.log10(), 100_000f64.log10());
-    let x = |v: f64| left + (v.max(0.01).log10() - lo) / (hi - lo) * width;
-    let height = 50.0 + rows.len() as f64 * (bar + gap) + 30.0;
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"10\" y=\"22\" font-size=\"14\" font-weight=\"bold\">Giving a pod a model already on the node: p50 latency (ms, log scale)</text>\n",
-        w = left + width + 90.0
-    );
-    let axis_y = height - 30.0;
-    for decade in -2..=5 {
-        let v = 10f64.powi(decade);
-        let gx = x(v);
-        svg += &format!(
-            "<line x1=\"{gx:.1}\" y1=\"40\" x2=\"{gx:.1}\" y2=\"{axis_y}\" stroke=\"#ddd\"/>\n<text x=\"{gx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
-            axis_y + 16.0,
-            if decade < 0 {
-                format!("{v}")
-            } else {
-                format!("{}", v as u64)
-            }
-        );
-    }
-    for (i, (label, color, v)) in rows.iter().enumerate() {
-        let y = 45.0 + i as f64 * (bar + gap);
-        svg += &format!(
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{label}</text>\n<rect x=\"{left}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{bar}\" fill=\"{color}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\">{v:.2}</text>\n",
-            left - 6.0,
-            y + 13.0,
-            (x(*v) - left).max(1.0),
-            x(*v) + 4.0,
-            y + 13.0,
-        );
-    }
-    svg += "</svg>\n";
-    svg
+    bars_svg(
+        "Giving a pod a model already on the node: p50 latency (ms, log scale)",
+        &rows,
+    )
 }
