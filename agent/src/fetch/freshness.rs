@@ -43,6 +43,9 @@ pub const DEFAULT_ACCESS_TTL: Duration = Duration::from_secs(120);
 /// not send every retry to the hub.
 pub const REFUSAL_TTL: Duration = Duration::from_secs(10);
 
+/// The most revisions remembered; pod specs choose them, so they are bounded.
+pub const MAX_REVISIONS: usize = 4096;
+
 /// How long answers are trusted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ttls {
@@ -190,6 +193,16 @@ impl Answers {
                         outage: None,
                     }
                 };
+                if revisions.len() >= MAX_REVISIONS {
+                    // Pod specs choose revisions: the longest unasked goes first.
+                    let oldest = revisions
+                        .iter()
+                        .min_by_key(|(_, s)| s.asked)
+                        .map(|(k, _)| k.clone());
+                    if let Some(k) = oldest {
+                        revisions.remove(&k);
+                    }
+                }
                 revisions.insert(key, seen.clone());
                 seen
             }
@@ -487,6 +500,22 @@ mod tests {
             Answers::new(ttls(0, 0)).known(&model(&commit), || None, now),
             None,
             "a zero TTL keeps nothing"
+        );
+    }
+
+    #[test]
+    fn revisions_remembered_are_bounded() {
+        let answers = Answers::new(ttls(60, 0));
+        let now = Instant::now();
+        answers.resolved(&model("main"), &c(1), now);
+        for i in 0..MAX_REVISIONS + 10 {
+            let commit = format!("{i:040x}");
+            answers.known(&model(&commit), || None, now).unwrap();
+        }
+        assert_eq!(answers.revisions.lock().unwrap().len(), MAX_REVISIONS);
+        assert!(
+            answers.fresh(&model("main"), now).is_some(),
+            "an answer asked of the hub outlives commits named but never asked"
         );
     }
 

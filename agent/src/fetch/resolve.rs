@@ -1,6 +1,8 @@
-//! Which commit a revision names and which files it holds: asked of the hub, with the outage
-//! policy (a public repo falls back to what this node or the shared cache last saw; a gated one
-//! is refused), or of the shared cache alone.
+//! Which commit a revision names, whether a volume's token may read it, and which files it
+//! holds: asked of the hub under the freshness rules of [`super::freshness`] (a warm publish
+//! does not wait for the hub; a restricted repo needs the token's access granted within the
+//! access TTL), with the outage policy (a public repo falls back to what this node or the shared
+//! cache last saw; a restricted one only for a recent grant), or of the shared cache alone.
 
 use super::freshness::{Answers, RevisionAnswer};
 use super::{FetchError, Fetcher, PlannedFile, Tier, plan};
