@@ -68,6 +68,16 @@ pub fn mount_count(target: &Path) -> usize {
         .count()
 }
 
+/// Makes `dir` an empty directory: detaches what a run that stopped mid-way left mounted below
+/// it, removes it, creates it.
+pub fn fresh_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.exists() {
+        unmount_all_below(dir);
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir)
+}
+
 /// Detaches every mount below `dir` (deepest first): cleanup after a run that stopped mid-way.
 pub fn unmount_all_below(dir: &Path) {
     let Ok(mounts) = procfs::process::Process::myself().and_then(|p| p.mountinfo()) else {

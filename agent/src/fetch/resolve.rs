@@ -453,14 +453,19 @@ mod tests {
         }
     }
 
-    /// The hub serving `root`, answering each request after `latency`, with `gated` repos.
-    fn hub(root: &Path, latency: Duration, gated: &[&str]) -> Hub {
-        Hub {
-            repos: ServedRepos::load(root).unwrap(),
-            gated: gated
+    /// The hub serving `root`, answering each request after `latency`, with `gated` and
+    /// `private` repos that `hf_t` may read.
+    fn hub(root: &Path, latency: Duration, gated: &[&str], private: &[&str]) -> Hub {
+        let readers = |repos: &[&str]| {
+            repos
                 .iter()
                 .map(|r| (RepoId::parse(r).unwrap(), vec!["hf_t".to_owned()]))
-                .collect(),
+                .collect()
+        };
+        Hub {
+            repos: ServedRepos::load(root).unwrap(),
+            gated: readers(gated),
+            private: readers(private),
             faults: Faults::new(FaultPlan {
                 latency,
                 ..Default::default()
@@ -469,12 +474,41 @@ mod tests {
         }
     }
 
-    fn fetcher(hub: &LocalHub, store: &Path, revision: Duration, access: Duration) -> Fetcher {
+    /// `org/public` and `org/gated` served by a hub as [`hub`] says, and a fetcher of it into
+    /// a fresh store, trusting answers for these TTLs.
+    struct Setup {
+        /// Holds the hub's repos and the store: bind it for the test's length.
+        _dir: tempfile::TempDir,
+        root: std::path::PathBuf,
+        hub: LocalHub,
+        f: Fetcher,
+    }
+
+    async fn setup(
+        latency: Duration,
+        gated: &[&str],
+        private: &[&str],
+        revision: Duration,
+        access: Duration,
+    ) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("hub");
+        write_repos(&root);
+        let hub = LocalHub::start(hub(&root, latency, gated, private))
+            .await
+            .unwrap();
         let client = HubClient::new(&hub.endpoint, &[])
             .unwrap()
             .with_api_deadline(Duration::from_secs(5));
-        let store = Arc::new(Store::open(store).unwrap());
-        Fetcher::new(client, store, Default::default()).with_ttls(Ttls { revision, access })
+        let store = Arc::new(Store::open(dir.path().join("store")).unwrap());
+        let f =
+            Fetcher::new(client, store, Default::default()).with_ttls(Ttls { revision, access });
+        Setup {
+            _dir: dir,
+            root,
+            hub,
+            f,
+        }
     }
 
     fn requests(hub: &LocalHub, purpose: &str) -> u64 {
@@ -523,17 +557,13 @@ mod tests {
     /// revision fails, and a gated repo is refused because access cannot be checked.
     #[tokio::test(flavor = "multi_thread")]
     async fn a_hub_outage_falls_back_only_where_access_is_not_in_question() {
-        let dir = tempfile::tempdir().unwrap();
-        write_repos(&dir.path().join("hub"));
-        let mut hub = LocalHub::start(hub(&dir.path().join("hub"), Duration::ZERO, &["org/gated"]))
-            .await
-            .unwrap();
-        let fetcher = fetcher(
-            &hub,
-            &dir.path().join("store"),
-            Duration::ZERO,
-            Duration::ZERO,
-        );
+        let zero = Duration::ZERO;
+        let Setup {
+            _dir,
+            mut hub,
+            f: fetcher,
+            ..
+        } = setup(zero, &["org/gated"], &[], zero, zero).await;
         let token = Token::new("hf_t");
 
         let public = fetcher
@@ -594,13 +624,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn past_the_ttl_a_warm_publish_is_served_and_the_revision_revalidated_in_the_background()
     {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("hub");
-        write_repos(&root);
-        let latency = Duration::from_secs(1);
-        let mut hub = LocalHub::start(hub(&root, latency, &[])).await.unwrap();
-        let ttl = Duration::from_secs(4);
-        let f = fetcher(&hub, &dir.path().join("store"), ttl, Duration::ZERO);
+        let (latency, ttl) = (Duration::from_secs(1), Duration::from_secs(4));
+        let Setup {
+            _dir,
+            root,
+            mut hub,
+            f,
+            ..
+        } = setup(latency, &[], &[], ttl, Duration::ZERO).await;
         let main = model("org/public", "main");
 
         let first = publish(&f, &main, None).await.unwrap();
@@ -615,7 +646,9 @@ mod tests {
 
         // `main` moves at the hub; the node learns it once the TTL has passed.
         std::fs::write(root.join("models/org/public/config.json"), "moved").unwrap();
-        hub.restart(self::hub(&root, latency, &[])).await.unwrap();
+        hub.restart(self::hub(&root, latency, &[], &[]))
+            .await
+            .unwrap();
         let asked = requests(&hub, "revision");
         tokio::time::sleep(ttl).await;
         // Eight pods at once, each with a token of its own.
@@ -655,18 +688,8 @@ mod tests {
     /// to another.
     #[tokio::test(flavor = "multi_thread")]
     async fn concurrent_publishes_share_one_request_per_question() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("hub");
-        write_repos(&root);
-        let hub = LocalHub::start(hub(&root, Duration::from_millis(300), &["org/gated"]))
-            .await
-            .unwrap();
-        let f = fetcher(
-            &hub,
-            &dir.path().join("store"),
-            Duration::from_secs(60),
-            Duration::from_secs(60),
-        );
+        let (latency, minute) = (Duration::from_millis(300), Duration::from_secs(60));
+        let Setup { _dir, hub, f, .. } = setup(latency, &["org/gated"], &[], minute, minute).await;
         let all = FileFilter::default();
 
         let public = model("org/public", "main");
@@ -717,19 +740,10 @@ mod tests {
     /// within its TTL, others are refused retryably.
     #[tokio::test(flavor = "multi_thread")]
     async fn an_outage_serves_what_the_node_holds_to_those_who_may_read_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("hub");
-        write_repos(&root);
-        let mut hub = LocalHub::start(hub(&root, Duration::ZERO, &["org/gated"]))
-            .await
-            .unwrap();
-        let ttl = Duration::from_secs(1);
-        let f = fetcher(
-            &hub,
-            &dir.path().join("store"),
-            ttl,
-            Duration::from_secs(60),
-        );
+        let (ttl, minute) = (Duration::from_secs(1), Duration::from_secs(60));
+        let Setup {
+            _dir, mut hub, f, ..
+        } = setup(Duration::ZERO, &["org/gated"], &[], ttl, minute).await;
         let (public, gated) = (model("org/public", "main"), model("org/gated", "main"));
         let token = Token::new("hf_t");
         let held = publish(&f, &public, None).await.unwrap().commit;
@@ -776,23 +790,18 @@ mod tests {
     /// volume needs a token with access, although the node holds the files.
     #[tokio::test(flavor = "multi_thread")]
     async fn a_repo_that_turns_gated_is_refused_from_the_next_revalidation() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("hub");
-        write_repos(&root);
-        let mut hub = LocalHub::start(hub(&root, Duration::ZERO, &[]))
-            .await
-            .unwrap();
-        let ttl = Duration::from_secs(1);
-        let f = fetcher(
-            &hub,
-            &dir.path().join("store"),
-            ttl,
-            Duration::from_secs(60),
-        );
+        let (ttl, minute) = (Duration::from_secs(1), Duration::from_secs(60));
+        let Setup {
+            _dir,
+            root,
+            mut hub,
+            f,
+            ..
+        } = setup(Duration::ZERO, &[], &[], ttl, minute).await;
         let public = model("org/public", "main");
         publish(&f, &public, None).await.unwrap();
 
-        hub.restart(self::hub(&root, Duration::ZERO, &["org/public"]))
+        hub.restart(self::hub(&root, Duration::ZERO, &["org/public"], &[]))
             .await
             .unwrap();
         tokio::time::sleep(ttl).await;
@@ -813,25 +822,8 @@ mod tests {
     /// token that cannot see it, a caller with one that can asks with its own.
     #[tokio::test(flavor = "multi_thread")]
     async fn a_refusal_of_one_token_is_not_given_to_another() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("hub");
-        write_repos(&root);
-        let hub = LocalHub::start(Hub {
-            private: [(
-                RepoId::parse("org/public").unwrap(),
-                vec!["hf_t".to_owned()],
-            )]
-            .into(),
-            ..hub(&root, Duration::from_millis(300), &[])
-        })
-        .await
-        .unwrap();
-        let f = fetcher(
-            &hub,
-            &dir.path().join("store"),
-            Duration::from_secs(60),
-            Duration::from_secs(60),
-        );
+        let (latency, minute) = (Duration::from_millis(300), Duration::from_secs(60));
+        let Setup { _dir, hub, f, .. } = setup(latency, &[], &["org/public"], minute, minute).await;
         let private = model("org/public", "main");
         let all = FileFilter::default();
         let (bad, good) = (Token::new("hf_bad"), Token::new("hf_t"));

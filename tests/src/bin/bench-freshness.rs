@@ -13,7 +13,7 @@ use modelcache_tests::chart::{BLUE, Bar, GREY, Series, bars_svg, ms};
 use modelcache_tests::models::generate_model;
 use modelcache_tests::node::{Hub, LocalNode, publish_request};
 use modelcache_tests::procs::http_get;
-use modelcache_tests::tree::unmount_all_below;
+use modelcache_tests::tree::fresh_dir;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -66,10 +66,7 @@ struct Case {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let work = &cli.workdir;
-    if work.exists() {
-        unmount_all_below(work);
-        std::fs::remove_dir_all(work)?;
-    }
+    fresh_dir(work)?;
     let hub_root = work.join("hub");
     generate_model(&hub_root.join("models").join(MODEL), 1 << 20)?;
     let latency = cli.hub_latency_ms.to_string();

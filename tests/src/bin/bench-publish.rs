@@ -11,7 +11,7 @@ use modelcache_csi::mounter::{LinuxMounter, Mounter};
 use modelcache_tests::chart::{BLUE, Bar, GREY, RED, Series, bars_svg, ms};
 use modelcache_tests::models::generate_model;
 use modelcache_tests::node::{Hub, LocalNode, publish_request};
-use modelcache_tests::tree::unmount_all_below;
+use modelcache_tests::tree::fresh_dir;
 use nix::mount::MntFlags;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -54,10 +54,7 @@ struct Case {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let work = &cli.workdir;
-    if work.exists() {
-        unmount_all_below(work);
-        std::fs::remove_dir_all(work)?;
-    }
+    fresh_dir(work)?;
     let hub_root = work.join("hub");
     let models = [
         ("bench/small", cli.small_mib, cli.iterations.min(200)),
