@@ -5,6 +5,9 @@
 # 7 GiB free in /tmp. Flags pass through: hack/bench-import.sh --help
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r tests/requirements.txt
+. hack/lib.sh
+require_cargo
+trap give_back EXIT
+python_env hack/requirements-bench.txt
 cargo build --release --quiet -p modelcache-agent -p modelcache-hub --features modelcache-hub/faults
-exec python3 hack/bench_import.py "$@"
+python3 hack/bench_import.py "$@"

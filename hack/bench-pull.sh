@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
-python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r tests/requirements.txt hf_transfer==0.1.9
+. hack/lib.sh
+require_cargo
+trap give_back EXIT
+python_env hack/requirements-bench.txt
 cargo build --release --quiet -p modelcache-agent -p modelcache-hub --features modelcache-hub/faults
-exec python3 hack/bench_pull.py "$@"
+python3 hack/bench_pull.py "$@"

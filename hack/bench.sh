@@ -9,5 +9,8 @@ if [ "$(id -u)" != 0 ]; then
   echo "error: the benchmark mounts and needs root: sudo $0 $*" >&2
   exit 1
 fi
-cargo build --release --quiet --workspace --bins
+. hack/lib.sh
+require_cargo
+cargo build --release --workspace --bins
+give_back
 exec target/release/bench-publish "$@"

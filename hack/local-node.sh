@@ -9,5 +9,9 @@ if [ "$(id -u)" != 0 ]; then
   echo "error: bind mounts need root: sudo $0 $*" >&2
   exit 1
 fi
-cargo build --release --quiet --workspace --bins
+. hack/lib.sh
+require_cargo
+echo "==> building (release; the first build takes several minutes)" >&2
+cargo build --release --workspace --bins
+give_back
 exec target/release/local-node "$@"

@@ -69,7 +69,7 @@ pub fn argv(container: &Value) -> Vec<String> {
 
 fn run(args: &[&str]) -> Result<Manifests, String> {
     let script = workspace_root().join("tests/helm/render.py");
-    let out = Command::new("python3")
+    let out = Command::new(crate::models::python())
         .arg(&script)
         .args(args)
         .output()

