@@ -126,14 +126,29 @@ impl Drop for Proc {
 }
 
 /// Starts `program args…` with stdout and stderr appended to `log`.
+/// Whether children start in process groups of their own (see [`shield_children_from_ctrl_c`]).
+static OWN_GROUPS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Starts every later child in a process group of its own, so that the terminal's Ctrl-C
+/// (SIGINT to the foreground group) reaches only this program, which then stops its children in
+/// order itself. For programs that handle Ctrl-C; without it, the children die with the
+/// program when it is interrupted.
+pub fn shield_children_from_ctrl_c() {
+    OWN_GROUPS.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn spawn(program: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
+    use std::os::unix::process::CommandExt;
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .with_context(|| format!("opening {}", log.display()))?;
-    Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    if OWN_GROUPS.load(std::sync::atomic::Ordering::Relaxed) {
+        cmd.process_group(0);
+    }
+    cmd.args(args)
         .env(
             "RUST_LOG",
             "info,modelcache_agent=debug,modelcache_csi=debug",
