@@ -74,6 +74,14 @@ pub enum AdminError {
     /// Nothing in the store matches.
     #[error("the store holds no snapshot of {0}: `modelcache-agent ls` shows what it holds")]
     NoSuchSnapshot(String),
+    /// A commit prefix names several snapshots' commits.
+    #[error("--commit {0} names more than one commit of {1}: {2}; give more of it")]
+    AmbiguousCommit(String, String, String),
+    /// Not a commit, nor the start of one.
+    #[error(
+        "--commit {0:?} is not a commit: give its 40 hex digits, or at least the first 7 (`modelcache-agent ls` shows 12)"
+    )]
+    BadCommit(String),
     /// Volumes have the snapshots mounted; nothing was removed.
     #[error(
         "nothing removed: {0} is mounted by volumes {1}; delete the pods that use it (or wait for them to end) and run rm again"
@@ -89,6 +97,7 @@ impl AdminError {
             AdminError::Store(s) => s.class(),
             AdminError::Pins(_) => Class::Internal,
             AdminError::NoSuchSnapshot(_) => Class::NotFound,
+            AdminError::AmbiguousCommit(..) | AdminError::BadCommit(_) => Class::Invalid,
             AdminError::Pinned(..) => Class::Precondition,
         }
     }
@@ -145,6 +154,43 @@ pub fn remove(
         blobs_freed,
         bytes_freed,
     })
+}
+
+/// The commit of one of `repo`'s snapshots that `given` names: all 40 hex digits, or the first 7
+/// or more (as `ls` shows 12), matching exactly one commit the store holds.
+pub fn find_commit(
+    store: &Store,
+    kind: RepoKind,
+    repo: &RepoId,
+    given: &str,
+) -> Result<Commit, AdminError> {
+    if let Ok(c) = Commit::parse(given) {
+        return Ok(c);
+    }
+    let prefix = given.to_ascii_lowercase();
+    if prefix.len() < 7 || prefix.len() > 40 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(AdminError::BadCommit(given.to_owned()));
+    }
+    let mut commits: Vec<Commit> = store
+        .list_snapshots()?
+        .into_iter()
+        .filter(|s| s.kind == kind && &s.repo == repo && s.commit.starts_with(&prefix))
+        .map(|s| s.commit)
+        .collect();
+    commits.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    commits.dedup();
+    match commits.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(AdminError::NoSuchSnapshot(format!("{repo} at {given}"))),
+        many => Err(AdminError::AmbiguousCommit(
+            given.to_owned(),
+            repo.to_string(),
+            many.iter()
+                .map(|c| c.short())
+                .collect::<Vec<_>>()
+                .join(", "),
+        )),
+    }
 }
 
 /// `rm` as lines for people.
@@ -569,6 +615,53 @@ mod tests {
             text.contains("vol-1") && text.contains("snapshots: 2,"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn rm_takes_a_commit_as_ls_shows_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let repo = RepoId::parse("org/m").unwrap();
+        let twins = [
+            "a".repeat(40),
+            format!("{}{}", "a".repeat(12), "b".repeat(28)),
+        ];
+        let single = "c".repeat(40);
+        for c in twins.iter().chain([&single]) {
+            let key = crate::store::SnapshotKey::parse(RepoKind::Model, &repo, c, None).unwrap();
+            store.assemble_snapshot(&key, &[]).unwrap();
+        }
+        let find = |given: &str| find_commit(&store, RepoKind::Model, &repo, given);
+        let shown = render_inventory(&inventory(&store).unwrap());
+        assert!(shown.contains(&single[..12]), "{shown}");
+        assert_eq!(
+            find(&single[..12]).unwrap(),
+            single.as_str(),
+            "as ls shows it"
+        );
+        assert_eq!(find(&single[..7]).unwrap(), single.as_str());
+        assert_eq!(find(&single.to_uppercase()[..9]).unwrap(), single.as_str());
+        assert_eq!(find(&single).unwrap(), single.as_str());
+        assert!(matches!(
+            find(&twins[0][..12]),
+            Err(AdminError::AmbiguousCommit(..))
+        ));
+        assert_eq!(find(&twins[1][..13]).unwrap(), twins[1].as_str());
+        assert!(matches!(
+            find("ddddddd"),
+            Err(AdminError::NoSuchSnapshot(_))
+        ));
+        let other = RepoId::parse("org/other").unwrap();
+        assert!(matches!(
+            find_commit(&store, RepoKind::Model, &other, &single[..12]),
+            Err(AdminError::NoSuchSnapshot(_))
+        ));
+        for bad in ["abc", "xyzxyzxyz", "", &"a".repeat(41)] {
+            assert!(
+                matches!(find(bad), Err(AdminError::BadCommit(_))),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

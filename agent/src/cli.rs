@@ -180,7 +180,8 @@ pub enum Command {
     Rm {
         /// Repo id, `org/name`.
         repo: String,
-        /// Only the snapshots of this 40-hex commit.
+        /// Only the snapshots of this commit: 40 hex digits, or the first 12 as `ls` shows them
+        /// (any unique prefix of 7 or more).
         #[arg(long)]
         commit: Option<String>,
         /// The repo is a dataset.

@@ -133,13 +133,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 RepoKind::Model
             };
             let repo = RepoId::parse(&repo)?;
-            let commit = commit
-                .map(|c| {
-                    Commit::parse(&c).with_context(|| {
-                        format!("--commit {c:?}: `modelcache-agent ls --json` shows the commits")
-                    })
-                })
-                .transpose()?;
+            // As `ls` shows it (12 hex digits) or any unique prefix of 7 or more.
+            let commit = match commit {
+                Some(c) => Some(admin::find_commit(&store.inspect()?, kind, &repo, &c)?),
+                None => None,
+            };
             let report = match running_agent(&agent.endpoint)? {
                 Some(mut client) => client
                     .remove(pb::RemoveRequest {

@@ -75,9 +75,23 @@ async fn rm_and_verify_go_through_the_running_agent_and_never_skip_the_lock() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(report["checked"].as_u64().unwrap() > 0, "{report}");
 
-    // Unmounted, the model goes, through the agent; a second rm finds nothing.
+    // Unmounted, the model goes, through the agent, named by its commit as `ls` shows it; a
+    // second rm finds nothing.
     node.unpublish("vol-a", &target).await.unwrap();
-    let out = agent(&["rm", TINY, "--json", "--store", store, "--agent", &socket]);
+    let commit = node.snapshots_of(TINY).await.unwrap()[0].commit.clone();
+    let ls = agent(&["ls", "--store", store]);
+    assert!(text(&ls).contains(&commit[..12]), "{}", text(&ls));
+    let out = agent(&[
+        "rm",
+        TINY,
+        "--commit",
+        &commit[..12],
+        "--json",
+        "--store",
+        store,
+        "--agent",
+        &socket,
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["removed"].as_array().unwrap().len(), 1, "{report}");
