@@ -84,7 +84,7 @@ impl HubClient {
             .build()
             .map_err(|source| HubError::Network {
                 url: endpoint.clone(),
-                source: source.into(),
+                cause: source.into(),
             })?;
         Ok(HubClient {
             http,
@@ -364,7 +364,7 @@ impl HubClient {
             }
             let resp = req.send().await.map_err(|source| HubError::Network {
                 url: url.to_owned(),
-                source: source.into(),
+                cause: source.into(),
             })?;
             classify(resp, url, ctx, &self.endpoint)
         };
@@ -408,7 +408,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|source| HubError::Network {
         url: url.to_owned(),
-        source: source.into(),
+        cause: source.into(),
     })? {
         if body.len() + chunk.len() > MAX_JSON_BYTES {
             return Err(too_big());
@@ -727,6 +727,37 @@ fn next_link(headers: &reqwest::header::HeaderMap) -> Option<String> {
 mod tests {
     use super::*;
     use futures::StreamExt;
+
+    /// A hub nobody answers at: the error says what failed and what to check, once, and ends
+    /// after the retries.
+    #[tokio::test]
+    async fn an_unreachable_hub_says_what_to_check_once() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let client = HubClient::new(&endpoint, &[]).unwrap();
+        let model = ModelRef {
+            kind: RepoKind::Model,
+            repo: RepoId::parse("org/m").unwrap(),
+            revision: modelcache_core::repo::Revision::main(),
+        };
+        let e = client.resolve_revision(&model, None).await.unwrap_err();
+        let said = e.to_string();
+        assert!(matches!(e, HubError::Network { .. }), "{e:?}");
+        assert!(said.contains("Connection refused"), "{said}");
+        assert!(
+            said.contains("HF_ENDPOINT") && said.contains("HTTPS_PROXY"),
+            "{said}"
+        );
+        assert_eq!(said.matches(&endpoint).count(), 1, "{said}");
+        assert!(
+            std::error::Error::source(&e).is_none(),
+            "the cause is in the message, not repeated as a source"
+        );
+    }
 
     #[test]
     fn token_debug_hides_the_secret() {

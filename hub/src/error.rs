@@ -76,13 +76,16 @@ pub enum HubError {
         retry_after: Option<std::time::Duration>,
     },
     /// The hub could not be reached or the connection broke.
-    #[error("cannot reach the hub at {url}: {source}")]
+    #[error(
+        "cannot reach the hub at {url}: {}; check the network, --endpoint (or HF_ENDPOINT) and any proxy (HTTPS_PROXY, NO_PROXY)",
+        root_cause(cause.as_ref())
+    )]
     Network {
         /// The URL requested.
         url: String,
-        /// The underlying error.
-        #[source]
-        source: std::sync::Arc<reqwest::Error>,
+        /// The underlying error; its innermost cause is in the message, so it is not the
+        /// error's `source` (that would print the URL and the cause again).
+        cause: std::sync::Arc<reqwest::Error>,
     },
     /// The hub answered something that does not follow the protocol.
     #[error("the hub answered {url} with something modelcache cannot use: {reason}")]
@@ -144,4 +147,14 @@ impl HubError {
             _ => None,
         }
     }
+}
+
+/// The innermost cause of `e` ("Connection refused (os error 111)", "operation timed out"),
+/// which says what went wrong where the outer ones repeat the URL.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut inner = e;
+    while let Some(next) = inner.source() {
+        inner = next;
+    }
+    inner.to_string()
 }
