@@ -144,3 +144,24 @@ fn without_cargo_anywhere_the_scripts_say_how_to_get_it() {
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("unreachable"));
 }
+
+#[test]
+fn the_demo_answers_help_and_version_without_root_or_a_build() {
+    require_root().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/local-node.sh");
+    for (flag, says) in [("--help", "--keep"), ("--version", "local-node ")] {
+        let out = Command::new("runuser")
+            .args(["-u", "nobody", "--", "bash"])
+            .arg(&script)
+            .arg(flag)
+            .output()
+            .expect("run runuser");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{flag}: {stdout}{stderr}");
+        assert!(stdout.contains(says), "{flag}: {stdout}");
+        assert!(!stderr.contains("building"), "{flag} built: {stderr}");
+    }
+}
