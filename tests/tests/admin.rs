@@ -101,5 +101,35 @@ async fn rm_and_verify_go_through_the_running_agent_and_never_skip_the_lock() {
     );
     let out = agent(&["rm", TINY, "--store", store, "--agent", &socket]);
     assert!(text(&out).contains("NotFound"), "{}", text(&out));
+    // A second agent on the live socket is refused and leaves the first serving.
+    let other = dir.path().join("other-store");
+    let mut second = Command::new(modelcache_tests::procs::bin("modelcache-agent").unwrap())
+        .args([
+            "run",
+            "--store",
+            other.to_str().unwrap(),
+            "--listen",
+            &socket,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while second.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = second.kill();
+            panic!("a second agent on the live socket {socket} kept running: it took it over");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = second.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("is served by another running process"),
+        "{}",
+        text(&out)
+    );
+    node.snapshots().await.unwrap();
     assert!(node.stop(), "a process did not exit cleanly on SIGTERM");
 }

@@ -3,7 +3,8 @@
 //! cleanly on the terminal's Ctrl-C (SIGINT to its whole process group), and survives its output
 //! being closed. The real program, with its real hub, agent, plugin and mounts; needs root.
 
-use modelcache_tests::procs::{bin, require_root};
+use modelcache_tests::models::generate_model;
+use modelcache_tests::procs::{bin, require_root, serve_hub};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::io::{BufRead, BufReader};
@@ -171,4 +172,50 @@ fn a_closed_output_does_not_stop_the_run_or_its_cleanup() {
     assert_eq!(code, 0, "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(mounts_below(&work), 0);
+}
+
+/// A cold publish that takes seconds shows its progress as it goes, and the logs the run leaves
+/// hold no terminal colour codes (its output is not a terminal).
+#[test]
+fn a_slow_cold_publish_shows_its_progress_and_logs_carry_no_colour() {
+    require_root().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("hub");
+    generate_model(&root.join("models/org/slow"), 16 << 20).unwrap();
+    // About 8 s for the weights at 2 MB/s.
+    let (_hub, endpoint) =
+        serve_hub(&root, &["--max-bytes-per-second", "2000000"], dir.path()).unwrap();
+    let work = dir.path().join("work");
+    let out = Command::new(bin("local-node").unwrap())
+        .arg("--workdir")
+        .arg(&work)
+        .args(["--endpoint", &endpoint, "--model", "org/slow"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cold: Vec<&str> = stdout
+        .lines()
+        .take_while(|l| !l.contains("cold publish of"))
+        .filter(|l| l.starts_with("    ") && l.contains('%'))
+        .collect();
+    assert!(cold.len() >= 2, "progress lines: {cold:#?}\n{stdout}");
+    let logs: Vec<_> = std::fs::read_dir(work.join("node"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .collect();
+    assert!(logs.len() >= 2, "{logs:?}");
+    for log in logs {
+        let text = std::fs::read(log.path()).unwrap();
+        assert!(
+            !text.contains(&0x1b),
+            "{} holds colour codes",
+            log.path().display()
+        );
+    }
 }
