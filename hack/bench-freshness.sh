@@ -12,7 +12,4 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 . hack/lib.sh
-require_cargo
-cargo build --release --workspace --bins
-give_back
-exec target/release/bench-freshness "$@"
+run_release bench-freshness "$@"

@@ -10,7 +10,4 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 . hack/lib.sh
-require_cargo
-cargo build --release --workspace --bins
-give_back
-exec target/release/bench-publish "$@"
+run_release bench-publish "$@"

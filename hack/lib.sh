@@ -65,3 +65,15 @@ python_env() {
     echo "==> .venv holds $(du -sh .venv | cut -f1)" >&2
   fi
 }
+
+# Builds the release binaries (cargo shows its progress) and runs target/release/$1 with the
+# other arguments, giving back what the build made first.
+run_release() {
+  local program=$1
+  shift
+  require_cargo
+  echo "==> building (release; the first build takes several minutes)" >&2
+  cargo build --release --workspace --bins
+  give_back
+  exec "target/release/$program" "$@"
+}

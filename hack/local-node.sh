@@ -32,8 +32,4 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 . hack/lib.sh
-require_cargo
-echo "==> building (release; the first build takes several minutes, cargo shows its progress)" >&2
-cargo build --release --workspace --bins
-give_back
-exec "$built" "$@"
+run_release local-node "$@"
