@@ -140,14 +140,15 @@ fn claim_workdir(work: &Path) -> anyhow::Result<Flock<std::fs::File>> {
         .collect();
     if !mark.exists() && !others.is_empty() {
         anyhow::bail!(
-            "--workdir {} holds files local-node did not make ({}); give an empty or new directory",
+            "--workdir {} holds files local-node did not make ({}); give an empty or new directory (a local-node from before 2026-12 left no mark: if one made it, remove it with `sudo rm -rf {}`)",
             work.display(),
             others
                 .iter()
                 .take(3)
                 .cloned()
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            work.display(),
         );
     }
     let file = std::fs::OpenOptions::new()
