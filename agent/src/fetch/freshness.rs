@@ -147,11 +147,6 @@ impl Answers {
         }
     }
 
-    /// The TTLs.
-    pub fn ttls(&self) -> Ttls {
-        self.ttls
-    }
-
     fn revision_key(model: &ModelRef) -> RevisionKey {
         (model.kind, model.repo.clone(), model.revision.clone())
     }
