@@ -108,6 +108,12 @@ pub struct HubArgs {
     #[arg(long, env = "MODELCACHE_CHUNK_MIB", default_value_t = Tuning::default().chunk_size >> 20,
           value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub chunk_mib: u64,
+    /// A file's download fails when less than 64 KiB of it arrived in this long (e.g. 60,
+    /// 90s, 2m), whatever retries are under way: a hub or proxy that accepts connections and
+    /// then hangs ends in an error this soon.
+    #[arg(long, env = "MODELCACHE_STALL_TIMEOUT", value_name = "DURATION",
+          default_value = "60s", value_parser = at_least_a_second)]
+    pub stall_timeout: Duration,
     /// An HF cache on a shared volume (its HF_HOME, or HF_HOME/hub), as `huggingface-cli
     /// download` fills it: the files it holds are imported from it, verified, instead of
     /// downloaded. Symlinks leading outside a repo's folder are refused.
@@ -330,6 +336,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s:?}: write seconds, or a number with s, m or h (90s, 5m)"))
 }
 
+/// A duration of at least a second.
+fn at_least_a_second(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be at least 1s".into()),
+        d => Ok(d),
+    }
+}
+
 /// A hub endpoint: an http or https URL with a host, checked when the flag is read.
 fn parse_endpoint(s: &str) -> Result<String, modelcache_hub::client::BadEndpoint> {
     modelcache_hub::client::check_endpoint(s).map(|()| s.to_owned())
@@ -358,6 +372,7 @@ mod tests {
     fn zero_concurrency_and_non_http_endpoints_are_refused_when_parsed() {
         for (args, want) in [
             (&["--connections", "0"][..], "at least 1"),
+            (&["--stall-timeout", "0"][..], "at least 1s"),
             (&["--parallel-files", "0"][..], "at least 1"),
             (&["--endpoint", "notaurl"][..], "not a URL"),
             (

@@ -49,6 +49,7 @@ fn fetcher(store: &StoreArgs, hub: &HubArgs) -> anyhow::Result<Fetcher> {
         files: hub.parallel_files,
         connections: hub.connections,
         chunk_size: hub.chunk_mib << 20,
+        stall: hub.stall_timeout,
     };
     let shared = match &hub.shared_cache {
         Some(dir) => Some(SharedCache::open(dir)?),

@@ -79,7 +79,7 @@ impl HubClient {
         let http = reqwest::Client::builder()
             .user_agent(concat!("modelcache/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(60))
+            .read_timeout(Duration::from_secs(20))
             .redirect(allowed.redirect_policy())
             .build()
             .map_err(|source| HubError::Network {
@@ -289,9 +289,10 @@ impl HubClient {
             Some(u) => u.to_owned(),
             None => self.file_url(file),
         };
-        let ctx = Ctx::new(file.kind, file.repo)
+        let mut ctx = Ctx::new(file.kind, file.repo)
             .revision(file.commit)
             .path(file.path.as_str());
+        ctx.liveness = file.liveness;
         let range = range.map(|r| format!("bytes={}-{}", r.start, r.end.saturating_sub(1)));
         let resp = self
             .send_retrying(&url, file.token, &ctx, range.as_deref())
@@ -366,6 +367,9 @@ impl HubClient {
                 url: url.to_owned(),
                 cause: source.into(),
             })?;
+            if let Some(l) = ctx.liveness {
+                l.answered();
+            }
             classify(resp, url, ctx, &self.endpoint)
         };
         once.retry(retry_policy())
@@ -374,7 +378,12 @@ impl HubClient {
                 Some(wait) => Some(jittered(wait.min(MAX_RETRY_AFTER))),
                 None => backoff,
             })
-            .notify(|e, after| tracing::warn!(error = %e, retry_in = ?after, "hub request failed; retrying"))
+            .notify(|e, after| {
+                if let Some(l) = ctx.liveness {
+                    l.rest(after);
+                }
+                tracing::warn!(error = %e, retry_in = ?after, "hub request failed; retrying")
+            })
             .await
     }
 }
@@ -387,7 +396,7 @@ pub const MAX_JSON_BYTES: usize = 16 << 20;
 pub const MAX_TREE_ENTRIES: usize = 2_000_000;
 
 /// How long one try of a JSON request may take, answer included.
-pub const API_DEADLINE: Duration = Duration::from_secs(60);
+pub const API_DEADLINE: Duration = Duration::from_secs(20);
 
 /// Reads a JSON answer of at most [`MAX_JSON_BYTES`].
 async fn read_json<T: serde::de::DeserializeOwned>(
@@ -608,14 +617,50 @@ pub struct FileSource<'a> {
     pub path: &'a RepoPath,
     /// The token to ask with, if any.
     pub token: Option<&'a Token>,
+    /// Told of the hub's answers and of the client's waits between tries, if given.
+    pub liveness: Option<&'a Liveness>,
 }
 
-/// What a request was about, for error messages.
+/// What a caller watching a download can know of its requests that bytes do not show: that
+/// the hub answered (any status), and that the client is waiting between tries on purpose
+/// (backoff, `Retry-After`). A hub that answers, even "wait", is not hanging.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    answers: std::sync::atomic::AtomicU64,
+    resting_until: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Liveness {
+    /// Answers received so far.
+    pub fn answers(&self) -> u64 {
+        self.answers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// True while the client waits between tries.
+    pub fn resting(&self) -> bool {
+        let until = *self.resting_until.lock().expect("liveness lock");
+        until.is_some_and(|t| std::time::Instant::now() < t)
+    }
+
+    /// Notes an answer (the client does, on every response).
+    pub fn answered(&self) {
+        self.answers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Notes a wait before the next try (the client does, before each retry).
+    pub fn rest(&self, wait: Duration) {
+        *self.resting_until.lock().expect("liveness lock") = Some(std::time::Instant::now() + wait);
+    }
+}
+
+/// What a request was about, for error messages, and who watches it.
 struct Ctx<'a> {
     kind: RepoKind,
     repo: &'a RepoId,
     revision: Option<&'a str>,
     path: Option<&'a str>,
+    liveness: Option<&'a Liveness>,
 }
 
 impl<'a> Ctx<'a> {
@@ -625,6 +670,7 @@ impl<'a> Ctx<'a> {
             repo,
             revision: None,
             path: None,
+            liveness: None,
         }
     }
     fn revision(mut self, r: &'a str) -> Self {
@@ -825,7 +871,7 @@ mod tests {
     #[tokio::test]
     async fn an_answer_that_never_ends_fails_within_the_deadline() {
         use axum::body::Body;
-        // Headers at once, then a body that never ends: the per-read timeout alone (60 s)
+        // Headers at once, then a body that never ends: the per-read timeout alone (20 s)
         // would wait for ever on a trickle; the deadline ends each try.
         let app = axum::Router::new().fallback(|| async {
             let stream = futures::stream::once(async { Ok::<_, std::io::Error>(b"{".to_vec()) })

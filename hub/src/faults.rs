@@ -28,6 +28,9 @@ pub struct FaultPlan {
     pub truncations: f64,
     /// Share of file bodies with one byte changed.
     pub corruptions: f64,
+    /// Share of file bodies that stop halfway and never end: the connection stays open and
+    /// silent, as behind a proxy that hangs.
+    pub stalls: f64,
     /// Added before every answer.
     pub latency: Duration,
     /// Seed of the draws.
@@ -45,6 +48,8 @@ pub struct Injected {
     pub truncations: u64,
     /// Bodies with a wrong byte.
     pub corruptions: u64,
+    /// Bodies that stopped halfway and hung.
+    pub stalls: u64,
 }
 
 /// A [`FaultPlan`] in action: its RNG and counters.
@@ -56,6 +61,7 @@ pub struct Faults {
     rate_limits: AtomicU64,
     truncations: AtomicU64,
     corruptions: AtomicU64,
+    stalls: AtomicU64,
 }
 
 impl Default for Faults {
@@ -77,6 +83,7 @@ impl Faults {
             rate_limits: AtomicU64::new(0),
             truncations: AtomicU64::new(0),
             corruptions: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
         }
     }
 
@@ -87,6 +94,7 @@ impl Faults {
             rate_limits: self.rate_limits.load(Ordering::Relaxed),
             truncations: self.truncations.load(Ordering::Relaxed),
             corruptions: self.corruptions.load(Ordering::Relaxed),
+            stalls: self.stalls.load(Ordering::Relaxed),
         }
     }
 
@@ -143,7 +151,7 @@ impl Faults {
         None
     }
 
-    /// The body as sent: throttled, cut off or corrupted as planned.
+    /// The body as sent: throttled, cut off, corrupted or hung as planned.
     pub(crate) fn body(&self, body: Body, len: u64) -> Body {
         use futures::StreamExt;
         let body = match self.plan.max_bytes_per_second {
@@ -161,11 +169,13 @@ impl Faults {
                     .expect("rng lock")
                     .random_range(0..len.max(1))
             });
-        if cut_at.is_none() && flip_at.is_none() {
+        let hang_at = self.roll(self.plan.stalls, &self.stalls).then_some(len / 2);
+        if cut_at.is_none() && flip_at.is_none() && hang_at.is_none() {
             return body;
         }
         let mut at = 0u64;
         let stream = body.into_data_stream().flat_map(move |chunk| {
+            let mut hang = false;
             let items: Vec<Result<bytes::Bytes, axum::Error>> = match chunk {
                 Err(e) => vec![Err(e)],
                 Ok(chunk) => {
@@ -175,20 +185,31 @@ impl Faults {
                     if let Some(flip) = flip_at.filter(|f| (start..at).contains(f)) {
                         b[(flip - start) as usize] ^= 0x55;
                     }
-                    match cut_at.filter(|&c| at > c) {
-                        // An error item makes the server drop the connection mid-body.
-                        Some(cut) => {
-                            b.truncate((cut - start.min(cut)) as usize);
-                            vec![
-                                Ok(b.freeze()),
-                                Err(axum::Error::new("injected: connection cut")),
-                            ]
+                    if let Some(h) = hang_at.filter(|&h| at > h) {
+                        b.truncate((h - start.min(h)) as usize);
+                        hang = true;
+                        vec![Ok(b.freeze())]
+                    } else {
+                        match cut_at.filter(|&c| at > c) {
+                            // An error item makes the server drop the connection mid-body.
+                            Some(cut) => {
+                                b.truncate((cut - start.min(cut)) as usize);
+                                vec![
+                                    Ok(b.freeze()),
+                                    Err(axum::Error::new("injected: connection cut")),
+                                ]
+                            }
+                            None => vec![Ok(b.freeze())],
                         }
-                        None => vec![Ok(b.freeze())],
                     }
                 }
             };
-            futures::stream::iter(items)
+            let items = futures::stream::iter(items);
+            // A hung body sends what it has, then nothing, and never ends.
+            match hang {
+                true => items.chain(futures::stream::pending()).boxed(),
+                false => items.boxed(),
+            }
         });
         Body::from_stream(stream)
     }

@@ -91,6 +91,9 @@ mod fault_args {
         /// Share of file bodies with one wrong byte (0 to 1).
         #[arg(long, value_name = "SHARE", default_value_t = 0.0, value_parser = share)]
         corruptions: f64,
+        /// Share of file bodies that stop halfway and hang, the connection open (0 to 1).
+        #[arg(long, value_name = "SHARE", default_value_t = 0.0, value_parser = share)]
+        stalls: f64,
         /// Milliseconds added before every answer.
         #[arg(long, value_name = "MS", default_value_t = 0)]
         latency_ms: u64,
@@ -114,6 +117,7 @@ mod fault_args {
                 rate_limits: self.rate_limits,
                 truncations: self.truncations,
                 corruptions: self.corruptions,
+                stalls: self.stalls,
                 latency: Duration::from_millis(self.latency_ms),
                 seed: self.fault_seed.unwrap_or_else(rand::random),
             }

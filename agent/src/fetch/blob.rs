@@ -1,6 +1,7 @@
 //! One blob into the store: the tier walk (the first tier that has the file with the right
 //! hash gives it), the import from a shared cache, and the download from the hub.
 
+use super::watchdog::{Stalled, Tally, Watchdog};
 use super::{
     FetchError, Fetcher, Misses, PlannedFile, Progress, Source, Tier, TierMiss, budget, import,
     ranged,
@@ -118,7 +119,8 @@ impl Fetcher {
 
     /// Downloads `file` from the hub. A broken connection or a transient hub error is retried
     /// with backoff (a ranged download keeps what it wrote); a mismatch is tried once more,
-    /// then fails.
+    /// then fails. Whatever the retries, the download fails once the stall time passes with
+    /// nothing moving (see [`Watchdog`]).
     async fn download_blob(
         &self,
         src: Source<'_>,
@@ -127,23 +129,30 @@ impl Fetcher {
     ) -> Result<(), FetchError> {
         let mut backoff = retry_policy().build();
         let mut mismatches = 0;
+        let mut watchdog = Watchdog::new(self.tuning.stall);
         loop {
-            let counted = AtomicU64::new(0);
-            let res = self
-                .download(src.file(file), src.share, file, progress, &counted)
-                .await;
+            let tally = Tally::default();
+            let attempt = self.download(
+                src.file(file, tally.liveness()),
+                src.share,
+                file,
+                progress,
+                &tally,
+            );
+            let res = watchdog.watch(attempt, &tally).await;
             progress
                 .bytes_done
-                .fetch_sub(counted.load(Ordering::Relaxed), Ordering::Relaxed);
+                .fetch_sub(tally.counted(), Ordering::Relaxed);
             let e = match res {
-                Ok(()) => {
+                Ok(Ok(())) => {
                     progress.bytes_done.fetch_add(file.size, Ordering::Relaxed);
                     progress
                         .bytes_downloaded
                         .fetch_add(file.size, Ordering::Relaxed);
                     return Ok(());
                 }
-                Err(e) => e,
+                Ok(Err(e)) => e,
+                Err(Stalled) => return Err(self.stalled(file, None)),
             };
             let wait = match &e {
                 FetchError::Integrity { .. } => {
@@ -157,19 +166,31 @@ impl Fetcher {
             let Some(wait) = wait else {
                 return Err(e);
             };
+            if watchdog.expired_after(wait) {
+                return Err(self.stalled(file, Some(&e)));
+            }
             tracing::warn!(file = %file.path, error = %e, retry_in = ?wait, "download failed; retrying");
             tokio::time::sleep(wait).await;
         }
     }
 
-    /// One attempt at a blob; `counted` holds the bytes it added to `progress`.
+    fn stalled(&self, file: &PlannedFile, last: Option<&FetchError>) -> FetchError {
+        FetchError::Stalled {
+            path: file.path.to_string(),
+            endpoint: self.hub.endpoint().to_owned(),
+            after: self.tuning.stall,
+            last: last.map(ToString::to_string),
+        }
+    }
+
+    /// One attempt at a blob; `tally` holds the bytes it added to `progress`.
     async fn download(
         &self,
         src: FileSource<'_>,
         share: &budget::Share,
         file: &PlannedFile,
         progress: &Progress,
-        counted: &AtomicU64,
+        tally: &Tally,
     ) -> Result<(), FetchError> {
         if file.size > self.tuning.chunk_size {
             let job = ranged::Job {
@@ -181,7 +202,7 @@ impl Fetcher {
                 src,
                 file,
                 progress,
-                counted,
+                tally,
             };
             match job.run().await? {
                 ranged::Outcome::Done => return Ok(()),
@@ -190,7 +211,7 @@ impl Fetcher {
                 }
             }
         }
-        self.download_stream(src, share, file, progress, counted)
+        self.download_stream(src, share, file, progress, tally)
             .await
     }
 
@@ -201,9 +222,10 @@ impl Fetcher {
         share: &budget::Share,
         file: &PlannedFile,
         progress: &Progress,
-        counted: &AtomicU64,
+        tally: &Tally,
     ) -> Result<(), FetchError> {
         let _permit = share.acquire().await;
+        let _open = tally.open();
         let resp = self.hub.download(&src).await?;
         let tmp = self.store.staging_file()?;
         let std_file = tmp
@@ -233,7 +255,7 @@ impl Fetcher {
             progress
                 .bytes_done
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            counted.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            tally.receive(chunk.len() as u64);
         }
         out.flush()
             .await
@@ -351,5 +373,107 @@ mod tests {
             (FILES[1].1.len() + FILES[2].1.len()) as u64,
             "{view:?}"
         );
+    }
+
+    /// A hub serving `files` (name, size) of `org/m` with `plan`'s faults, and a fetcher of it
+    /// with a stall time of `stall` and 1 MiB ranges.
+    async fn faulty_hub(
+        dir: &std::path::Path,
+        files: &[(&str, usize)],
+        plan: modelcache_hub::faults::FaultPlan,
+        stall: Duration,
+    ) -> (LocalHub, Fetcher) {
+        let served = dir.join("hub/models/org/m");
+        std::fs::create_dir_all(&served).unwrap();
+        for &(name, size) in files {
+            let bytes: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+            std::fs::write(served.join(name), bytes).unwrap();
+        }
+        let hub = LocalHub::start(Hub {
+            repos: ServedRepos::load(&dir.join("hub")).unwrap(),
+            faults: modelcache_hub::faults::Faults::new(plan),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let tuning = crate::fetch::Tuning {
+            chunk_size: 1 << 20,
+            stall,
+            ..Default::default()
+        };
+        let store = Arc::new(Store::open(dir.join("store")).unwrap());
+        let fetcher = Fetcher::new(HubClient::new(&hub.endpoint, &[]).unwrap(), store, tuning);
+        (hub, fetcher)
+    }
+
+    async fn fetch_all(fetcher: &Fetcher, progress: &Arc<Progress>) -> Result<(), FetchError> {
+        let model = modelcache_core::repo::ModelRef {
+            kind: RepoKind::Model,
+            repo: RepoId::parse("org/m").unwrap(),
+            revision: modelcache_core::repo::Revision::main(),
+        };
+        let commit = fetcher.resolve(&model, None).await?.commit;
+        fetcher
+            .fetch(
+                RepoKind::Model,
+                &model.repo,
+                &commit,
+                &FileFilter::default(),
+                None,
+                progress,
+            )
+            .await
+            .map(drop)
+    }
+
+    /// A hub that sends half a file and then hangs, connection open: the file fails within
+    /// about the stall time, whether it came in one stream or in ranges, where the retries'
+    /// timeouts alone took minutes.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_hub_that_hangs_mid_body_fails_within_the_stall_time() {
+        let stall = Duration::from_secs(1);
+        for (name, size) in [("small.bin", 400 << 10), ("large.bin", 3 << 20)] {
+            let dir = tempfile::tempdir().unwrap();
+            let plan = modelcache_hub::faults::FaultPlan {
+                stalls: 1.0,
+                ..Default::default()
+            };
+            let (hub, fetcher) = faulty_hub(dir.path(), &[(name, size)], plan, stall).await;
+            let started = std::time::Instant::now();
+            let progress = Arc::new(Progress::default());
+            let res = tokio::time::timeout(Duration::from_secs(60), fetch_all(&fetcher, &progress))
+                .await
+                .unwrap_or_else(|_| panic!("{name}: still downloading after 60 s"));
+            let took = started.elapsed();
+            let e = res.expect_err(name);
+            assert!(matches!(e, FetchError::Stalled { .. }), "{name}: {e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&hub.endpoint) && msg.contains("in 1s") && msg.contains("HTTPS_PROXY"),
+                "{msg}"
+            );
+            assert!(took < stall * 6, "{name}: failed after {took:?}");
+            assert!(hub.hub.faults.injected().stalls >= 1);
+            // The failed try took back the bytes it had counted.
+            assert_eq!(progress.view().bytes_done, 0, "{name}");
+        }
+    }
+
+    /// A slow hub that keeps sending is not a stall, however long the file takes.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_slow_hub_that_keeps_sending_is_not_stalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = modelcache_hub::faults::FaultPlan {
+            max_bytes_per_second: std::num::NonZeroU64::new(256 << 10),
+            ..Default::default()
+        };
+        let files = [("small.bin", 600 << 10), ("large.bin", 3 << 19)];
+        let stall = Duration::from_secs(1);
+        let (_hub, fetcher) = faulty_hub(dir.path(), &files, plan, stall).await;
+        let started = std::time::Instant::now();
+        let progress = Arc::new(Progress::default());
+        fetch_all(&fetcher, &progress).await.unwrap();
+        assert_eq!(progress.view().bytes_done, (600 << 10) + (3 << 19));
+        assert!(started.elapsed() > stall * 2, "{:?}", started.elapsed());
     }
 }

@@ -114,6 +114,22 @@ pub enum FetchError {
         /// Expected vs got.
         detail: String,
     },
+    /// Less than [`super::STALL_BYTES`] of a file arrived in [`super::Tuning::stall`], over
+    /// every retry.
+    #[error(
+        "{path}: less than 64 KiB arrived from {endpoint} in {}s, over every retry{}; the hub, or a proxy on the way, accepts connections and then hangs: check --endpoint (or HF_ENDPOINT), HTTPS_PROXY and NO_PROXY",
+        after.as_secs_f32(), last.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default()
+    )]
+    Stalled {
+        /// The file.
+        path: String,
+        /// The hub's endpoint.
+        endpoint: String,
+        /// The stall timeout.
+        after: std::time::Duration,
+        /// The error of the last try that ended, if one did.
+        last: Option<String>,
+    },
     /// The connection broke while streaming a body.
     #[error("{path}: download interrupted: {source}")]
     Interrupted {
@@ -139,9 +155,9 @@ impl FetchError {
             // A download Job may still be filling the shared cache.
             FetchError::Unavailable { .. } => Class::Unavailable,
             FetchError::Integrity { .. } => Class::DataLoss,
-            FetchError::Interrupted { .. } | FetchError::AccessUnverifiable { .. } => {
-                Class::Unavailable
-            }
+            FetchError::Interrupted { .. }
+            | FetchError::Stalled { .. }
+            | FetchError::AccessUnverifiable { .. } => Class::Unavailable,
         }
     }
 

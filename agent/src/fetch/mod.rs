@@ -18,6 +18,7 @@ mod ranged;
 mod resolve;
 mod sources;
 mod wanted;
+mod watchdog;
 
 pub use error::{FetchError, Misses, NoRoom, TierMiss};
 pub use freshness::{
@@ -28,6 +29,7 @@ pub use plan::{PlannedFile, plan};
 pub use resolve::{Freshness, Resolution};
 pub use sources::{BadSources, Sources, Tier};
 pub use wanted::{Wanted, WantedGuard};
+pub use watchdog::STALL_BYTES;
 
 /// Makes room in the store for bytes about to be written (the evictor does, see
 /// `crate::evict`).
@@ -41,10 +43,11 @@ use futures::{StreamExt, TryStreamExt};
 use inflight::BlobLocks;
 use modelcache_core::filter::FileFilter;
 use modelcache_core::repo::{Commit, RepoId, RepoKind};
-use modelcache_hub::client::FileSource;
+use modelcache_hub::client::{FileSource, Liveness};
 use modelcache_hub::{HubClient, client::Token};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 /// Counters a fetch updates as it goes; readers poll them for progress.
 #[derive(Debug, Default)]
@@ -100,13 +103,14 @@ struct Source<'a> {
 }
 
 impl<'a> Source<'a> {
-    fn file(self, f: &'a PlannedFile) -> FileSource<'a> {
+    fn file(self, f: &'a PlannedFile, liveness: &'a Liveness) -> FileSource<'a> {
         FileSource {
             kind: self.kind,
             repo: self.repo,
             commit: self.commit,
             path: &f.path,
             token: self.token,
+            liveness: Some(liveness),
         }
     }
 }
@@ -120,6 +124,9 @@ pub struct Tuning {
     pub connections: usize,
     /// Files larger than this are fetched in ranges of this size, in parallel and resumably.
     pub chunk_size: u64,
+    /// A file's download fails once less than [`STALL_BYTES`] of it arrived in this long
+    /// while it held a connection, whatever the retries under way.
+    pub stall: Duration,
 }
 
 impl Default for Tuning {
@@ -132,6 +139,7 @@ impl Default for Tuning {
             files: 8,
             connections: 32,
             chunk_size: 16 << 20,
+            stall: Duration::from_secs(60),
         }
     }
 }
@@ -157,6 +165,7 @@ impl Fetcher {
             files: tuning.files.max(1),
             connections: tuning.connections.max(1),
             chunk_size: tuning.chunk_size.max(1 << 20),
+            stall: tuning.stall.max(Duration::from_millis(100)),
         };
         Fetcher {
             hub,

@@ -8,6 +8,7 @@
 //! straight from the page cache moments after it was written (no copy), so the hash is ready
 //! when the last byte lands; a mismatch discards the partial file.
 
+use super::watchdog::{Open, Tally};
 use super::{FetchError, PlannedFile, Progress};
 use crate::store::{Partial, Store, StoreError};
 use backon::BackoffBuilder;
@@ -17,7 +18,7 @@ use modelcache_hub::client::{Download, FileSource, RangeAnswer, retry_policy};
 use modelcache_hub::{HubClient, HubError};
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 
 /// Bytes a connection holds (as received, not copied) before handing them to a write.
@@ -42,8 +43,8 @@ pub(super) struct Job<'a> {
     pub src: FileSource<'a>,
     pub file: &'a PlannedFile,
     pub progress: &'a Progress,
-    /// Bytes this attempt added to `progress`.
-    pub counted: &'a AtomicU64,
+    /// What this attempt added to `progress`, received, and holds.
+    pub tally: &'a Tally,
 }
 
 /// What the first answer said.
@@ -76,7 +77,7 @@ impl Job<'_> {
                 .map(|(a, b)| b - a)
                 .sum();
             tracing::info!(file = %self.file.path, bytes = kept, "resuming an interrupted download");
-            self.count(kept);
+            self.keep(kept);
         }
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         for &i in partial.done() {
@@ -145,13 +146,22 @@ impl Job<'_> {
         }
     }
 
-    fn count(&self, n: u64) {
+    /// Bytes written by an earlier try, kept.
+    fn keep(&self, n: u64) {
         self.progress.bytes_done.fetch_add(n, Ordering::Relaxed);
-        self.counted.fetch_add(n, Ordering::Relaxed);
+        self.tally.count(n);
     }
 
-    async fn permit(&self) -> super::budget::Permit<'_> {
-        self.connections.acquire().await
+    /// Bytes received.
+    fn receive(&self, n: u64) {
+        self.progress.bytes_done.fetch_add(n, Ordering::Relaxed);
+        self.tally.receive(n);
+    }
+
+    /// A connection from the budget, counted as held by this try.
+    async fn permit(&self) -> (super::budget::Permit<'_>, Open<'_>) {
+        let permit = self.connections.acquire().await;
+        (permit, self.tally.open())
     }
 
     /// Asks for bytes `[start, end)` and checks the answer is that range, or a whole file
@@ -254,7 +264,7 @@ impl Job<'_> {
                             ),
                         });
                     }
-                    self.count(bytes.len() as u64);
+                    self.receive(bytes.len() as u64);
                     buf.push(bytes);
                     if buf.len >= WRITE_BUFFER {
                         flushed = write(partial, &mut buf, flushed).await?;
