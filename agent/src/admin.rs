@@ -60,6 +60,8 @@ pub struct Inventory {
     pub blobs: u64,
     /// Bytes on disk: each blob once, however many snapshots show it.
     pub blob_bytes: u64,
+    /// Compilation caches.
+    pub caches: Vec<crate::caches::CacheView>,
 }
 
 /// Why an admin command failed.
@@ -236,6 +238,7 @@ pub fn inventory(store: &Store) -> Result<Inventory, AdminError> {
         snapshots,
         blobs,
         blob_bytes,
+        caches: crate::caches::Caches::inspect(store.root())?,
     })
 }
 
@@ -493,13 +496,40 @@ pub fn render_inventory(inv: &Inventory) -> String {
         ]);
     }
     let shown: u64 = inv.snapshots.iter().map(|s| s.bytes).sum();
-    format!(
+    let mut out = format!(
         "{table}\nsnapshots: {}, showing {}; blobs: {}, {} on disk\n",
         inv.snapshots.len(),
         Size(shown),
         inv.blobs,
         Size(inv.blob_bytes)
-    )
+    );
+    if !inv.caches.is_empty() {
+        let mut caches = comfy_table::Table::new();
+        caches
+            .load_preset(comfy_table::presets::NOTHING)
+            .set_header(["CACHE", "SCOPE", "SIZE", "MAX", "LAST USED", "MOUNTED BY"]);
+        for c in &inv.caches {
+            caches.add_row([
+                c.cache.clone(),
+                c.scope.clone(),
+                Size(c.bytes).to_string(),
+                Size(c.max_size).to_string(),
+                ago(now, c.last_used),
+                if c.mounted_by.is_empty() {
+                    "-".to_owned()
+                } else {
+                    c.mounted_by.join(",")
+                },
+            ]);
+        }
+        let bytes: u64 = inv.caches.iter().map(|c| c.bytes).sum();
+        out += &format!(
+            "\n{caches}\ncaches: {}, {} on disk\n",
+            inv.caches.len(),
+            Size(bytes)
+        );
+    }
+    out
 }
 
 /// `verify` as lines for people.

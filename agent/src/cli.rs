@@ -273,9 +273,25 @@ pub struct EvictionArgs {
     /// apply to it too.
     #[arg(long, env = "MODELCACHE_MAX_STORE_GIB", value_name = "GIB")]
     pub max_store_gib: Option<f64>,
+    /// The size of a compilation-cache volume that names no maxSize (e.g. 10Gi).
+    #[arg(long, env = "MODELCACHE_CACHE_DEFAULT_SIZE", value_name = "SIZE",
+          default_value = "10Gi", value_parser = parse_size, help_heading = "Cache volumes")]
+    pub cache_default_size: u64,
+    /// The largest maxSize a compilation-cache volume may ask for (e.g. 100Gi).
+    #[arg(long, env = "MODELCACHE_CACHE_MAX_SIZE", value_name = "SIZE",
+          default_value = "100Gi", value_parser = parse_size, help_heading = "Cache volumes")]
+    pub cache_max_size: u64,
 }
 
 impl EvictionArgs {
+    /// The cache limits these flags ask for.
+    pub fn cache_limits(&self) -> crate::caches::CacheLimits {
+        crate::caches::CacheLimits {
+            default_size: self.cache_default_size,
+            max_size: self.cache_max_size,
+        }
+    }
+
     /// The watermarks these flags ask for, checked.
     pub fn watermarks(&self) -> Result<Watermarks, BadEviction> {
         let max_store_bytes = match self.max_store_gib {
@@ -283,6 +299,9 @@ impl EvictionArgs {
             Some(g) => return Err(BadEviction::MaxStore(g)),
             None => None,
         };
+        if self.cache_default_size > self.cache_max_size {
+            return Err(BadEviction::CacheSizes);
+        }
         Ok(Watermarks {
             high: self.high_watermark,
             low: self.low_watermark,
@@ -298,6 +317,9 @@ pub enum BadEviction {
     /// `--max-store-gib` is not a positive size.
     #[error("--max-store-gib {0} is not a positive size")]
     MaxStore(f64),
+    /// The default cache size is above the maximum.
+    #[error("--cache-default-size is larger than --cache-max-size")]
+    CacheSizes,
     /// The watermarks are out of order.
     #[error(transparent)]
     Watermarks(#[from] crate::evict::BadWatermarks),
@@ -334,6 +356,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .and_then(|n| n.checked_mul(scale))
         .map(Duration::from_secs)
         .ok_or_else(|| format!("{s:?}: write seconds, or a number with s, m or h (90s, 5m)"))
+}
+
+/// A size: a Kubernetes quantity (10Gi, 512Mi) of at least the smallest cache.
+fn parse_size(s: &str) -> Result<u64, String> {
+    match modelcache_core::cache::parse_quantity(s) {
+        Ok(n) if n >= crate::caches::MIN_CACHE_BYTES => Ok(n),
+        Ok(_) => Err(format!("{s:?} is smaller than a cache can be (16Mi)")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A duration of at least a second.

@@ -226,6 +226,26 @@ impl PodEvents {
         );
     }
 
+    /// A cache volume is ready to mount: made now, or shared with the pods already using it.
+    pub fn cache_ready(
+        &self,
+        pod: &PodRef,
+        key: &modelcache_core::cache::CacheKey,
+        ensured: &crate::caches::Ensured,
+    ) {
+        let how = if ensured.created {
+            "made empty on this node"
+        } else {
+            "already on this node"
+        };
+        let note = format!(
+            "cache {key} ({}): at most {}, {how}",
+            key.scope,
+            Size(ensured.max_size)
+        );
+        self.publish(pod, EventType::Normal, "CacheReady", "Mount", note);
+    }
+
     /// The model cannot be had; `reason` says what to do.
     pub fn failed(&self, pod: &PodRef, model: &str, reason: &str) {
         if !self.due(pod, model, Instant::now()) {

@@ -24,8 +24,10 @@
 //! - **Recorded**: every eviction is logged (reason, model, commit, bytes freed, idle time) and
 //!   counted in [`EvictionStats`].
 
+use crate::caches::Caches;
 use crate::fetch::{NoRoom, Room, Wanted};
 use crate::store::{Pins, Snapshot, Store, StoreError, unix};
+use modelcache_core::cache::CacheKey;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -163,6 +165,8 @@ pub struct EvictionStats {
 pub struct ReasonStats {
     /// Snapshots evicted.
     pub snapshots: AtomicU64,
+    /// Cache volumes evicted.
+    pub caches: AtomicU64,
     /// Bytes freed (snapshots' blobs and unlinked blobs).
     pub bytes: AtomicU64,
 }
@@ -202,6 +206,8 @@ pub struct Evicted {
 pub struct Report {
     /// Snapshots removed, in order.
     pub evicted: Vec<Evicted>,
+    /// Caches removed, in order, with the bytes each freed.
+    pub evicted_caches: Vec<(CacheKey, u64)>,
     /// Bytes freed by unlinked blobs removed before any snapshot.
     pub orphan_bytes: u64,
     /// True when usage is still above the goal: everything left is in use.
@@ -214,6 +220,25 @@ struct Usage {
     space: Space,
     /// Bytes of blobs and partial downloads, when a maximum store size is set.
     store_bytes: Option<u64>,
+}
+
+/// Something eviction may remove.
+#[derive(Debug)]
+enum Candidate {
+    /// A snapshot, and whether a pre-warm entry keeps it.
+    Snapshot(bool, Snapshot),
+    /// A cache no volume has mounted.
+    Cache(CacheKey),
+}
+
+impl Candidate {
+    /// Orders candidates of the same tier and age.
+    fn tie(&self) -> PathBuf {
+        match self {
+            Candidate::Snapshot(_, s) => s.path.clone(),
+            Candidate::Cache(k) => PathBuf::from(k.dir_name()),
+        }
+    }
 }
 
 /// Keeps the store under its watermarks.
@@ -229,6 +254,7 @@ pub struct Evictor {
     running: Mutex<()>,
     stats: EvictionStats,
     disk_pressure: std::sync::atomic::AtomicBool,
+    caches: Option<Arc<Caches>>,
 }
 
 /// When an eviction run may stop.
@@ -259,7 +285,14 @@ impl Evictor {
             running: Mutex::new(()),
             stats: EvictionStats::default(),
             disk_pressure: Default::default(),
+            caches: None,
         }
+    }
+
+    /// Evicts `caches` too: unpinned ones, after the unpinned models and before the pre-warmed.
+    pub fn with_caches(mut self, caches: Arc<Caches>) -> Self {
+        self.caches = Some(caches);
+        self
     }
 
     /// Whether the Node reports `DiskPressure`; while it does, each check evicts as
@@ -303,8 +336,9 @@ impl Evictor {
             .disk
             .space(root)
             .map_err(|e| StoreError::from_io("statvfs", root, e))?;
+        let caches = self.caches.as_ref().map_or(0, |c| c.bytes_on_disk());
         let store_bytes = match self.marks.max_store_bytes {
-            Some(_) => Some(self.store.bytes_on_disk()?),
+            Some(_) => Some(self.store.bytes_on_disk()? + caches),
             None => None,
         };
         Ok(Usage { space, store_bytes })
@@ -384,18 +418,34 @@ impl Evictor {
         let orphans = blobs + partials;
         report.orphan_bytes = orphans;
         let now = unix(SystemTime::now());
-        // Pre-warmed last, then least recently used first.
-        let mut candidates: Vec<(bool, u64, Snapshot)> = self
-            .store
-            .list_snapshots()?
-            .into_iter()
-            .map(|s| {
-                let meta = self.store.peek_meta(&s);
-                (meta.prewarmed, meta.last_used, s)
-            })
-            .collect();
-        candidates.sort_by(|a, b| (a.0, a.1, &a.2.path).cmp(&(b.0, b.1, &b.2.path)));
-        for (prewarmed, last_used, snap) in candidates {
+        for (last_used, candidate) in self.candidates()? {
+            let (prewarmed, snap) = match candidate {
+                Candidate::Snapshot(prewarmed, snap) => (prewarmed, snap),
+                Candidate::Cache(key) => {
+                    if self.reached(goal, false)? {
+                        return Ok(report);
+                    }
+                    let caches = self
+                        .caches
+                        .as_ref()
+                        .expect("cache candidates come from caches");
+                    // Checked and removed under the caches' lock: no pin lands on it meanwhile.
+                    if let Some(bytes) = caches.remove_if_idle(&key)? {
+                        tracing::info!(
+                            reason = reason.as_str(),
+                            cache = %key,
+                            bytes,
+                            idle_seconds = now.saturating_sub(last_used),
+                            "evicted a cache no volume has mounted"
+                        );
+                        let counters = self.stats.of(reason);
+                        counters.caches.fetch_add(1, Ordering::Relaxed);
+                        counters.bytes.fetch_add(bytes, Ordering::Relaxed);
+                        report.evicted_caches.push((key, bytes));
+                    }
+                    continue;
+                }
+            };
             if self.reached(goal, prewarmed)? {
                 return Ok(report);
             }
@@ -449,6 +499,32 @@ impl Evictor {
         Ok(report)
     }
 
+    /// What eviction may remove, in order, each with when it was last used: ordinary
+    /// snapshots, then caches no volume has mounted, then pre-warmed snapshots; least recently
+    /// used first within each. (Pinned snapshots are among them, and skipped under the lock.)
+    fn candidates(&self) -> Result<Vec<(u64, Candidate)>, StoreError> {
+        let mut candidates: Vec<(u8, u64, Candidate)> = self
+            .store
+            .list_snapshots()?
+            .into_iter()
+            .map(|s| {
+                let meta = self.store.peek_meta(&s);
+                let tier = if meta.prewarmed { 2 } else { 0 };
+                (tier, meta.last_used, Candidate::Snapshot(meta.prewarmed, s))
+            })
+            .collect();
+        if let Some(caches) = &self.caches {
+            candidates.extend(
+                caches
+                    .idle()
+                    .into_iter()
+                    .map(|i| (1, i.last_used, Candidate::Cache(i.key))),
+            );
+        }
+        candidates.sort_by_cached_key(|(tier, last_used, c)| (*tier, *last_used, c.tie()));
+        Ok(candidates.into_iter().map(|(_, t, c)| (t, c)).collect())
+    }
+
     /// At most the bytes that evicting every snapshot not in use would free.
     fn reclaimable(&self) -> Result<u64, StoreError> {
         let pins = self.pins.lock().expect("pins lock");
@@ -459,7 +535,21 @@ impl Evictor {
             .filter(|s| pins.volumes_of(s).is_empty() && !self.leased(s))
             .map(|s| self.store.peek_meta(s).bytes)
             .sum();
-        Ok(snapshots.saturating_add(self.store.abandoned_partial_bytes()))
+        let caches: u64 = match &self.caches {
+            Some(c) => {
+                let idle: std::collections::HashSet<CacheKey> =
+                    c.idle().into_iter().map(|i| i.key).collect();
+                c.list()
+                    .iter()
+                    .filter(|v| idle.iter().any(|k| k.to_string() == v.cache))
+                    .map(|v| v.bytes)
+                    .sum()
+            }
+            None => 0,
+        };
+        Ok(snapshots
+            .saturating_add(caches)
+            .saturating_add(self.store.abandoned_partial_bytes()))
     }
 
     /// Checks usage every [`WATCH_INTERVAL`] and whenever `wake` is notified, evicting when
@@ -669,6 +759,72 @@ mod tests {
         );
         evictor.set_disk_pressure(false);
         assert_eq!(evictor.check().unwrap(), None);
+    }
+
+    #[test]
+    fn idle_caches_go_after_ordinary_snapshots_and_before_pre_warmed_ones_and_mounted_ones_never() {
+        use crate::caches::{CacheLimits, CachePin, Caches, MIN_CACHE_BYTES, Mke2fs};
+        use modelcache_core::cache::{CacheName, CacheScope};
+        let dir = tempfile::tempdir().unwrap();
+        let (store, snaps) = store_of_four(dir.path());
+        store.set_prewarmed(&snaps[3], true).unwrap();
+        let caches =
+            Arc::new(Caches::open(store.root(), CacheLimits::default(), Box::new(Mke2fs)).unwrap());
+        let key = |name: &str| CacheKey {
+            scope: CacheScope::namespace("ns").unwrap(),
+            name: CacheName::parse(name).unwrap(),
+        };
+        let pin = |v: &str| CachePin {
+            volume_id: v.into(),
+            target_path: format!("/t/{v}"),
+            pod: None,
+            pinned_at: 0,
+        };
+        for name in ["idle", "mounted"] {
+            caches
+                .ensure(&key(name), Some(MIN_CACHE_BYTES), pin(name))
+                .unwrap();
+        }
+        caches.unpin("idle", "/t/idle").unwrap();
+        let pins = Arc::new(Mutex::new(Pins::load(store.root()).unwrap()));
+        let evictor = Evictor::new(
+            store.clone(),
+            pins,
+            Wanted::default(),
+            Watermarks::default(),
+            Box::new(BlobDisk { total: 10_000 }),
+        )
+        .with_caches(caches.clone());
+        let order: Vec<String> = evictor
+            .candidates()
+            .unwrap()
+            .iter()
+            .map(|(_, c)| match c {
+                Candidate::Snapshot(_, s) => s.commit.short().to_owned(),
+                Candidate::Cache(k) => k.to_string(),
+            })
+            .collect();
+        let short = |i: usize| snaps[i].commit.short().to_owned();
+        assert_eq!(
+            order,
+            [short(0), short(2), short(1), "ns/idle".into(), short(3)]
+        );
+        // Disk pressure takes everything not in use but the pre-warmed: the idle cache too.
+        evictor.set_disk_pressure(true);
+        let report = evictor.check().unwrap().unwrap();
+        assert_eq!(report.evicted.len(), 3);
+        assert_eq!(report.evicted_caches.len(), 1);
+        assert_eq!(report.evicted_caches[0].0, key("idle"));
+        let left: Vec<String> = caches.list().iter().map(|c| c.cache.clone()).collect();
+        assert_eq!(left, ["ns/mounted"]);
+        assert_eq!(
+            evictor
+                .stats()
+                .of(Reason::DiskPressure)
+                .caches
+                .load(Ordering::Relaxed),
+            1
+        );
     }
 
     #[test]

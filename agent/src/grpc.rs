@@ -3,8 +3,11 @@
 //! the blocking pool (pins are saved with an fsync, under a lock eviction holds across
 //! `remove_dir_all`), and [`From<NodeError> for Status`] is the one map from errors to statuses.
 
+use crate::caches::{CachePin, scope_of};
 use crate::events::PodRef;
 use crate::node::{Answer, Node, NodeError, VolumeAsk};
+use crate::store::unix;
+use modelcache_core::cache::{CacheKey, CacheName};
 use modelcache_core::repo::{Commit, RepoId, RepoKind};
 use modelcache_core::wire::{kind_to_proto, layout_from_proto, model_from_proto};
 use modelcache_hub::client::Token;
@@ -132,6 +135,39 @@ impl pb::agent_server::Agent for AgentService {
         Ok(Response::new(pb::UnpinResponse {}))
     }
 
+    async fn ensure_cache(
+        &self,
+        req: Request<pb::EnsureCacheRequest>,
+    ) -> Result<Response<pb::EnsureCacheResponse>, Status> {
+        let req = req.into_inner();
+        required("volume_id", &req.volume_id)?;
+        required("target_path", &req.target_path)?;
+        let key = CacheKey {
+            scope: scope_of(&req.namespace, req.node_wide).map_err(NodeError::from)?,
+            name: CacheName::parse(&req.name).map_err(NodeError::from)?,
+        };
+        let node = self.0.clone();
+        let ensured = blocking(move || {
+            let pod = PodRef::parse(&req.pod, &req.pod_uid);
+            let pin = CachePin {
+                volume_id: req.volume_id.clone(),
+                target_path: req.target_path.clone(),
+                pod: Some(req.pod.clone()).filter(|p| !p.is_empty()),
+                pinned_at: unix(std::time::SystemTime::now()),
+            };
+            let max_size = Some(req.max_size).filter(|s| *s > 0);
+            let ensured = node.ensure_cache(&key, max_size, pin, pod.as_ref())?;
+            tracing::info!(volume.id = %req.volume_id, cache = %key, bytes = ensured.max_size, created = ensured.created, pod = %req.pod, "cache pinned");
+            Ok(ensured)
+        })
+        .await?;
+        Ok(Response::new(pb::EnsureCacheResponse {
+            image_path: ensured.image.display().to_string(),
+            mount_path: ensured.mount_dir.display().to_string(),
+            max_size: ensured.max_size,
+        }))
+    }
+
     async fn get_pin(
         &self,
         req: Request<pb::GetPinRequest>,
@@ -147,6 +183,16 @@ impl pb::agent_server::Agent for AgentService {
                 commit: p.commit,
                 filter: p.filter.unwrap_or_default(),
                 paths: p.paths.iter().map(|p| p.display().to_string()).collect(),
+                cache: p
+                    .cache
+                    .as_ref()
+                    .map(|(k, _)| k.to_string())
+                    .unwrap_or_default(),
+                cache_image: p
+                    .cache
+                    .as_ref()
+                    .map(|(_, image)| image.display().to_string())
+                    .unwrap_or_default(),
             }),
         }))
     }

@@ -7,6 +7,7 @@
 //! CSI plugin live in `modelcache-core`; the hub client (and the test hub) in `modelcache-hub`.
 
 pub mod admin;
+pub mod caches;
 pub mod cli;
 pub mod cluster;
 pub mod events;

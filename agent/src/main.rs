@@ -223,7 +223,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let mut api = Node::new(fetcher, marks, Arc::new(ProcMountTable), shutdown.clone())?
-                .with_agent_token(agent_token, hub.lend_token_to_volumes);
+                .with_agent_token(agent_token, hub.lend_token_to_volumes)
+                .with_cache_limits(eviction.cache_limits());
             if let Some((node, client)) = &cluster {
                 api = api.with_events(PodEvents::new(client.clone(), node));
             }

@@ -21,6 +21,8 @@ pub trait MountTable: Send + Sync + std::fmt::Debug {
     /// directories among them); others are never stat'ed, so a dead network mount cannot hang
     /// the agent.
     fn mounts_of(&self, store_root: &Path) -> std::io::Result<Vec<MountedDir>>;
+    /// Every mount point: a cache volume's pin holds while its target is one.
+    fn mount_points(&self) -> std::io::Result<std::collections::HashSet<PathBuf>>;
 }
 
 /// A mount point as the kernel writes it in `/proc/self/mountinfo`, with its escapes decoded:
@@ -77,6 +79,16 @@ impl MountTable for ProcMountTable {
             }
         }
         Ok(out)
+    }
+
+    fn mount_points(&self) -> std::io::Result<std::collections::HashSet<PathBuf>> {
+        let table = procfs::process::Process::myself()
+            .and_then(|p| p.mountinfo())
+            .map_err(std::io::Error::other)?;
+        Ok(table
+            .into_iter()
+            .map(|m| unescape(&m.mount_point))
+            .collect())
     }
 }
 

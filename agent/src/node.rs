@@ -27,6 +27,7 @@
 //! [`RECONCILE_INTERVAL`].
 
 use crate::admin::{self, AdminError, RemoveReport, VerifyReport};
+use crate::caches::{CacheError, CacheLimits, CachePin, Caches, Mke2fs};
 use crate::events::{PodEvents, PodRef};
 use crate::evict::{Evictor, Statvfs, Watermarks};
 use crate::fetch::{FetchError, Fetcher, Freshness, Progress, Resolution};
@@ -34,6 +35,7 @@ use crate::metrics::{CacheResult, Metrics};
 use crate::mounts::MountTable;
 use crate::prewarm::Catalogue;
 use crate::store::{PinRecord, Pins, Reconciled, Snapshot, SnapshotKey, Store, StoreError, unix};
+use modelcache_core::cache::CacheKey;
 use modelcache_core::error::Class;
 use modelcache_core::filter::FileFilter;
 use modelcache_core::repo::{Commit, InvalidInput, ModelRef, RepoId, RepoKind};
@@ -69,6 +71,9 @@ pub enum NodeError {
     /// `rm` or `verify` failed or refused.
     #[error(transparent)]
     Admin(#[from] AdminError),
+    /// A cache volume could not be made or pinned.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
 }
 
 impl From<FetchError> for NodeError {
@@ -87,6 +92,7 @@ impl NodeError {
             NodeError::Store(s) => s.class(),
             NodeError::Fetch(f) => f.class(),
             NodeError::Admin(a) => a.class(),
+            NodeError::Cache(c) => c.class(),
         }
     }
 }
@@ -165,8 +171,11 @@ pub struct PinView {
     pub commit: String,
     /// The filter key of the snapshot, if it has one.
     pub filter: Option<String>,
-    /// The snapshot's directory and its views (empty when the snapshot is gone).
+    /// The snapshot's directory and its views (empty when the snapshot is gone); for a cache,
+    /// the directory its image is mounted on.
     pub paths: Vec<std::path::PathBuf>,
+    /// For a cache volume's pin: the cache and its image.
+    pub cache: Option<(CacheKey, std::path::PathBuf)>,
 }
 
 /// A snapshot, its size and the volumes that pin it.
@@ -196,6 +205,7 @@ pub struct Node {
     mounts: Arc<dyn MountTable>,
     /// Wakes the evictor when a download finishes.
     wake: Arc<Notify>,
+    caches: Arc<Caches>,
     metrics: Arc<Metrics>,
     events: PodEvents,
     flights: Arc<Mutex<HashMap<FlightKey, Arc<Flight>>>>,
@@ -218,13 +228,21 @@ impl Node {
         let pins: Arc<Mutex<Pins>> = Arc::new(Mutex::new(
             Pins::load(store.root()).map_err(|e| StoreError::from_io("load", store.root(), e))?,
         ));
-        let evictor = Arc::new(Evictor::new(
-            store.clone(),
-            pins.clone(),
-            fetcher.wanted().clone(),
-            marks,
-            Box::new(Statvfs),
-        ));
+        let caches = Arc::new(Caches::open(
+            store.root(),
+            CacheLimits::default(),
+            Box::new(Mke2fs),
+        )?);
+        let evictor = Arc::new(
+            Evictor::new(
+                store.clone(),
+                pins.clone(),
+                fetcher.wanted().clone(),
+                marks,
+                Box::new(Statvfs),
+            )
+            .with_caches(caches.clone()),
+        );
         let metrics = Arc::new(Metrics::new(
             store.clone(),
             pins.clone(),
@@ -237,6 +255,7 @@ impl Node {
             evictor,
             mounts,
             wake: Arc::default(),
+            caches,
             metrics,
             events: PodEvents::disabled(),
             flights: Arc::default(),
@@ -246,6 +265,12 @@ impl Node {
         };
         api.reconcile_pins()?;
         Ok(api)
+    }
+
+    /// Holds new caches to `limits`.
+    pub fn with_cache_limits(self, limits: CacheLimits) -> Self {
+        self.caches.set_limits(limits);
+        self
     }
 
     /// The agent's own token, used to pre-warm; `lend` also gives it to volumes that bring none
@@ -332,6 +357,13 @@ impl Node {
         }
         for v in &done.recovered {
             tracing::warn!(volume.id = %v, "pinned a mounted snapshot that had no pin");
+        }
+        let points = self
+            .mounts
+            .mount_points()
+            .map_err(|e| StoreError::from_io("read the mount table for", store.root(), e))?;
+        for v in self.caches.reconcile(&points, now)? {
+            tracing::info!(volume.id = %v, "dropped the cache pin of a volume no longer mounted");
         }
         Ok(done)
     }
@@ -699,18 +731,62 @@ impl Node {
         if volume_id.is_empty() {
             return Err(NodeError::Missing("volume_id"));
         }
-        Ok(self
+        let model = self
             .pins
             .lock()
             .expect("pins lock")
-            .unpin(volume_id, target_path)?)
+            .unpin(volume_id, target_path)?;
+        let cache = self.caches.unpin(volume_id, target_path)?;
+        if let Some(key) = &cache {
+            tracing::info!(volume.id = %volume_id, cache = %key, "a volume left a cache");
+            self.wake.notify_one();
+        }
+        Ok(model || cache.is_some())
+    }
+
+    /// Makes a cache present and pins it for a volume (see [`Caches::ensure`]).
+    pub fn ensure_cache(
+        &self,
+        key: &CacheKey,
+        max_size: Option<u64>,
+        pin: CachePin,
+        pod: Option<&PodRef>,
+    ) -> Result<crate::caches::Ensured, NodeError> {
+        if pin.volume_id.is_empty() {
+            return Err(NodeError::Missing("volume_id"));
+        }
+        let ensured = self.caches.ensure(key, max_size, pin)?;
+        if let Some(pod) = pod {
+            self.events.cache_ready(pod, key, &ensured);
+        }
+        if ensured.created {
+            // A new image takes disk as it fills: let the evictor look.
+            self.wake.notify_one();
+        }
+        Ok(ensured)
+    }
+
+    /// The node's caches.
+    pub fn caches(&self) -> &Arc<Caches> {
+        &self.caches
     }
 
     /// A volume's pin at `target_path`, with the directories a mount of its snapshot shows.
     pub fn get_pin(&self, volume_id: &str, target_path: &str) -> Option<PinView> {
         let store = self.fetcher.store();
         let pins = self.pins.lock().expect("pins lock");
-        let pin = pins.get(volume_id, target_path)?.clone();
+        let Some(pin) = pins.get(volume_id, target_path).cloned() else {
+            drop(pins);
+            let (key, image, mnt) = self.caches.pinned(volume_id, target_path)?;
+            return Some(PinView {
+                kind: RepoKind::Model,
+                repo: String::new(),
+                commit: String::new(),
+                filter: None,
+                paths: vec![mnt],
+                cache: Some((key, image)),
+            });
+        };
         drop(pins);
         let kind = match pin.kind.as_str() {
             "dataset" => RepoKind::Dataset,
@@ -735,6 +811,7 @@ impl Node {
             commit: pin.commit,
             filter: pin.filter,
             paths,
+            cache: None,
         })
     }
 

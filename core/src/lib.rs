@@ -6,6 +6,7 @@
 //! No Kubernetes client, HTTP client or hub server lives here: the plugin links this crate and
 //! `modelcache-proto` only.
 
+pub mod cache;
 pub mod error;
 pub mod filter;
 pub mod hash;

@@ -2,7 +2,7 @@
 //! trait so the node service's tests run without an agent; [`AgentClient`] is the real one, gRPC
 //! over the agent's unix socket.
 
-use crate::attributes::VolumeAttributes;
+use crate::attributes::{CacheAttributes, VolumeAttributes};
 use modelcache_core::wire::{layout_to_proto, model_to_proto};
 use modelcache_proto::agent_v1 as pb;
 use pb::agent_client::AgentClient as GrpcClient;
@@ -46,6 +46,13 @@ pub trait ModelAgent: Send + Sync + 'static {
         commit: &str,
         target: &str,
     ) -> Result<(), Status>;
+    /// Makes the volume's cache present and pins it at `target`: its image and mount point.
+    async fn ensure_cache(
+        &self,
+        volume_id: &str,
+        cache: &CacheAttributes,
+        target: &str,
+    ) -> Result<pb::EnsureCacheResponse, Status>;
     /// Releases a volume's pin at `target`.
     async fn unpin(&self, volume_id: &str, target: &str) -> Result<(), Status>;
     /// The volume's pin at `target`, with the store directories a mount of it shows.
@@ -129,6 +136,35 @@ impl ModelAgent for AgentClient {
             .pin(with_timeout(req, Duration::from_secs(30)))
             .await?;
         Ok(())
+    }
+
+    async fn ensure_cache(
+        &self,
+        volume_id: &str,
+        cache: &CacheAttributes,
+        target: &str,
+    ) -> Result<pb::EnsureCacheResponse, Status> {
+        let req = pb::EnsureCacheRequest {
+            name: cache.name.to_string(),
+            namespace: if cache.node_wide {
+                String::new()
+            } else {
+                cache.namespace.clone()
+            },
+            node_wide: cache.node_wide,
+            max_size: cache.max_size.unwrap_or(0),
+            volume_id: volume_id.to_owned(),
+            target_path: target.to_owned(),
+            pod: cache.pod.clone().unwrap_or_default(),
+            pod_uid: cache.pod_uid.clone().unwrap_or_default(),
+        };
+        // Formatting a new image takes well under a second.
+        let resp = self
+            .client
+            .clone()
+            .ensure_cache(with_timeout(req, Duration::from_secs(60)))
+            .await?;
+        Ok(resp.into_inner())
     }
 
     async fn unpin(&self, volume_id: &str, target: &str) -> Result<(), Status> {

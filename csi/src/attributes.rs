@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use modelcache_core::Layout;
+use modelcache_core::cache::{CacheName, parse_quantity};
 use modelcache_core::filter::FileFilter;
 use modelcache_core::repo::{ModelRef, RepoId, RepoKind, Revision, clip_to};
 use std::collections::HashMap;
@@ -23,6 +24,132 @@ pub const READ_ONLY_KEY: (&str, &str) = ("csi.modelcache.dev/mount", "read-only"
 
 /// Prefix of the keys kubelet adds (pod name, namespace, uid, service account, ephemeral).
 pub const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// Keys a cache volume may set.
+pub const CACHE_KEYS: &[&str] = &["cache", "maxSize", "scope"];
+
+/// The key kubelet sets to say whether a volume is inline ("true") or a PV ("false").
+pub const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
+
+/// What a volume is: a model (read-only) or a compilation cache (writable).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Volume {
+    /// A model or dataset snapshot.
+    Model(VolumeAttributes),
+    /// A compilation cache.
+    Cache(CacheAttributes),
+}
+
+impl Volume {
+    /// Parses a volume context: a cache when it names one, else a model. `at_publish` adds
+    /// the checks of what kubelet passes (the pod's namespace, whether the volume is inline).
+    pub fn parse(ctx: &HashMap<String, String>, at_publish: bool) -> Result<Self> {
+        if ctx.contains_key("cache") {
+            CacheAttributes::parse(ctx, at_publish).map(Volume::Cache)
+        } else {
+            VolumeAttributes::parse(ctx).map(Volume::Model)
+        }
+    }
+}
+
+/// A cache volume's parsed attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheAttributes {
+    /// The cache (`cache`).
+    pub name: CacheName,
+    /// Its largest size (`maxSize`); None: the agent's default.
+    pub max_size: Option<u64>,
+    /// Shared by every pod on the node (`scope: node`, from a StorageClass only).
+    pub node_wide: bool,
+    /// The pod's namespace (whose pods share the cache unless node-wide).
+    pub namespace: String,
+    /// `namespace/name` of the pod.
+    pub pod: Option<String>,
+    /// The pod's uid.
+    pub pod_uid: Option<String>,
+}
+
+impl CacheAttributes {
+    /// Parses and validates a cache volume's context.
+    pub fn parse(ctx: &HashMap<String, String>, at_publish: bool) -> Result<Self> {
+        check_size(ctx)?;
+        for key in ctx.keys() {
+            if !CACHE_KEYS.contains(&key.as_str()) && !key.starts_with(KUBELET_PREFIX) {
+                return Err(attr_error(
+                    &clip_to(key, 64),
+                    format!(
+                        "not an attribute of a cache volume; a cache takes {}",
+                        CACHE_KEYS.join(", ")
+                    ),
+                ));
+            }
+        }
+        let name = CacheName::parse(&ctx["cache"]).map_err(|e| attr_error("cache", e))?;
+        let max_size = match ctx.get("maxSize") {
+            None => None,
+            Some(v) => Some(parse_quantity(v).map_err(|e| attr_error("maxSize", e))?),
+        };
+        let node_wide = match ctx.get("scope").map(String::as_str) {
+            None | Some("namespace") => false,
+            Some("node") => true,
+            Some(other) => {
+                return Err(attr_error(
+                    "scope",
+                    format!("{:?} is not \"namespace\" or \"node\"", clip_to(other, 64)),
+                ));
+            }
+        };
+        let namespace = ctx
+            .get("csi.storage.k8s.io/pod.namespace")
+            .cloned()
+            .unwrap_or_default();
+        if at_publish {
+            // Kubelet sets these over anything a pod spec says (podInfoOnMount).
+            if namespace.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "a cache volume needs the pod's namespace, which kubelet passes when the CSIDriver has podInfoOnMount: true".into(),
+                ));
+            }
+            if node_wide && ctx.get(EPHEMERAL_KEY).map(String::as_str) != Some("false") {
+                return Err(attr_error(
+                    "scope",
+                    "\"node\" shares a cache across namespaces, which only an administrator's StorageClass may do; an inline volume's cache is its namespace's",
+                ));
+            }
+        }
+        let pod = match ctx.get("csi.storage.k8s.io/pod.name") {
+            Some(name) if !namespace.is_empty() => Some(format!("{namespace}/{name}")),
+            _ => None,
+        };
+        Ok(CacheAttributes {
+            name,
+            max_size,
+            node_wide,
+            namespace,
+            pod,
+            pod_uid: ctx.get("csi.storage.k8s.io/pod.uid").cloned(),
+        })
+    }
+
+    /// The cache as the agent names it: `namespace/name` or `node/name`.
+    pub fn key(&self) -> String {
+        if self.node_wide {
+            format!("node/{}", self.name)
+        } else {
+            format!("{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+fn check_size(ctx: &HashMap<String, String>) -> Result<()> {
+    let size: usize = ctx.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > MAX_ATTRIBUTE_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "volume attributes hold {size} bytes; at most {MAX_ATTRIBUTE_BYTES} are accepted"
+        )));
+    }
+    Ok(())
+}
 
 /// A volume's parsed attributes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,12 +173,7 @@ fn attr_error(key: &str, msg: impl std::fmt::Display) -> Error {
 impl VolumeAttributes {
     /// Parses and validates `volume_context`.
     pub fn parse(ctx: &HashMap<String, String>) -> Result<Self> {
-        let size: usize = ctx.iter().map(|(k, v)| k.len() + v.len()).sum();
-        if size > MAX_ATTRIBUTE_BYTES {
-            return Err(Error::InvalidArgument(format!(
-                "volume attributes hold {size} bytes; at most {MAX_ATTRIBUTE_BYTES} are accepted"
-            )));
-        }
+        check_size(ctx)?;
         if let Some(v) = ctx.get(READ_ONLY_KEY.0)
             && v != READ_ONLY_KEY.1
         {
@@ -269,5 +391,72 @@ mod tests {
             err.to_string(),
             r#"volume attribute "revision": revision "ma in" is not a branch, tag or 40-hex commit"#
         );
+    }
+
+    fn cache(pairs: &[(&str, &str)]) -> Result<CacheAttributes> {
+        let ctx = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        match Volume::parse(&ctx, true)? {
+            Volume::Cache(c) => Ok(c),
+            Volume::Model(m) => panic!("parsed as a model: {m:?}"),
+        }
+    }
+
+    const POD: [(&str, &str); 3] = [
+        ("csi.storage.k8s.io/pod.namespace", "team-a"),
+        ("csi.storage.k8s.io/pod.name", "p"),
+        ("csi.storage.k8s.io/ephemeral", "true"),
+    ];
+
+    #[test]
+    fn cache_volumes() {
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut v: Vec<(&str, &str)> = POD.to_vec();
+            v.extend_from_slice(extra);
+            cache(&v)
+        };
+        let c = with(&[("cache", "vllm"), ("maxSize", "20Gi")]).unwrap();
+        assert_eq!(
+            (c.key(), c.max_size, c.pod.as_deref()),
+            ("team-a/vllm".into(), Some(20 << 30), Some("team-a/p"))
+        );
+        assert_eq!(with(&[("cache", "vllm")]).unwrap().max_size, None);
+        // Node-wide only from a PV (a StorageClass); never inline.
+        let e = with(&[("cache", "vllm"), ("scope", "node")]).unwrap_err();
+        assert!(e.to_string().contains("StorageClass"), "{e}");
+        let pv = cache(&[
+            ("cache", "vllm"),
+            ("scope", "node"),
+            ("csi.storage.k8s.io/pod.namespace", "team-b"),
+            ("csi.storage.k8s.io/ephemeral", "false"),
+        ])
+        .unwrap();
+        assert_eq!(pv.key(), "node/vllm");
+        for (bad, says) in [
+            (&[("cache", "../x")][..], "cache name"),
+            (&[("cache", "a/b")][..], "cache name"),
+            (&[("cache", "vllm"), ("maxSize", "-1")][..], "maxSize"),
+            (&[("cache", "vllm"), ("maxSize", "1.5Gi")][..], "maxSize"),
+            (&[("cache", "vllm"), ("scope", "cluster")][..], "scope"),
+            (
+                &[("cache", "vllm"), ("model", "o/r")][..],
+                "not an attribute of a cache",
+            ),
+            (
+                &[("cache", "vllm"), (READ_ONLY_KEY.0, READ_ONLY_KEY.1)][..],
+                "not an attribute",
+            ),
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+        // Without the pod's namespace (no podInfoOnMount), no cache at all.
+        let e = cache(&[("cache", "vllm")]).unwrap_err();
+        assert!(e.to_string().contains("podInfoOnMount"), "{e}");
+        // A model volume refuses cache keys by name.
+        let e = parse(&[("model", "o/r"), ("maxSize", "1Gi")]).unwrap_err();
+        assert!(e.to_string().contains("maxSize"), "{e}");
     }
 }

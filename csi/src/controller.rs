@@ -9,7 +9,7 @@
 //! spec's 128 bytes. What the controller issued in its lifetime is remembered (bounded) so that
 //! a second CreateVolume of a name with other parameters or capacity is ALREADY_EXISTS.
 
-use crate::attributes::{READ_ONLY_KEY, VolumeAttributes};
+use crate::attributes::{READ_ONLY_KEY, Volume};
 use crate::capability;
 use crate::error::{Error, Result};
 use modelcache_proto::csi_v1 as csi;
@@ -66,7 +66,7 @@ impl ControllerService {
             return Err(Error::InvalidArgument("name is required".into()));
         }
         capability::check_all("volume_capabilities", &req.volume_capabilities)?;
-        VolumeAttributes::parse(&req.parameters)?;
+        let volume = Volume::parse(&req.parameters, false)?;
         let mut parameters: Vec<(String, String)> = req
             .parameters
             .iter()
@@ -98,7 +98,10 @@ impl ControllerService {
             }
         }
         let mut context = req.parameters.clone();
-        context.insert(READ_ONLY_KEY.0.into(), READ_ONLY_KEY.1.into());
+        // A model is read-only whatever the claim says; a cache is the one writable volume.
+        if matches!(volume, Volume::Model(_)) {
+            context.insert(READ_ONLY_KEY.0.into(), READ_ONLY_KEY.1.into());
+        }
         Ok(csi::Volume {
             // A model volume has no size of its own to promise; the request's is kept so that
             // Kubernetes shows what the claim asked for.
@@ -145,7 +148,7 @@ impl ControllerService {
             if req.volume_context.is_empty() {
                 Ok(())
             } else {
-                VolumeAttributes::parse(&req.volume_context).map(drop)
+                Volume::parse(&req.volume_context, false).map(drop)
             }
         };
         let verdict = context()
@@ -257,7 +260,8 @@ mod tests {
                 .map(String::as_str),
             Some("read-only")
         );
-        VolumeAttributes::parse(&v.volume_context).expect("the node accepts the context");
+        crate::attributes::VolumeAttributes::parse(&v.volume_context)
+            .expect("the node accepts the context");
         assert_eq!(c.create(&req).unwrap(), v, "same request, same volume");
         let mut rwo = create_req("pvc-rwo");
         rwo.volume_capabilities = vec![cap(Mode::SingleNodeWriter)];

@@ -14,6 +14,7 @@ use nix::sys::stat::{Mode, SFlag, fstat, mkdirat};
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// Device and inode of a directory: what a bind mount shows.
@@ -39,6 +40,16 @@ pub trait Mounter: Clone + Send + Sync + 'static {
     /// Creates the directory `target` if missing, bind-mounts `source` there and makes the mount
     /// read-only, nosuid, nodev. On failure nothing stays mounted.
     fn bind_read_only(&self, source: &Path, target: &Path) -> io::Result<()>;
+    /// Creates the directory `target` if missing and bind-mounts `source` there writable,
+    /// nosuid, nodev: a cache volume.
+    fn bind_writable(&self, source: &Path, target: &Path) -> io::Result<()>;
+    /// Mounts the ext4 image `image` on the directory `mnt` (nosuid, nodev, discard) through
+    /// the loop device already attached to it, or a new one; nothing when `mnt` is already a
+    /// mount point. Its root is made writable by all, sticky, as `/tmp`.
+    fn mount_image(&self, image: &Path, mnt: &Path) -> io::Result<()>;
+    /// Unmounts `mnt` when no other mount shows its filesystem: the last volume of a cache has
+    /// gone. True when it did.
+    fn release_image(&self, mnt: &Path) -> io::Result<bool>;
     /// Unmounts the topmost mount at `target`.
     fn unmount(&self, target: &Path) -> io::Result<()>;
     /// Removes `target` if it is an empty directory (ENOTEMPTY otherwise).
@@ -106,6 +117,42 @@ impl LinuxMounter {
             }
         }
         Ok(openat2(AT_FDCWD, dir, how(dir_flags, NO_LINKS))?)
+    }
+
+    /// Bind-mounts `source` at `target` (made if missing), then remounts the new mount
+    /// nosuid, nodev and `extra` (read-only, or nothing). On failure nothing stays mounted.
+    fn bind(&self, source: &Path, target: &Path, extra: MsFlags) -> io::Result<()> {
+        let source = self.open_dir(source)?;
+        let (parent, name) = self.parent_of(target)?;
+        match mkdirat(parent.as_fd(), name, Mode::from_bits_truncate(0o750)) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let (_, dir) = self.open_target(target)?;
+        nix::mount::mount(
+            Some(&proc_fd(&source)),
+            &proc_fd(&dir),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )?;
+        // A bind mount ignores MS_RDONLY on creation; it takes effect on a remount, of the new
+        // mount, which opening the target again now reaches.
+        let (_, mounted) = self.open_target(target)?;
+        let ro =
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | extra;
+        let remount = nix::mount::mount(
+            None::<&str>,
+            &proc_fd(&mounted),
+            None::<&str>,
+            ro,
+            None::<&str>,
+        );
+        if let Err(e) = remount {
+            let _ = nix::mount::umount2(&proc_fd(&mounted), MntFlags::MNT_DETACH);
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     /// The parent directory of `target`, opened, and its last component.
@@ -184,42 +231,59 @@ impl Mounter for LinuxMounter {
     }
 
     fn bind_read_only(&self, source: &Path, target: &Path) -> io::Result<()> {
-        let source = self.open_dir(source)?;
-        let (parent, name) = self.parent_of(target)?;
-        match mkdirat(parent.as_fd(), name, Mode::from_bits_truncate(0o750)) {
-            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
-            Err(e) => return Err(e.into()),
+        self.bind(source, target, MsFlags::MS_RDONLY)
+    }
+
+    fn bind_writable(&self, source: &Path, target: &Path) -> io::Result<()> {
+        self.bind(source, target, MsFlags::empty())
+    }
+
+    fn mount_image(&self, image: &Path, mnt: &Path) -> io::Result<()> {
+        let (parent, dir) = self.open_target(mnt)?;
+        if mount_id(&dir)? != mount_id(&parent)? {
+            return Ok(());
         }
-        let (_, dir) = self.open_target(target)?;
+        let (device, _attached) = match modelcache_loopdev::find(image)? {
+            Some(dev) => (dev, None),
+            None => {
+                let (dev, file) = modelcache_loopdev::attach(image)?;
+                (dev, Some(file))
+            }
+        };
         nix::mount::mount(
-            Some(&proc_fd(&source)),
+            Some(&device),
             &proc_fd(&dir),
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
+            Some("ext4"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("discard"),
         )?;
-        // A bind mount ignores MS_RDONLY on creation; it takes effect on a remount, of the new
-        // mount, which opening the target again now reaches.
-        let (_, mounted) = self.open_target(target)?;
-        let ro = MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV;
-        let remount = nix::mount::mount(
-            None::<&str>,
-            &proc_fd(&mounted),
-            None::<&str>,
-            ro,
-            None::<&str>,
-        );
-        if let Err(e) = remount {
-            let _ = nix::mount::umount2(&proc_fd(&mounted), MntFlags::MNT_DETACH);
-            return Err(e.into());
-        }
+        let (_, root) = self.open_target(mnt)?;
+        std::fs::set_permissions(proc_fd(&root), std::fs::Permissions::from_mode(0o1777))?;
         Ok(())
     }
 
+    fn release_image(&self, mnt: &Path) -> io::Result<bool> {
+        let (parent, dir) = self.open_target(mnt)?;
+        if mount_id(&dir)? == mount_id(&parent)? {
+            return Ok(false);
+        }
+        let dev = fstat(&dir)?.st_dev;
+        let majmin = format!(
+            "{}:{}",
+            nix::sys::stat::major(dev),
+            nix::sys::stat::minor(dev)
+        );
+        let table = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let showing = table
+            .lines()
+            .filter(|l| l.split(' ').nth(2) == Some(majmin.as_str()))
+            .count();
+        if showing > 1 {
+            return Ok(false);
+        }
+        nix::mount::umount2(&proc_fd(&dir), MntFlags::MNT_DETACH)?;
+        Ok(true)
+    }
     fn unmount(&self, target: &Path) -> io::Result<()> {
         let (parent, dir) = self.open_target(target)?;
         if mount_id(&dir)? == mount_id(&parent)? {
@@ -301,6 +365,38 @@ impl Mounter for std::sync::Arc<FakeMounter> {
             .unwrap()
             .insert(target.to_path_buf(), source.to_path_buf());
         Ok(())
+    }
+
+    fn bind_writable(&self, source: &Path, target: &Path) -> io::Result<()> {
+        self.calls.lock().unwrap().push(format!(
+            "bind_rw {} {}",
+            source.display(),
+            target.display()
+        ));
+        std::fs::create_dir_all(target)?;
+        self.mounts
+            .lock()
+            .unwrap()
+            .insert(target.to_path_buf(), source.to_path_buf());
+        Ok(())
+    }
+
+    fn mount_image(&self, image: &Path, mnt: &Path) -> io::Result<()> {
+        self.calls.lock().unwrap().push(format!(
+            "mount_image {} {}",
+            image.display(),
+            mnt.display()
+        ));
+        Ok(())
+    }
+
+    fn release_image(&self, mnt: &Path) -> io::Result<bool> {
+        let others = self.mounts.lock().unwrap().values().any(|s| s == mnt);
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("release_image {} {}", mnt.display(), !others));
+        Ok(!others)
     }
 
     fn unmount(&self, target: &Path) -> io::Result<()> {

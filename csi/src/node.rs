@@ -8,7 +8,7 @@
 //! [`crate::mounter`]).
 
 use crate::agent::{Answer, ModelAgent};
-use crate::attributes::VolumeAttributes;
+use crate::attributes::{CacheAttributes, Volume, VolumeAttributes};
 use crate::capability;
 use crate::error::{Error, Result};
 use crate::limiter::VolumeLocks;
@@ -44,6 +44,9 @@ pub struct NodeService<M, A> {
     locks: VolumeLocks,
     publish_wait: Duration,
     paths: Paths,
+    /// Held while a cache's image is mounted, bound, unbound or released: a publish and an
+    /// unpublish of one cache never interleave.
+    cache_mounts: tokio::sync::Mutex<()>,
 }
 
 /// An absolute path without `..`, with `.` and repeated separators folded.
@@ -102,6 +105,7 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
             locks: VolumeLocks::default(),
             publish_wait,
             paths,
+            cache_mounts: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -192,9 +196,13 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
         capability::check("volume_capability", req.volume_capability.as_ref())?;
         // Bounded, but still CPU work a pod spec chooses: off the async workers.
         let ctx = std::mem::take(&mut req.volume_context);
-        let attrs = tokio::task::spawn_blocking(move || VolumeAttributes::parse(&ctx))
+        let attrs = match tokio::task::spawn_blocking(move || Volume::parse(&ctx, true))
             .await
-            .expect("attribute parsing does not panic")?;
+            .expect("attribute parsing does not panic")?
+        {
+            Volume::Model(attrs) => attrs,
+            Volume::Cache(cache) => return self.publish_cache(&req, &target, &cache).await,
+        };
         let token = TOKEN_KEYS
             .iter()
             .find_map(|k| req.secrets.get(*k))
@@ -273,6 +281,97 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
         Ok(())
     }
 
+    /// Mounts a cache's image on its mount point (through the loop device it has, if any).
+    async fn mount_image(&self, image: &Path, mnt: &Path) -> Result<()> {
+        let (i, m) = (image.to_path_buf(), mnt.to_path_buf());
+        self.blocking(move |mounter| mounter.mount_image(&i, &m))
+            .await
+            .map_err(mount_error("mount the cache image on", mnt))
+    }
+
+    /// NodePublishVolume of a cache volume: the agent makes the cache and pins it; its image is
+    /// mounted on its mount point in the store (once for all its volumes), which is bound at the
+    /// target writable, nosuid, nodev (read-only when the pod asks).
+    async fn publish_cache(
+        &self,
+        req: &csi::NodePublishVolumeRequest,
+        target: &Path,
+        cache: &CacheAttributes,
+    ) -> Result<()> {
+        let _guard = self
+            .locks
+            .try_lock(&req.volume_id)
+            .ok_or_else(|| Error::Busy(req.volume_id.clone()))?;
+        let target_str = target.display().to_string();
+        let mounted = match self.inspect(target).await? {
+            TargetState::Other => {
+                return Err(Error::InvalidArgument(format!(
+                    "target_path {} exists and is not a directory (a file or a symlink, which \
+                     modelcache never follows)",
+                    target.display()
+                )));
+            }
+            TargetState::Mounted(shown) => Some(shown),
+            TargetState::Missing | TargetState::Dir => None,
+        };
+        let _mounts = self.cache_mounts.lock().await;
+        if let Some(shown) = mounted {
+            if let Some(pin) = self.pin_at(&req.volume_id, target).await?
+                && pin.cache == cache.key()
+                && let Some(mnt) = pin.paths.first()
+            {
+                let (image, mnt) = (
+                    self.source(Path::new(&pin.cache_image))?,
+                    self.source(Path::new(mnt))?,
+                );
+                self.mount_image(&image, &mnt).await?;
+                if self.blocking(move |m| m.dir_id(&mnt).ok()).await == Some(shown) {
+                    tracing::info!(cache = %cache.key(), "already published");
+                    return Ok(());
+                }
+            }
+            return Err(Error::AlreadyExists(format!(
+                "target_path {} is already published with something other than cache {}",
+                target.display(),
+                cache.key()
+            )));
+        }
+        let answer = self
+            .agent
+            .ensure_cache(&req.volume_id, cache, &target_str)
+            .await
+            .map_err(|status| Error::Agent {
+                action: "ensure the cache",
+                status,
+            })?;
+        let image = self.source(Path::new(&answer.image_path))?;
+        let mnt = self.source(Path::new(&answer.mount_path))?;
+        let read_only = req.readonly;
+        let bound = async {
+            self.mount_image(&image, &mnt).await?;
+            let (source, dest) = (mnt.clone(), target.to_path_buf());
+            self.blocking(move |m| match read_only {
+                true => m.bind_read_only(&source, &dest),
+                false => m.bind_writable(&source, &dest),
+            })
+            .await
+            .map_err(mount_error("bind-mount the cache at", target))
+        }
+        .await;
+        if let Err(e) = bound {
+            if let Err(u) = self.agent.unpin(&req.volume_id, &target_str).await {
+                tracing::warn!(error = %u.message(), "unpin after a failed mount failed");
+            }
+            let m = mnt.clone();
+            let _ = self
+                .blocking(move |mounter| mounter.release_image(&m))
+                .await;
+            return Err(e);
+        }
+        tracing::info!(cache = %cache.key(), bytes = answer.max_size, target = %target.display(), pod = cache.pod.as_deref().unwrap_or(""), "published a cache");
+        Ok(())
+    }
+
     async fn pin(
         &self,
         volume_id: &str,
@@ -301,6 +400,21 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
             .try_lock(&req.volume_id)
             .ok_or_else(|| Error::Busy(req.volume_id.clone()))?;
         let pin = self.pin_at(&req.volume_id, &target).await?;
+        // A cache's image must be mounted for its mount to be recognised (after a restart of
+        // the plugin it is not); it is released once its last volume has gone.
+        let cache = match &pin {
+            Some(p) if !p.cache.is_empty() => {
+                let mounts = self.cache_mounts.lock().await;
+                let mnt = p.paths.first().map(String::as_str).unwrap_or_default();
+                let (image, mnt) = (
+                    self.source(Path::new(&p.cache_image))?,
+                    self.source(Path::new(mnt))?,
+                );
+                self.mount_image(&image, &mnt).await?;
+                Some((mounts, mnt))
+            }
+            _ => None,
+        };
         // Stacked mounts (a crash between two publishes) all go.
         for _ in 0..MAX_STACKED {
             match self.inspect(&target).await? {
@@ -341,6 +455,23 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
                 TargetState::Missing => break,
             }
         }
+        // A cache's image is unmounted before its pin goes: the agent may evict a cache the
+        // moment no pin holds it, and must never unlink an image still mounted. A failure
+        // keeps the pin, and kubelet's retry comes back here.
+        let _mounts = match cache {
+            Some((mounts, mnt)) => {
+                let m = mnt.clone();
+                if self
+                    .blocking(move |mounter| mounter.release_image(&m))
+                    .await
+                    .map_err(mount_error("unmount the cache image at", &mnt))?
+                {
+                    tracing::info!(mnt = %mnt.display(), "the cache's last volume left: image unmounted");
+                }
+                Some(mounts)
+            }
+            None => None,
+        };
         self.agent
             .unpin(&req.volume_id, &target.display().to_string())
             .await

@@ -311,6 +311,8 @@ impl LocalNode {
 impl Drop for LocalNode {
     fn drop(&mut self) {
         unmount_all_below(&self.workdir.join("kubelet"));
+        // Cache images mounted in the store.
+        unmount_all_below(&self.workdir.join("store/caches"));
     }
 }
 

@@ -21,6 +21,21 @@ struct FakeAgent {
     pins: Mutex<HashMap<(String, String), FakePin>>,
     /// Held during ensure, to test concurrent calls.
     gate: tokio::sync::Mutex<()>,
+    /// Cache pins by (volume, target): the cache's key.
+    cache_pins: Mutex<HashMap<(String, String), String>>,
+    /// The store, where caches live.
+    store: PathBuf,
+    /// When set, unpins are also written in this mounter's log, to check their order against
+    /// the mount calls.
+    mounter_log: Mutex<Option<Arc<FakeMounter>>>,
+}
+
+impl FakeAgent {
+    /// A cache's image and mount point, as the agent lays them out.
+    fn cache_paths(&self, key: &str) -> (PathBuf, PathBuf) {
+        let dir = self.store.join("caches").join(key.replace('/', "."));
+        (dir.join("image.ext4"), dir.join("mnt"))
+    }
 }
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -72,7 +87,40 @@ impl ModelAgent for FakeAgent {
         );
         Ok(())
     }
+    async fn ensure_cache(
+        &self,
+        _volume_id: &str,
+        _cache: &crate::attributes::CacheAttributes,
+        _target: &str,
+    ) -> std::result::Result<pb::EnsureCacheResponse, Status> {
+        // The real agent and real mounts: tests/tests/caches.rs. Here: the plugin's side.
+        let key = _cache.key();
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("ensure_cache {_volume_id} {key}"));
+        self.cache_pins
+            .lock()
+            .unwrap()
+            .insert((_volume_id.into(), _target.into()), key.clone());
+        let (image, mnt) = self.cache_paths(&key);
+        Ok(pb::EnsureCacheResponse {
+            image_path: image.display().to_string(),
+            mount_path: mnt.display().to_string(),
+            max_size: 1 << 30,
+        })
+    }
     async fn unpin(&self, volume_id: &str, target: &str) -> std::result::Result<(), Status> {
+        if let Some(m) = self.mounter_log.lock().unwrap().as_ref() {
+            m.calls
+                .lock()
+                .unwrap()
+                .push(format!("agent unpin {volume_id}"));
+        }
+        self.cache_pins
+            .lock()
+            .unwrap()
+            .remove(&(volume_id.to_owned(), target.to_owned()));
         self.calls
             .lock()
             .unwrap()
@@ -88,6 +136,20 @@ impl ModelAgent for FakeAgent {
         volume_id: &str,
         target: &str,
     ) -> std::result::Result<Option<pb::PinInfo>, Status> {
+        if let Some(key) = self
+            .cache_pins
+            .lock()
+            .unwrap()
+            .get(&(volume_id.to_owned(), target.to_owned()))
+        {
+            let (image, mnt) = self.cache_paths(key);
+            return Ok(Some(pb::PinInfo {
+                cache: key.clone(),
+                cache_image: image.display().to_string(),
+                paths: vec![mnt.display().to_string()],
+                ..Default::default()
+            }));
+        }
         let pins = self.pins.lock().unwrap();
         Ok(pins
             .get(&(volume_id.into(), target.into()))
@@ -97,6 +159,7 @@ impl ModelAgent for FakeAgent {
                 commit: commit.clone(),
                 filter: String::new(),
                 paths: vec![path.display().to_string()],
+                ..Default::default()
             }))
     }
     async fn ready(&self) -> std::result::Result<(), Status> {
@@ -116,6 +179,7 @@ fn fixture() -> Fixture {
     let mounter = Arc::new(FakeMounter::default());
     let agent = Arc::new(FakeAgent {
         ready: Mutex::new((dir.path().join("store/snap"), COMMIT.into())),
+        store: dir.path().join("store"),
         ..Default::default()
     });
     let node = NodeService::new(
@@ -530,4 +594,77 @@ async fn an_agent_path_outside_the_store_is_never_mounted() {
         status.message()
     );
     assert!(calls(&f).1.is_empty());
+}
+
+fn cache_req(f: &Fixture, volume: &str, namespace: &str) -> csi::NodePublishVolumeRequest {
+    publish_req(
+        f,
+        volume,
+        &[
+            ("cache", "vllm"),
+            ("csi.storage.k8s.io/pod.namespace", namespace),
+            ("csi.storage.k8s.io/pod.name", "p"),
+            ("csi.storage.k8s.io/ephemeral", "true"),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn a_cache_is_mounted_then_bound_writable_and_its_image_released_before_its_pin() {
+    let f = fixture();
+    *f.agent.mounter_log.lock().unwrap() = Some(f.mounter.clone());
+    let req = cache_req(&f, "vol-1", "team-a");
+    let target = PathBuf::from(&req.target_path);
+    f.node.publish(req.clone()).await.unwrap();
+    let (image, mnt) = f.agent.cache_paths("team-a/vllm");
+    assert_eq!(
+        calls(&f).1,
+        [
+            format!("mount_image {} {}", image.display(), mnt.display()),
+            format!("bind_rw {} {}", mnt.display(), target.display()),
+        ]
+    );
+    // A retry: nothing new is bound.
+    f.node.publish(req).await.unwrap();
+    assert_eq!(
+        calls(&f).1.iter().filter(|c| c.starts_with("bind")).count(),
+        1
+    );
+    // A pod that asks for it read-only gets it read-only.
+    let mut ro = cache_req(&f, "vol-2", "team-a");
+    ro.readonly = true;
+    let ro_target = PathBuf::from(&ro.target_path);
+    f.node.publish(ro).await.unwrap();
+    assert!(calls(&f).1.contains(&format!(
+        "bind_ro {} {}",
+        mnt.display(),
+        ro_target.display()
+    )));
+    f.node
+        .unpublish(csi::NodeUnpublishVolumeRequest {
+            volume_id: "vol-2".into(),
+            target_path: ro_target.display().to_string(),
+        })
+        .await
+        .unwrap();
+    f.node
+        .unpublish(csi::NodeUnpublishVolumeRequest {
+            volume_id: "vol-1".into(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .unwrap();
+    let log = calls(&f).1;
+    let at = |c: &str| {
+        log.iter()
+            .position(|l| l == c)
+            .unwrap_or_else(|| panic!("{c}: {log:?}"))
+    };
+    // The agent may evict a cache as soon as no pin holds it: its image must be down first.
+    let released = at(&format!("release_image {} true", mnt.display()));
+    assert!(released < at("agent unpin vol-1"), "{log:?}");
+    assert!(
+        at(&format!("unmount {}", target.display())) < released,
+        "{log:?}"
+    );
 }
