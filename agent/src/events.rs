@@ -2,6 +2,8 @@
 //!
 //! - `ModelFetching` (Normal): bytes and files so far, at most once per [`PROGRESS_EVERY`] per
 //!   pod and model, however often kubelet retries the publish.
+//! - `CacheReady` (Normal): a compilation cache, its scope and size, and whether it was made
+//!   now or already on the node.
 //! - `ModelReady` (Normal): commit, bytes, files, seconds since the pod first asked, and where
 //!   the files came from (or that the node already held them).
 //! - `ModelFetchFailed` (Warning): the reason, worded to act on, at most once per
@@ -387,6 +389,40 @@ mod tests {
         PodEvents::disabled().failed(&pod, "org/m", "no cluster: a no-op");
         assert!(PodRef::parse("no-slash", "u").is_none());
         assert!(PodRef::parse("ns/p", "").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_pod_is_told_whether_its_cache_was_made_or_shared() {
+        use modelcache_core::cache::{CacheKey, CacheName, CacheScope};
+        let api = FakeKubeApi::start().await;
+        let events = PodEvents::new(client(&api), "node-a");
+        let pod = PodRef::parse("team-a/vllm-0", "uid-1").unwrap();
+        let key = CacheKey {
+            scope: CacheScope::namespace("team-a").unwrap(),
+            name: CacheName::parse("vllm").unwrap(),
+        };
+        let mut ensured = crate::caches::Ensured {
+            image: "/s/caches/ns.team-a.vllm/image.ext4".into(),
+            mount_dir: "/s/caches/ns.team-a.vllm/mnt".into(),
+            max_size: 20 << 30,
+            created: true,
+        };
+        events.cache_ready(&pod, &key, &ensured);
+        ensured.created = false;
+        events.cache_ready(&pod, &key, &ensured);
+        let seen = settled(&api, 2).await;
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(seen[0].0, "/apis/events.k8s.io/v1/namespaces/team-a/events");
+        assert_eq!(seen[0].1["reason"], "CacheReady");
+        assert_eq!(seen[0].1["type"], "Normal");
+        assert_eq!(
+            seen[0].1["note"],
+            "cache team-a/vllm (namespace team-a): at most 20.0 GiB, made empty on this node"
+        );
+        assert_eq!(
+            seen[1].1["note"],
+            "cache team-a/vllm (namespace team-a): at most 20.0 GiB, already on this node"
+        );
     }
 
     #[test]

@@ -2,13 +2,14 @@
 //! `--metrics-listen`:
 //!
 //! - `/metrics`: the store (bytes used and capacity of its filesystem, bytes of blobs,
-//!   snapshots, pins), read at each scrape; publishes that found their model in the store,
+//!   snapshots, pins; compilation caches, their bytes and volumes), read at each scrape; publishes that found their model in the store,
 //!   started a fetch or joined one; fetches by outcome and their durations; bytes fetched per source (their
 //!   rate is the download throughput); evictions and bytes freed per reason; hub errors per kind;
 //!   hub requests per purpose and publishes served a stale revision per reason.
 //! - `/healthz`: the process answers.
 //! - `/readyz`: the agent API is serving and the store is readable.
 
+use crate::caches::Caches;
 use crate::evict::{Evictor, Reason};
 use crate::fetch::{FetchError, HubCounters, ProgressView};
 use crate::store::{Pins, Store};
@@ -64,6 +65,7 @@ impl Metrics {
         store: Arc<Store>,
         pins: Arc<Mutex<Pins>>,
         evictor: Arc<Evictor>,
+        caches: Arc<Caches>,
         hub: &HubCounters,
     ) -> Self {
         let mut registry = Registry::with_prefix("modelcache");
@@ -111,6 +113,7 @@ impl Metrics {
             store,
             pins,
             evictor,
+            caches,
         }));
         Metrics {
             registry,
@@ -292,6 +295,7 @@ struct StoreCollector {
     store: Arc<Store>,
     pins: Arc<Mutex<Pins>>,
     evictor: Arc<Evictor>,
+    caches: Arc<Caches>,
 }
 
 impl prometheus_client::collector::Collector for StoreCollector {
@@ -331,6 +335,22 @@ impl prometheus_client::collector::Collector for StoreCollector {
         }
         let pins = self.pins.lock().expect("pins lock").len();
         gauge("pins", "Volumes that have a snapshot mounted", pins as u64)?;
+        let caches = self.caches.list();
+        gauge(
+            "caches",
+            "Compilation caches on the node",
+            caches.len() as u64,
+        )?;
+        gauge(
+            "cache_bytes",
+            "Bytes the compilation caches take on disk",
+            caches.iter().map(|c| c.bytes).sum(),
+        )?;
+        gauge(
+            "cache_volumes",
+            "Volumes that have a compilation cache mounted",
+            caches.iter().map(|c| c.mounted_by.len() as u64).sum(),
+        )?;
 
         let stats = self.evictor.stats();
         let mut counter = |name: &str, help: &str, values: Vec<(&'static str, u64)>| {
@@ -353,8 +373,13 @@ impl prometheus_client::collector::Collector for StoreCollector {
             per_reason(&|r| stats.of(r).snapshots.load(Ordering::Relaxed)),
         )?;
         counter(
+            "cache_evictions",
+            "Compilation caches evicted, per reason",
+            per_reason(&|r| stats.of(r).caches.load(Ordering::Relaxed)),
+        )?;
+        counter(
             "evicted_bytes",
-            "Bytes freed by eviction, per reason",
+            "Bytes freed by eviction (snapshots and caches), per reason",
             per_reason(&|r| stats.of(r).bytes.load(Ordering::Relaxed)),
         )?;
         Ok(())

@@ -247,6 +247,7 @@ impl Node {
             store.clone(),
             pins.clone(),
             evictor.clone(),
+            caches.clone(),
             fetcher.hub_counters(),
         ));
         let api = Node {

@@ -7,7 +7,7 @@
 use modelcache_proto::csi_v1 as csi;
 use modelcache_tests::models::python;
 use modelcache_tests::node::{Hub, LocalNode, publish_request};
-use modelcache_tests::procs::agent_command;
+use modelcache_tests::procs::{agent_command, free_port, http_get};
 use modelcache_tests::tree::{mount_count, mount_options};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -393,6 +393,7 @@ async fn concurrent_writers_with_vllms_locking_end_with_one_complete_cache() {
 async fn under_pressure_an_unmounted_cache_is_evicted_and_a_mounted_one_never() {
     let dir = tempfile::tempdir().unwrap();
     // The store counts as full at 64 MiB; eviction starts above 50% (32 MiB).
+    let metrics = format!("127.0.0.1:{}", free_port().unwrap());
     let mut node = node(
         dir.path(),
         &[
@@ -402,6 +403,8 @@ async fn under_pressure_an_unmounted_cache_is_evicted_and_a_mounted_one_never() 
             "50",
             "--low-watermark",
             "40",
+            "--metrics-listen",
+            &metrics,
         ],
     );
     node.wait_ready().await.unwrap();

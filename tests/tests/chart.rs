@@ -6,7 +6,7 @@
 
 use clap::Parser;
 use modelcache_agent::prewarm::Catalogue;
-use modelcache_csi::attributes::VolumeAttributes;
+use modelcache_csi::attributes::Volume;
 use modelcache_tests::helm::{self, Manifests, argv, chart_dir, container, workspace_root};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -73,14 +73,14 @@ fn catalogue(m: &Manifests) -> Catalogue {
     .expect("the agent accepts the rendered catalogue")
 }
 
-fn attributes(map: &Value) -> modelcache_csi::error::Result<VolumeAttributes> {
+fn attributes(map: &Value) -> modelcache_csi::error::Result<Volume> {
     let ctx: HashMap<String, String> = map
         .as_object()
         .expect("a map")
         .iter()
         .map(|(k, v)| (k.clone(), v.as_str().expect("string values").to_owned()))
         .collect();
-    VolumeAttributes::parse(&ctx)
+    Volume::parse(&ctx, false)
 }
 
 #[test]
@@ -157,6 +157,11 @@ fn the_defaults_run_a_node_the_binaries_accept() {
     assert_eq!(
         (marks.high, marks.low, marks.max_store_bytes),
         (85, 75, None)
+    );
+    let limits = eviction.cache_limits();
+    assert_eq!(
+        (limits.default_size, limits.max_size),
+        (10 << 30, 100 << 30)
     );
     assert_eq!(catalogue(&m), Catalogue::default());
 
@@ -277,6 +282,21 @@ fn every_value_of_the_full_values_file_arrives_where_it_must() {
     let plugin_store = mount(container(ds, "plugin"), "store");
     assert_eq!(plugin_store["mountPath"], "/mnt/nvme0/modelcache");
     assert_eq!(plugin_store["readOnly"], true);
+    // But for the caches, whose images the plugin attaches to loop devices read-write, which
+    // it finds in the host's /dev.
+    let mounts = container(ds, "plugin")["volumeMounts"].as_array().unwrap();
+    let caches = mounts
+        .iter()
+        .find(|m| m["mountPath"] == "/mnt/nvme0/modelcache/caches")
+        .expect("the plugin mounts the caches");
+    assert_eq!(
+        (&caches["name"], &caches["subPath"], caches.get("readOnly")),
+        (&json!("store"), &json!("caches"), None)
+    );
+    assert_eq!(mount(container(ds, "plugin"), "dev")["mountPath"], "/dev");
+    assert_eq!(host_path(ds, "dev"), "/dev");
+    let limits = eviction.cache_limits();
+    assert_eq!((limits.default_size, limits.max_size), (2 << 30, 20 << 30));
     let marks = eviction.watermarks().unwrap();
     assert_eq!(
         (marks.high, marks.low, marks.max_store_bytes),
@@ -388,7 +408,7 @@ fn every_value_of_the_full_values_file_arrives_where_it_must() {
 
     // StorageClasses: the driver accepts their parameters as volume attributes.
     let classes = m.of_kind("StorageClass");
-    assert_eq!(classes.len(), 2);
+    assert_eq!(classes.len(), 3);
     for sc in classes {
         assert_eq!(sc["provisioner"], "csi.modelcache.dev");
         attributes(&sc["parameters"]).unwrap_or_else(|e| {
@@ -477,13 +497,17 @@ fn the_examples_validate_and_use_attributes_the_driver_accepts() {
     files.sort();
     assert!(files.len() >= 3, "{files:?}");
     let m = helm::load(&files);
-    let (mut inline, mut claimed) = (0, 0);
+    let (mut inline, mut claimed, mut caches) = (0, 0, 0);
     for o in &m.objects {
         for csi in csi_volumes(o) {
-            assert_eq!(csi["readOnly"], true, "{}", o["metadata"]["name"]);
-            attributes(&csi["volumeAttributes"]).unwrap_or_else(|e| {
+            let volume = attributes(&csi["volumeAttributes"]).unwrap_or_else(|e| {
                 panic!("the driver refuses {}'s volume: {e}", o["metadata"]["name"])
             });
+            // Models are mounted read-only; a cache is the one writable volume.
+            match volume {
+                Volume::Model(_) => assert_eq!(csi["readOnly"], true, "{}", o["metadata"]["name"]),
+                Volume::Cache(_) => caches += 1,
+            }
             inline += 1;
         }
         if o["kind"] == "StorageClass" {
@@ -501,8 +525,8 @@ fn the_examples_validate_and_use_attributes_the_driver_accepts() {
         }
     }
     assert!(
-        inline >= 2 && claimed >= 1,
-        "inline {inline}, claims {claimed}"
+        inline >= 2 && claimed >= 1 && caches >= 1,
+        "inline {inline}, claims {claimed}, caches {caches}"
     );
 
     // The pre-warm example is chart values: they render, and the labels it shows are the
