@@ -248,6 +248,28 @@ mod tests {
     }
 
     #[test]
+    fn a_cache_class_makes_a_writable_volume_the_node_accepts_node_wide() {
+        let c = ControllerService::default();
+        let mut req = create_req("pvc-cache");
+        req.volume_capabilities = vec![cap(Mode::MultiNodeMultiWriter)];
+        req.parameters = params(&[("cache", "vllm"), ("scope", "node"), ("maxSize", "20Gi")]);
+        let v = c.create(&req).unwrap();
+        assert_eq!(v.volume_context.get(READ_ONLY_KEY.0), None);
+        // As kubelet publishes a PV: its context, and the pod's keys.
+        let mut ctx = v.volume_context.clone();
+        ctx.insert("csi.storage.k8s.io/ephemeral".into(), "false".into());
+        ctx.insert("csi.storage.k8s.io/pod.namespace".into(), "team-b".into());
+        match Volume::parse(&ctx, true).expect("the node accepts it") {
+            Volume::Cache(cache) => assert_eq!(cache.key(), "node/vllm"),
+            other => panic!("{other:?}"),
+        }
+        let mut bad = req.clone();
+        bad.name = "pvc-bad".into();
+        bad.parameters = params(&[("cache", "vllm"), ("scope", "cluster")]);
+        assert!(c.create(&bad).unwrap_err().to_string().contains("scope"));
+    }
+
+    #[test]
     fn create_is_idempotent_accepts_writer_modes_and_says_read_only() {
         let c = ControllerService::default();
         let req = create_req("pvc-1234");
