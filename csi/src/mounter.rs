@@ -328,6 +328,23 @@ impl FakeMounter {
         self.mounts.lock().unwrap().get(target).cloned()
     }
 
+    /// Records a bind mount (`op`: read-only or writable), or fails as `fail_bind` says.
+    fn bind(&self, op: &str, source: &Path, target: &Path) -> io::Result<()> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("{op} {} {}", source.display(), target.display()));
+        if let Some(errno) = *self.fail_bind.lock().unwrap() {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        std::fs::create_dir_all(target)?;
+        self.mounts
+            .lock()
+            .unwrap()
+            .insert(target.to_path_buf(), source.to_path_buf());
+        Ok(())
+    }
+
     /// A made-up id for a path: equal paths, equal ids.
     pub fn id_of(path: &Path) -> DirId {
         use std::hash::{Hash, Hasher};
@@ -351,34 +368,11 @@ impl Mounter for std::sync::Arc<FakeMounter> {
     }
 
     fn bind_read_only(&self, source: &Path, target: &Path) -> io::Result<()> {
-        self.calls.lock().unwrap().push(format!(
-            "bind_ro {} {}",
-            source.display(),
-            target.display()
-        ));
-        if let Some(errno) = *self.fail_bind.lock().unwrap() {
-            return Err(io::Error::from_raw_os_error(errno));
-        }
-        std::fs::create_dir_all(target)?;
-        self.mounts
-            .lock()
-            .unwrap()
-            .insert(target.to_path_buf(), source.to_path_buf());
-        Ok(())
+        self.bind("bind_ro", source, target)
     }
 
     fn bind_writable(&self, source: &Path, target: &Path) -> io::Result<()> {
-        self.calls.lock().unwrap().push(format!(
-            "bind_rw {} {}",
-            source.display(),
-            target.display()
-        ));
-        std::fs::create_dir_all(target)?;
-        self.mounts
-            .lock()
-            .unwrap()
-            .insert(target.to_path_buf(), source.to_path_buf());
-        Ok(())
+        self.bind("bind_rw", source, target)
     }
 
     fn mount_image(&self, image: &Path, mnt: &Path) -> io::Result<()> {

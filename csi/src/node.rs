@@ -161,6 +161,20 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
             .map_err(mount_error("inspect", target))
     }
 
+    /// What `target` shows when something is mounted there; INVALID_ARGUMENT when it is not a
+    /// directory (a file or a symlink, which modelcache never follows).
+    async fn mounted_at(&self, target: &Path) -> Result<Option<DirId>> {
+        match self.inspect(target).await? {
+            TargetState::Other => Err(Error::InvalidArgument(format!(
+                "target_path {} exists and is not a directory (a file or a symlink, which \
+                 modelcache never follows)",
+                target.display()
+            ))),
+            TargetState::Mounted(shown) => Ok(Some(shown)),
+            TargetState::Missing | TargetState::Dir => Ok(None),
+        }
+    }
+
     /// The volume's pin at `target`, if the agent has one.
     async fn pin_at(&self, volume_id: &str, target: &Path) -> Result<Option<pb::PinInfo>> {
         self.agent
@@ -216,17 +230,7 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
             tracing::debug!("readonly requested; every modelcache mount is read-only anyway");
         }
         let model = &attrs.model;
-        let mounted = match self.inspect(&target).await? {
-            TargetState::Other => {
-                return Err(Error::InvalidArgument(format!(
-                    "target_path {} exists and is not a directory (a file or a symlink, which \
-                     modelcache never follows)",
-                    target.display()
-                )));
-            }
-            TargetState::Mounted(shown) => Some(shown),
-            TargetState::Missing | TargetState::Dir => None,
-        };
+        let mounted = self.mounted_at(&target).await?;
         if let Some(shown) = mounted
             && let Some(pin) = self.pin_at(&req.volume_id, &target).await?
             && pin_matches(&pin, &attrs)
@@ -303,17 +307,7 @@ impl<M: Mounter, A: ModelAgent> NodeService<M, A> {
             .try_lock(&req.volume_id)
             .ok_or_else(|| Error::Busy(req.volume_id.clone()))?;
         let target_str = target.display().to_string();
-        let mounted = match self.inspect(target).await? {
-            TargetState::Other => {
-                return Err(Error::InvalidArgument(format!(
-                    "target_path {} exists and is not a directory (a file or a symlink, which \
-                     modelcache never follows)",
-                    target.display()
-                )));
-            }
-            TargetState::Mounted(shown) => Some(shown),
-            TargetState::Missing | TargetState::Dir => None,
-        };
+        let mounted = self.mounted_at(target).await?;
         let _mounts = self.cache_mounts.lock().await;
         if let Some(shown) = mounted {
             if let Some(pin) = self.pin_at(&req.volume_id, target).await?

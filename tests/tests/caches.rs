@@ -442,7 +442,8 @@ async fn under_pressure_an_unmounted_cache_is_evicted_and_a_mounted_one_never() 
     while cache_dir(&node, "ns.ns.old").exists() {
         assert!(
             Instant::now() < deadline,
-            "the idle cache is still there after 30 s"
+            "the idle cache is still there after 30 s:\n{}",
+            node.agent_log()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -456,9 +457,27 @@ async fn under_pressure_an_unmounted_cache_is_evicted_and_a_mounted_one_never() 
     // Still over the watermark with only the mounted cache left: it stays, whole.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(std::fs::read(busy.join("f")).unwrap(), data);
+    // Seen in the metrics: two caches left, one mounted, one evicted.
+    let (status, body) = http_get(&metrics, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    let value = |prefix: &str| -> u64 {
+        body.lines()
+            .filter_map(|l| l.strip_prefix(prefix))
+            .filter_map(|rest| rest.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(value("modelcache_caches "), 2, "{body}");
+    assert_eq!(value("modelcache_cache_volumes "), 1, "{body}");
+    assert!(value("modelcache_cache_bytes ") >= 20 << 20, "{body}");
+    assert_eq!(value("modelcache_cache_evictions_total{"), 1, "{body}");
+    let log = node.agent_log();
     assert!(
-        node.agent_log()
-            .contains("evicted a cache no volume has mounted")
+        log.contains("evicted a cache no volume has mounted"),
+        "{log}"
+    );
+    assert!(
+        log.contains("not evicting a cache whose image is still mounted"),
+        "{log}"
     );
     node.unpublish("busy", &busy).await.unwrap();
 }

@@ -341,24 +341,8 @@ mod tests {
         )
         .with_sources(sources);
 
-        let model = modelcache_core::repo::ModelRef {
-            kind: RepoKind::Model,
-            repo: RepoId::parse("org/m").unwrap(),
-            revision: modelcache_core::repo::Revision::main(),
-        };
-        let commit = fetcher.resolve(&model, None).await.unwrap().commit;
         let progress = Arc::new(Progress::default());
-        let snap = fetcher
-            .fetch(
-                RepoKind::Model,
-                &model.repo,
-                &commit,
-                &FileFilter::default(),
-                None,
-                &progress,
-            )
-            .await
-            .unwrap();
+        let snap = fetch_all(&fetcher, &progress).await.unwrap();
         for (name, bytes) in FILES {
             assert_eq!(
                 std::fs::read(snap.path.join(name)).unwrap(),
@@ -406,7 +390,11 @@ mod tests {
         (hub, fetcher)
     }
 
-    async fn fetch_all(fetcher: &Fetcher, progress: &Arc<Progress>) -> Result<(), FetchError> {
+    /// Resolves `org/m`'s main and fetches all its files.
+    async fn fetch_all(
+        fetcher: &Fetcher,
+        progress: &Arc<Progress>,
+    ) -> Result<crate::store::Snapshot, FetchError> {
         let model = modelcache_core::repo::ModelRef {
             kind: RepoKind::Model,
             repo: RepoId::parse("org/m").unwrap(),
@@ -423,7 +411,6 @@ mod tests {
                 progress,
             )
             .await
-            .map(drop)
     }
 
     /// A hub that sends half a file and then hangs, connection open: the file fails within
