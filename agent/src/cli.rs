@@ -124,9 +124,9 @@ pub struct HubArgs {
         help_heading = "Sources"
     )]
     pub shared_cache: Option<PathBuf>,
-    /// Where files come from, tried in order per file: `shared-cache` (`pvc` is accepted), `hub`.
-    /// Default: shared-cache,hub with --shared-cache, else hub. With shared-cache alone,
-    /// revisions resolve through the cache's refs/ and no hub is asked.
+    /// Where files come from, tried in order per file: `shared-cache` (`pvc` is accepted),
+    /// `peers`, `hub`. Default: shared-cache (with --shared-cache), peers (with --peers), hub.
+    /// With shared-cache alone, revisions resolve through the cache's refs/ and no hub is asked.
     #[arg(
         long,
         env = "MODELCACHE_SOURCES",
@@ -135,6 +135,26 @@ pub struct HubArgs {
         help_heading = "Sources"
     )]
     pub sources: Vec<Tier>,
+    /// Other agents to fetch blobs from (their --peer-listen), e.g.
+    /// http://10.0.0.7:7475,http://10.0.0.8:7475. Every byte is verified by hash.
+    #[arg(
+        long,
+        env = "MODELCACHE_PEERS",
+        value_delimiter = ',',
+        value_name = "URL,...",
+        help_heading = "Peers",
+        requires = "peer_token_file"
+    )]
+    pub peers: Vec<String>,
+    /// A file holding the cluster's peer secret (at least 16 characters): sent to peers, and
+    /// required of requests to --peer-listen.
+    #[arg(
+        long,
+        env = "MODELCACHE_PEER_TOKEN_FILE",
+        value_name = "FILE",
+        help_heading = "Peers"
+    )]
+    pub peer_token_file: Option<PathBuf>,
 }
 
 /// The subcommands. (Flattened argument groups carry their own docs.)
@@ -232,6 +252,20 @@ pub enum Command {
         /// (e.g. 0.0.0.0:9090); off when not given.
         #[arg(long, env = "MODELCACHE_METRICS_LISTEN", value_name = "HOST:PORT")]
         metrics_listen: Option<String>,
+        /// Serve this node's blobs to other agents at this address (e.g. 0.0.0.0:7475), to
+        /// requests that carry the secret of --peer-token-file; off when not given.
+        #[arg(
+            long,
+            env = "MODELCACHE_PEER_LISTEN",
+            value_name = "HOST:PORT",
+            help_heading = "Peers",
+            requires = "peer_token_file"
+        )]
+        peer_listen: Option<String>,
+        /// Uploads to peers at once; more are told to come back (503, Retry-After).
+        #[arg(long, env = "MODELCACHE_PEER_MAX_UPLOADS", value_name = "N", help_heading = "Peers",
+              default_value_t = crate::peers::server::DEFAULT_MAX_UPLOADS, value_parser = at_least_one)]
+        peer_max_uploads: usize,
         /// This node's name (from the downward API's spec.nodeName). Through the in-cluster API
         /// (or KUBECONFIG): label the Node with the models the store holds, and watch it for
         /// pre-warm labels and its DiskPressure condition (which makes eviction critical). Off

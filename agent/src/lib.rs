@@ -18,6 +18,7 @@ pub mod labels;
 pub mod metrics;
 pub mod mounts;
 pub mod node;
+pub mod peers;
 pub mod prewarm;
 pub mod progress;
 pub mod shared_cache;

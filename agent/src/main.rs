@@ -10,6 +10,7 @@ use modelcache_agent::fetch::{Fetcher, Progress, Sources, Ttls, Tuning};
 use modelcache_agent::grpc::AgentService;
 use modelcache_agent::mounts::ProcMountTable;
 use modelcache_agent::node::{self, Admin, Node};
+use modelcache_agent::peers::{PeerSecret, PeerServer, Peers};
 use modelcache_agent::shared_cache::SharedCache;
 use modelcache_agent::{admin, progress};
 use modelcache_core::filter::FileFilter;
@@ -55,7 +56,12 @@ fn fetcher(store: &StoreArgs, hub: &HubArgs) -> anyhow::Result<Fetcher> {
         Some(dir) => Some(SharedCache::open(dir)?),
         None => None,
     };
-    let sources = Sources::new(hub.sources.clone(), shared)?;
+    let peers = match (&hub.peer_token_file, hub.peers.is_empty()) {
+        (Some(file), false) => Some(Peers::new(&hub.peers, PeerSecret::read(file)?)?),
+        _ => None,
+    };
+    let sources =
+        Sources::new(hub.sources.clone(), shared)?.with_peers(peers, !hub.sources.is_empty())?;
     Ok(Fetcher::new(client, Arc::new(store), tuning)
         .with_ttls(Ttls {
             revision: hub.revision_ttl,
@@ -191,6 +197,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             store,
             listen,
             metrics_listen,
+            peer_listen,
+            peer_max_uploads,
             node_name,
             kubeconfig,
             catalogue,
@@ -206,6 +214,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 endpoint = %hub.endpoint,
                 sources = ?sources.order(),
                 shared_cache = sources.shared().map(|s| s.root().display().to_string()),
+                peers = ?sources.peers().map(|p| p.urls()),
                 high_watermark = marks.high,
                 low_watermark = marks.low,
                 max_store_bytes = marks.max_store_bytes,
@@ -229,6 +238,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 api = api.with_events(PodEvents::new(client.clone(), node));
             }
             let api = Arc::new(api);
+            if let (Some(addr), Some(file)) = (&peer_listen, &hub.peer_token_file) {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for peers on {addr}"))?;
+                tracing::info!(address = %listener.local_addr()?, max_uploads = peer_max_uploads, "serving blobs to peers");
+                let server = PeerServer::new(
+                    api.store().clone(),
+                    PeerSecret::read(file)?,
+                    peer_max_uploads,
+                    api.metrics().peer_served.clone(),
+                );
+                tokio::spawn(server.serve(listener, shutdown.clone()));
+            }
             tokio::spawn(api.clone().maintain());
             if let Some((node, client)) = cluster {
                 cluster::spawn(api.clone(), client, node, catalogue, shutdown.clone());

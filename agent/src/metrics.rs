@@ -38,6 +38,8 @@ pub struct Metrics {
     pub fetched_bytes: Family<Source, Counter>,
     /// Hub errors that failed a resolve or a fetch, per kind.
     pub hub_errors: Family<ErrorKind, Counter>,
+    /// Bytes this node sent to peers (its peer server counts them).
+    pub peer_served: Counter,
     ready: Arc<AtomicBool>,
 }
 
@@ -109,6 +111,12 @@ impl Metrics {
             "Hub errors that failed a resolve or a fetch, per kind",
             hub_errors.clone(),
         );
+        let peer_served = Counter::default();
+        registry.register(
+            "peer_served_bytes",
+            "Bytes of blobs this node sent to other agents (--peer-listen)",
+            peer_served.clone(),
+        );
         registry.register_collector(Box::new(StoreCollector {
             store,
             pins,
@@ -122,6 +130,7 @@ impl Metrics {
             fetch_seconds,
             fetched_bytes,
             hub_errors,
+            peer_served,
             ready: Arc::default(),
         }
     }
@@ -135,6 +144,7 @@ impl Metrics {
         let by_source = [
             ("hub", progress.bytes_downloaded),
             ("shared-cache", progress.bytes_imported),
+            ("peers", progress.bytes_from_peers),
         ];
         for (source, bytes) in by_source {
             self.fetched_bytes

@@ -37,6 +37,17 @@ impl Fetcher {
             let last = i + 1 == order.len();
             let miss = match tier {
                 Tier::SharedCache => self.import_blob(src, file, progress).await?.err(),
+                Tier::Peers => {
+                    let peers = self
+                        .sources
+                        .peers()
+                        .expect("peers is a tier only with peers");
+                    peers
+                        .fetch(&self.store, file, progress)
+                        .await?
+                        .err()
+                        .map(TierMiss::Peers)
+                }
                 Tier::Hub => match self.download_blob(src, file, progress).await {
                     Ok(()) => None,
                     Err(e) if last => return Err(e),

@@ -182,6 +182,9 @@ pub enum TierMiss {
     /// The shared cache's copy is not the file wanted.
     #[error("shared cache: its copy {0}")]
     WrongCopy(#[source] ImportError),
+    /// No peer gave the file with the right bytes.
+    #[error("peers: {0}")]
+    Peers(crate::peers::client::PeerMiss),
     /// The hub failed, and another tier comes after it.
     #[error("hub: {0}")]
     Hub(#[source] Box<FetchError>),

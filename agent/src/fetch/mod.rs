@@ -56,6 +56,7 @@ pub struct Progress {
     bytes_total: AtomicU64,
     bytes_downloaded: AtomicU64,
     bytes_imported: AtomicU64,
+    bytes_from_peers: AtomicU64,
     files_done: AtomicU32,
     files_total: AtomicU32,
 }
@@ -71,6 +72,8 @@ pub struct ProgressView {
     pub bytes_downloaded: u64,
     /// Bytes of files imported from the shared cache, once verified.
     pub bytes_imported: u64,
+    /// Bytes of files fetched from peers, once verified.
+    pub bytes_from_peers: u64,
     /// Files present so far.
     pub files_done: u32,
     /// Files in the snapshot.
@@ -78,6 +81,22 @@ pub struct ProgressView {
 }
 
 impl Progress {
+    /// Counts `n` bytes present (while a file arrives).
+    pub(crate) fn add_done(&self, n: u64) {
+        self.bytes_done.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Takes back `n` bytes counted by [`Progress::add_done`].
+    pub(crate) fn sub_done(&self, n: u64) {
+        self.bytes_done.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Records a verified file of `bytes` from a peer.
+    pub(crate) fn record_peer_bytes(&self, bytes: u64) {
+        self.bytes_done.fetch_add(bytes, Ordering::Relaxed);
+        self.bytes_from_peers.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// Reads the counters.
     pub fn view(&self) -> ProgressView {
         ProgressView {
@@ -85,6 +104,7 @@ impl Progress {
             bytes_total: self.bytes_total.load(Ordering::Relaxed),
             bytes_downloaded: self.bytes_downloaded.load(Ordering::Relaxed),
             bytes_imported: self.bytes_imported.load(Ordering::Relaxed),
+            bytes_from_peers: self.bytes_from_peers.load(Ordering::Relaxed),
             files_done: self.files_done.load(Ordering::Relaxed),
             files_total: self.files_total.load(Ordering::Relaxed),
         }
@@ -343,6 +363,17 @@ impl Fetcher {
             None => "shared cache".to_owned(),
         };
         let hub = || format!("hub {}", self.hub.endpoint());
+        if v.bytes_from_peers > 0 {
+            // Where each tier's bytes came from, peers among them.
+            let mut parts = vec![format!("peers ({} bytes)", v.bytes_from_peers)];
+            if v.bytes_imported > 0 {
+                parts.push(format!("{} ({} bytes)", shared(), v.bytes_imported));
+            }
+            if v.bytes_downloaded > 0 {
+                parts.push(format!("{} ({} bytes)", hub(), v.bytes_downloaded));
+            }
+            return parts.join(" + ");
+        }
         match (v.bytes_imported > 0, v.bytes_downloaded > 0) {
             (true, true) => format!(
                 "{} ({} bytes) + {} ({} bytes)",

@@ -1,5 +1,6 @@
 //! Where a node's files come from, in order: the hub, and optionally a shared cache (a PVC that
-//! already holds an HF cache).
+//! already holds an HF cache) and other agents (peers, see [`crate::peers`]; they give files,
+//! never revisions or access).
 //!
 //! - **Files** are taken from the first tier that has them with the right hash: with
 //!   `shared-cache,hub` the shared cache gives what it holds and the hub only the rest; with
@@ -12,6 +13,7 @@
 //!   names it, as the PVC itself would be: keep gated models off a cache shared by tenants, or
 //!   keep `hub` in the tiers.
 
+use crate::peers::Peers;
 use crate::shared_cache::SharedCache;
 use std::fmt;
 use std::sync::Arc;
@@ -22,6 +24,8 @@ pub enum Tier {
     /// The shared cache (`--shared-cache`); `pvc`, its name before 0.2, is accepted.
     #[value(name = "shared-cache", alias = "pvc")]
     SharedCache,
+    /// Other agents (`--peers`).
+    Peers,
     /// The hub (`--endpoint`).
     Hub,
 }
@@ -31,6 +35,7 @@ pub enum Tier {
 pub struct Sources {
     order: Vec<Tier>,
     shared: Option<Arc<SharedCache>>,
+    peers: Option<Arc<Peers>>,
 }
 
 /// A tier order that cannot work.
@@ -44,6 +49,7 @@ impl Default for Sources {
         Sources {
             order: vec![Tier::Hub],
             shared: None,
+            peers: None,
         }
     }
 }
@@ -60,8 +66,9 @@ impl Sources {
         } else {
             order
         };
-        if order.iter().filter(|t| **t == Tier::SharedCache).count() > 1
-            || order.iter().filter(|t| **t == Tier::Hub).count() > 1
+        if [Tier::SharedCache, Tier::Peers, Tier::Hub]
+            .iter()
+            .any(|tier| order.iter().filter(|t| *t == tier).count() > 1)
         {
             return Err(BadSources(format!(
                 "--sources {} names a tier twice",
@@ -81,8 +88,58 @@ impl Sources {
             _ => Ok(Sources {
                 order,
                 shared: shared.map(Arc::new),
+                peers: None,
             }),
         }
+    }
+
+    /// Adds `peers` as a tier: where `order` names them, or, when it was left to the default,
+    /// after the shared cache and before the hub. Refused when the order was given without
+    /// `peers`, or names `peers` without any.
+    pub fn with_peers(
+        mut self,
+        peers: Option<Peers>,
+        order_given: bool,
+    ) -> Result<Self, BadSources> {
+        let named = self.order.contains(&Tier::Peers);
+        match (peers, named, order_given) {
+            (None, false, _) => Ok(self),
+            (None, true, _) => Err(BadSources(
+                "--sources names peers but no --peers are given".into(),
+            )),
+            (Some(_), false, true) => Err(BadSources(format!(
+                "--peers are given but --sources {} does not name peers: add it, e.g. --sources peers,hub",
+                join(&self.order)
+            ))),
+            (Some(_), _, _)
+                if !self
+                    .order
+                    .iter()
+                    .any(|t| matches!(t, Tier::Hub | Tier::SharedCache)) =>
+            {
+                Err(BadSources(
+                    "peers give files, not revisions: keep hub (or shared-cache) in --sources"
+                        .into(),
+                ))
+            }
+            (Some(p), named, _) => {
+                if !named {
+                    let at = self
+                        .order
+                        .iter()
+                        .position(|t| *t == Tier::Hub)
+                        .unwrap_or(self.order.len());
+                    self.order.insert(at, Tier::Peers);
+                }
+                self.peers = Some(Arc::new(p));
+                Ok(self)
+            }
+        }
+    }
+
+    /// The peers, when they are a tier.
+    pub fn peers(&self) -> Option<&Arc<Peers>> {
+        self.peers.as_ref()
     }
 
     /// The tiers in order.
@@ -113,6 +170,7 @@ impl fmt::Display for Tier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Tier::SharedCache => "shared-cache",
+            Tier::Peers => "peers",
             Tier::Hub => "hub",
         })
     }
@@ -151,5 +209,49 @@ mod tests {
         );
         let err = Sources::new(vec![Tier::Hub, Tier::Hub], None).unwrap_err();
         assert!(err.to_string().contains("twice"), "{err}");
+    }
+
+    fn peers() -> Option<Peers> {
+        let secret = crate::peers::PeerSecret::new("0123456789abcdef-secret").unwrap();
+        Some(Peers::new(&["http://127.0.0.1:7475".to_owned()], secret).unwrap())
+    }
+
+    #[test]
+    fn peers_go_after_the_shared_cache_and_before_the_hub_and_never_alone() {
+        let s = Sources::new(vec![], None)
+            .unwrap()
+            .with_peers(peers(), false)
+            .unwrap();
+        assert_eq!(s.order(), [Tier::Peers, Tier::Hub]);
+        assert!(s.peers().is_some());
+        let (_d, c) = cache();
+        let s = Sources::new(vec![], Some(c))
+            .unwrap()
+            .with_peers(peers(), false)
+            .unwrap();
+        assert_eq!(s.order(), [Tier::SharedCache, Tier::Peers, Tier::Hub]);
+        // An order given keeps its place for peers.
+        let s = Sources::new(vec![Tier::Hub, Tier::Peers], None)
+            .unwrap()
+            .with_peers(peers(), true)
+            .unwrap();
+        assert_eq!(s.order(), [Tier::Hub, Tier::Peers]);
+        let cases = [
+            (vec![Tier::Hub], peers(), true, "does not name peers"),
+            (vec![Tier::Peers, Tier::Hub], None, true, "no --peers"),
+            (vec![Tier::Peers], peers(), true, "not revisions"),
+            (
+                vec![Tier::Peers, Tier::Peers, Tier::Hub],
+                peers(),
+                true,
+                "twice",
+            ),
+        ];
+        for (order, peers, given, says) in cases {
+            let err = Sources::new(order.clone(), None)
+                .and_then(|s| s.with_peers(peers, given))
+                .unwrap_err();
+            assert!(err.to_string().contains(says), "{order:?}: {err}");
+        }
     }
 }

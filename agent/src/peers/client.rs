@@ -1,0 +1,442 @@
+//! Fetching blobs from other agents (see [`super`]).
+
+use super::{BAN, PeerSecret, blob_path};
+use crate::fetch::{PlannedFile, Progress};
+use crate::store::{Store, StoreError};
+use futures::StreamExt;
+use modelcache_core::hash::{ContentHash, Hasher};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+
+/// The other agents this one may fetch from.
+#[derive(Debug)]
+pub struct Peers {
+    urls: Vec<String>,
+    secret: PeerSecret,
+    http: reqwest::Client,
+    banned: Mutex<HashMap<String, Instant>>,
+}
+
+/// A peer list that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BadPeers {
+    /// Not an http(s) URL with a host.
+    #[error("--peers {0:?} is not an http:// or https:// URL with a host")]
+    Url(String),
+    /// The HTTP client could not be built.
+    #[error("cannot make the peers' HTTP client: {0}")]
+    Client(String),
+}
+
+/// Why no peer gave a blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerMiss(pub Vec<String>);
+
+impl std::fmt::Display for PeerMiss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("no peer to ask (all banned for wrong bytes)");
+        }
+        f.write_str(&self.0.join("; "))
+    }
+}
+
+/// What one peer did with a request.
+enum Asked {
+    Gave,
+    Miss(String),
+}
+
+impl Peers {
+    /// Peers at `urls` (`http://host:port`), asked with `secret`.
+    pub fn new(urls: &[String], secret: PeerSecret) -> Result<Self, BadPeers> {
+        let mut clean = Vec::new();
+        for u in urls {
+            let parsed = reqwest::Url::parse(u).map_err(|_| BadPeers::Url(u.clone()))?;
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+                return Err(BadPeers::Url(u.clone()));
+            }
+            let u = u.trim_end_matches('/').to_owned();
+            if !clean.contains(&u) {
+                clean.push(u);
+            }
+        }
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("modelcache-peer/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(2))
+            .read_timeout(Duration::from_secs(10))
+            // Peers are in the cluster: a proxy from the environment must not carry the secret.
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| BadPeers::Client(e.to_string()))?;
+        Ok(Peers {
+            urls: clean,
+            secret,
+            http,
+            banned: Mutex::default(),
+        })
+    }
+
+    /// The peers' URLs.
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// The peers to ask for `hash`, best first: highest rendezvous score, banned ones left out.
+    /// Every node orders a blob's peers alike, and different blobs differently.
+    fn order(&self, hash: &ContentHash) -> Vec<&str> {
+        let mut banned = self.banned.lock().expect("bans lock");
+        banned.retain(|_, until| *until > Instant::now());
+        let mut scored: Vec<([u8; 32], &str)> = self
+            .urls
+            .iter()
+            .filter(|u| !banned.contains_key(*u))
+            .map(|u| {
+                let mut h = Sha256::new();
+                h.update(u.as_bytes());
+                h.update(hash.file_name().as_bytes());
+                (h.finalize().into(), u.as_str())
+            })
+            .collect();
+        scored.sort_by_key(|s| std::cmp::Reverse(s.0));
+        scored.into_iter().map(|(_, u)| u).collect()
+    }
+
+    fn ban(&self, url: &str) {
+        self.banned
+            .lock()
+            .expect("bans lock")
+            .insert(url.to_owned(), Instant::now() + BAN);
+    }
+
+    /// Makes `file`'s blob present from the first peer that has it with the right bytes.
+    /// `Ok(Err(miss))` when none did (the next tier is tried); `Err` when the store fails.
+    pub async fn fetch(
+        &self,
+        store: &Arc<Store>,
+        file: &PlannedFile,
+        progress: &Progress,
+    ) -> Result<Result<(), PeerMiss>, StoreError> {
+        let mut misses = Vec::new();
+        for url in self.order(&file.hash) {
+            let counted = AtomicU64::new(0);
+            let asked = self.ask(url, store, file, progress, &counted).await;
+            progress.sub_done(counted.load(Ordering::Relaxed));
+            match asked? {
+                Asked::Gave => {
+                    progress.record_peer_bytes(file.size);
+                    tracing::debug!(file = %file.path, peer = url, bytes = file.size, "verified, from a peer");
+                    return Ok(Ok(()));
+                }
+                Asked::Miss(why) => misses.push(format!("{url}: {why}")),
+            }
+        }
+        Ok(Err(PeerMiss(misses)))
+    }
+
+    /// Asks one peer; wrong bytes ban it.
+    async fn ask(
+        &self,
+        url: &str,
+        store: &Arc<Store>,
+        file: &PlannedFile,
+        progress: &Progress,
+        counted: &AtomicU64,
+    ) -> Result<Asked, StoreError> {
+        let resp = match self
+            .http
+            .get(format!("{url}{}", blob_path(&file.hash)))
+            .header(reqwest::header::AUTHORIZATION, self.secret.bearer())
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Ok(Asked::Miss(format!("unreachable ({e})"))),
+        };
+        match resp.status() {
+            reqwest::StatusCode::OK => {}
+            reqwest::StatusCode::NOT_FOUND => return Ok(Asked::Miss("does not hold it".into())),
+            reqwest::StatusCode::UNAUTHORIZED => {
+                tracing::warn!(
+                    peer = url,
+                    "a peer refused this node's peer secret: check that every agent has the same --peer-token-file"
+                );
+                return Ok(Asked::Miss("refused the peer secret".into()));
+            }
+            s => return Ok(Asked::Miss(format!("answered {s}"))),
+        }
+        let tmp = store.staging_file()?;
+        let std_file = tmp
+            .reopen()
+            .map_err(|e| StoreError::from_io("reopen", tmp.path(), e))?;
+        let mut out =
+            tokio::io::BufWriter::with_capacity(256 << 10, tokio::fs::File::from_std(std_file));
+        let mut hasher = Hasher::new(file.hash.algo(), file.size);
+        let mut body = std::pin::pin!(resp.bytes_stream());
+        let mut got = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => return Ok(Asked::Miss(format!("broke off after {got} bytes ({e})"))),
+            };
+            got += chunk.len() as u64;
+            if got > file.size {
+                self.ban(url);
+                tracing::warn!(peer = url, file = %file.path, "a peer sent more bytes than the file holds; not asked again for a while");
+                return Ok(Asked::Miss("sent too many bytes (banned)".into()));
+            }
+            hasher.update(&chunk);
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| StoreError::from_io("write", tmp.path(), e))?;
+            progress.add_done(chunk.len() as u64);
+            counted.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        out.flush()
+            .await
+            .map_err(|e| StoreError::from_io("write", tmp.path(), e))?;
+        let actual = hasher.finish();
+        if got != file.size || actual != file.hash {
+            self.ban(url);
+            tracing::warn!(peer = url, file = %file.path, expected = %file.hash, got = %actual, bytes = got, "a peer sent wrong bytes; not asked again for a while");
+            return Ok(Asked::Miss("sent wrong bytes (banned)".into()));
+        }
+        let (store, hash) = (store.clone(), file.hash.clone());
+        tokio::task::spawn_blocking(move || store.commit_blob(tmp, &hash))
+            .await
+            .expect("commit task does not panic")?;
+        Ok(Asked::Gave)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peers::PeerServer;
+    use modelcache_core::repo::RepoPath;
+    use prometheus_client::metrics::counter::Counter;
+    use std::sync::atomic::AtomicUsize;
+
+    const SECRET: &str = "the-cluster-secret-0123456789";
+
+    fn secret() -> PeerSecret {
+        PeerSecret::new(SECRET).unwrap()
+    }
+
+    /// A store holding one blob of `bytes`, served on loopback; its URL, the blob's file and the
+    /// served-bytes counter.
+    async fn serving(
+        dir: &std::path::Path,
+        bytes: &[u8],
+        max_uploads: usize,
+    ) -> (String, PlannedFile, Counter) {
+        let store = Arc::new(Store::open(dir.join("a")).unwrap());
+        let hash = crate::store::tests::put_blob(&store, bytes);
+        let served = Counter::default();
+        let server = PeerServer::new(store, secret(), max_uploads, served.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(server.serve(listener, tokio_util::sync::CancellationToken::new()));
+        let file = PlannedFile {
+            path: RepoPath::parse("w.bin").unwrap(),
+            hash,
+            size: bytes.len() as u64,
+        };
+        (url, file, served)
+    }
+
+    fn weights(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn a_blob_comes_verified_from_the_peer_that_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = weights(3 << 20);
+        let (url, file, served) = serving(dir.path(), &bytes, 8).await;
+        // A peer that is down is passed over.
+        let peers = Peers::new(&["http://127.0.0.1:9".to_owned(), url], secret()).unwrap();
+        let store = Arc::new(Store::open(dir.path().join("b")).unwrap());
+        let progress = Progress::default();
+        peers
+            .fetch(&store, &file, &progress)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(store.has_blob(&file.hash));
+        assert_eq!(std::fs::read(store.blob_path(&file.hash)).unwrap(), bytes);
+        let v = progress.view();
+        assert_eq!((v.bytes_done, v.bytes_from_peers), (file.size, file.size));
+        assert_eq!(served.get(), file.size);
+    }
+
+    #[tokio::test]
+    async fn the_server_wants_the_secret_and_serves_blobs_only_by_hash_with_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = weights(1000);
+        let (url, file, _) = serving(dir.path(), &bytes, 8).await;
+        let http = reqwest::Client::new();
+        let get = |path: String, auth: Option<&str>, range: Option<&str>| {
+            let mut req = http.get(format!("{url}{path}"));
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            if let Some(r) = range {
+                req = req.header("range", r);
+            }
+            req.send()
+        };
+        let blob = blob_path(&file.hash);
+        let ok = format!("Bearer {SECRET}");
+        for auth in [
+            None,
+            Some("Bearer wrong-secret-but-long-enough"),
+            Some(SECRET),
+        ] {
+            let r = get(blob.clone(), auth, None).await.unwrap();
+            assert_eq!(r.status(), 401, "{auth:?}");
+            assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        }
+        let r = get(blob.clone(), Some(&ok), None).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.bytes().await.unwrap(), bytes);
+        let r = get(blob.clone(), Some(&ok), Some("bytes=10-19"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 206);
+        assert_eq!(r.headers()["content-range"], "bytes 10-19/1000");
+        assert_eq!(r.bytes().await.unwrap(), bytes[10..20]);
+        let r = get(blob.clone(), Some(&ok), Some("bytes=1000-"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 416);
+        assert_eq!(r.headers()["content-range"], "bytes */1000");
+        // Names, never paths: anything but <algo>-<hex> is refused, and an absent blob is 404.
+        for bad in [
+            "/v1/blobs/..%2F..%2Fetc%2Fpasswd",
+            "/v1/blobs/sha256-XYZ",
+            "/v1/blobs/snapshots",
+        ] {
+            let r = get(bad.to_owned(), Some(&ok), None).await.unwrap();
+            assert_eq!(r.status(), 400, "{bad}");
+        }
+        let absent = format!("/v1/blobs/sha1-{}", "0".repeat(40));
+        assert_eq!(get(absent, Some(&ok), None).await.unwrap().status(), 404);
+        assert_eq!(
+            get("/v1/other".into(), Some(&ok), None)
+                .await
+                .unwrap()
+                .status(),
+            404
+        );
+    }
+
+    #[tokio::test]
+    async fn uploads_past_the_cap_are_told_to_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (url, file, _) = serving(dir.path(), &weights(32 << 20), 1).await;
+        let http = reqwest::Client::new();
+        let get = || {
+            http.get(format!("{url}{}", blob_path(&file.hash)))
+                .header("authorization", format!("Bearer {SECRET}"))
+                .send()
+        };
+        // The first body is not read: its upload holds the one place.
+        let first = get().await.unwrap();
+        assert_eq!(first.status(), 200);
+        let second = get().await.unwrap();
+        assert_eq!(second.status(), 503);
+        assert_eq!(second.headers()["retry-after"], "1");
+        drop(first);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if get().await.unwrap().status() == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the place was not given back");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A peer that answers every blob with the wrong bytes.
+    async fn liar(asked: Arc<AtomicUsize>) -> String {
+        let app = axum::Router::new().fallback(move || {
+            let asked = asked.clone();
+            async move {
+                asked.fetch_add(1, Ordering::Relaxed);
+                vec![0u8; 1000]
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_sends_wrong_bytes_is_not_asked_again_and_nothing_it_sent_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = weights(1000);
+        let (honest, file, _) = serving(dir.path(), &bytes, 8).await;
+        let asked = Arc::new(AtomicUsize::new(0));
+        let liar = liar(asked.clone()).await;
+        let store = Arc::new(Store::open(dir.path().join("b")).unwrap());
+        let progress = Progress::default();
+
+        let alone = Peers::new(std::slice::from_ref(&liar), secret()).unwrap();
+        let miss = alone
+            .fetch(&store, &file, &progress)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            miss.to_string().contains("sent wrong bytes (banned)"),
+            "{miss}"
+        );
+        assert!(!store.has_blob(&file.hash));
+        assert_eq!(progress.view().bytes_done, 0);
+        // Banned: not asked again.
+        let miss = alone
+            .fetch(&store, &file, &progress)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(miss, PeerMiss(vec![]));
+        assert_eq!(asked.load(Ordering::Relaxed), 1);
+
+        // With an honest peer beside it, the blob comes, whichever is asked first.
+        let both = Peers::new(&[liar, honest], secret()).unwrap();
+        both.fetch(&store, &file, &progress).await.unwrap().unwrap();
+        assert_eq!(std::fs::read(store.blob_path(&file.hash)).unwrap(), bytes);
+    }
+
+    #[test]
+    fn peers_are_urls_and_each_blob_has_its_own_order() {
+        for bad in ["10.0.0.1:7475", "ftp://a", "http://", ""] {
+            assert!(Peers::new(&[bad.to_owned()], secret()).is_err(), "{bad:?}");
+        }
+        let urls: Vec<String> = (0..8).map(|i| format!("http://10.0.0.{i}:7475")).collect();
+        let peers = Peers::new(&urls, secret()).unwrap();
+        let firsts: std::collections::BTreeSet<&str> = (0..64u32)
+            .map(|i| {
+                let h = ContentHash::new(
+                    modelcache_core::hash::Algo::Sha256,
+                    &hex::encode(Sha256::digest(i.to_le_bytes())),
+                )
+                .unwrap();
+                let order = peers.order(&h);
+                assert_eq!(order.len(), 8);
+                assert_eq!(order, peers.order(&h), "the same order every time");
+                order[0]
+            })
+            .collect();
+        // 64 blobs spread over the 8 peers.
+        assert!(firsts.len() >= 6, "{firsts:?}");
+    }
+}

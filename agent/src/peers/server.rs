@@ -1,0 +1,196 @@
+//! Serving this node's blobs to other agents (see [`super`]).
+
+use super::PeerSecret;
+use crate::store::Store;
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use modelcache_core::hash::ContentHash;
+use prometheus_client::metrics::counter::Counter;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Uploads at once by default.
+pub const DEFAULT_MAX_UPLOADS: usize = 8;
+
+/// The peer server's state.
+#[derive(Clone)]
+pub struct PeerServer {
+    store: Arc<Store>,
+    secret: PeerSecret,
+    uploads: Arc<Semaphore>,
+    served: Counter,
+}
+
+impl std::fmt::Debug for PeerServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerServer")
+            .field("served", &self.served.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerServer {
+    /// Serves `store`'s blobs to holders of `secret`, at most `max_uploads` at once, counting
+    /// the bytes sent in `served`.
+    pub fn new(store: Arc<Store>, secret: PeerSecret, max_uploads: usize, served: Counter) -> Self {
+        PeerServer {
+            store,
+            secret,
+            uploads: Arc::new(Semaphore::new(max_uploads.max(1))),
+            served,
+        }
+    }
+
+    /// The routes.
+    pub fn router(self) -> axum::Router {
+        axum::Router::new()
+            .route("/v1/blobs/{name}", axum::routing::get(blob))
+            .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no such route") })
+            .with_state(self)
+    }
+
+    /// Serves on `listener` until `shutdown`.
+    pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: CancellationToken) {
+        let app = self.router();
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "the peer server stopped");
+        }
+    }
+}
+
+fn refuse(status: StatusCode, why: &str) -> Response {
+    (status, format!("{why}\n")).into_response()
+}
+
+/// `bytes=a-b` or `bytes=a-` within `len`: the first and last byte; `Err` for a range that
+/// cannot be served (416); `Ok(None)` without a Range header.
+fn range(headers: &HeaderMap, len: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(v) = headers.get(header::RANGE) else {
+        return Ok(None);
+    };
+    let spec = v.to_str().map_err(drop)?.strip_prefix("bytes=").ok_or(())?;
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let first: u64 = a.parse().map_err(drop)?;
+    let last: u64 = match b {
+        "" => len.checked_sub(1).ok_or(())?,
+        b => b.parse::<u64>().map_err(drop)?.min(len.saturating_sub(1)),
+    };
+    if first > last || first >= len {
+        return Err(());
+    }
+    Ok(Some((first, last)))
+}
+
+async fn blob(
+    State(server): State<PeerServer>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    let offered = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !offered.is_some_and(|t| server.secret.accepts(t)) {
+        let mut r = refuse(
+            StatusCode::UNAUTHORIZED,
+            "the cluster's peer secret is required",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let Some(hash) = ContentHash::from_file_name(&name) else {
+        return refuse(StatusCode::BAD_REQUEST, "not a blob name (<algo>-<hex>)");
+    };
+    let Ok(permit) = server.uploads.clone().try_acquire_owned() else {
+        let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, "busy: too many uploads");
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    };
+    if !server.store.has_blob(&hash) {
+        return refuse(StatusCode::NOT_FOUND, "this node does not hold that blob");
+    }
+    let path = server.store.blob_path(&hash);
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(_) => return refuse(StatusCode::NOT_FOUND, "this node does not hold that blob"),
+    };
+    let len = match file.metadata().await {
+        Ok(m) => m.len(),
+        Err(_) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the blob"),
+    };
+    let (status, first, count) = match range(&headers, len) {
+        Ok(None) => (StatusCode::OK, 0, len),
+        Ok(Some((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
+        Err(()) => {
+            let mut r = refuse(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return r;
+        }
+    };
+    if first > 0 && file.seek(std::io::SeekFrom::Start(first)).await.is_err() {
+        return refuse(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the blob");
+    }
+    let served = server.served.clone();
+    // The permit lives as long as the body streams.
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(count), 256 << 10).map(
+        move |chunk| {
+            let _held = &permit;
+            if let Ok(c) = &chunk {
+                served.inc_by(c.len() as u64);
+            }
+            chunk
+        },
+    );
+    let mut r = Response::new(Body::from_stream(stream));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {first}-{}/{len}", first + count - 1))
+    {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::RANGE, HeaderValue::from_str(v).unwrap());
+            m
+        };
+        assert_eq!(range(&HeaderMap::new(), 10), Ok(None));
+        assert_eq!(range(&h("bytes=0-3"), 10), Ok(Some((0, 3))));
+        assert_eq!(range(&h("bytes=4-"), 10), Ok(Some((4, 9))));
+        assert_eq!(range(&h("bytes=4-100"), 10), Ok(Some((4, 9))));
+        for bad in [
+            "bytes=10-",
+            "bytes=5-4",
+            "bytes=-3",
+            "items=0-1",
+            "bytes=a-b",
+            "bytes=0-1,3-4",
+        ] {
+            assert_eq!(range(&h(bad), 10), Err(()), "{bad}");
+        }
+        assert_eq!(range(&h("bytes=0-"), 0), Err(()));
+    }
+}

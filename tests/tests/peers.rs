@@ -1,0 +1,129 @@
+//! The peer tier, with real agents: node A holds a model; node B, given A as a peer, gets every
+//! file from A, verified, and the hub serves B no file (only the revision and the file list).
+//! A's peer port refuses requests without the cluster's secret. Real processes on loopback.
+
+use modelcache_tests::models::generate_model;
+use modelcache_tests::node::{Hub, LocalNode};
+use modelcache_tests::procs::{agent_command, free_port, http_get};
+use modelcache_tests::tree::assert_same_tree;
+
+const SECRET: &str = "a-cluster-secret-for-the-test-0123";
+
+/// The hub's count of answers of one purpose.
+fn hub_requests(endpoint: &str, purpose: &str) -> u64 {
+    let addr = endpoint.trim_start_matches("http://");
+    let (status, body) = http_get(addr, modelcache_hub::server::REQUESTS_PATH).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let counts: serde_json::Value = serde_json::from_str(&body).unwrap();
+    counts[purpose].as_u64().unwrap_or(0)
+}
+
+fn metric(addr: &str, series: &str) -> u64 {
+    let (status, body) = http_get(addr, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{body}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_gets_a_model_from_a_peer_and_the_hub_serves_it_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub_root = dir.path().join("hub");
+    let model = hub_root.join("models/org/m");
+    generate_model(&model, 24 << 20).unwrap();
+    let secret = dir.path().join("peer-secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let secret = secret.to_str().unwrap();
+    let peer_a = format!("127.0.0.1:{}", free_port().unwrap());
+    let metrics_a = format!("127.0.0.1:{}", free_port().unwrap());
+    let metrics_b = format!("127.0.0.1:{}", free_port().unwrap());
+
+    let mut a = LocalNode::start_with(
+        &dir.path().join("a"),
+        Hub::Serve(hub_root, vec![]),
+        60,
+        &[
+            "--peer-listen",
+            &peer_a,
+            "--peer-token-file",
+            secret,
+            "--metrics-listen",
+            &metrics_a,
+        ],
+    )
+    .unwrap();
+    let endpoint = a.hub_endpoint.clone();
+    let mut b = LocalNode::start_with(
+        &dir.path().join("b"),
+        Hub::Remote(endpoint.clone()),
+        60,
+        &[
+            "--peers",
+            &format!("http://{peer_a}"),
+            "--peer-token-file",
+            secret,
+            "--metrics-listen",
+            &metrics_b,
+        ],
+    )
+    .unwrap();
+    a.wait_ready().await.unwrap();
+    b.wait_ready().await.unwrap();
+
+    let ta = a.target("vol-a");
+    a.publish("vol-a", &ta, &[("model", "org/m")], |_| {})
+        .await
+        .unwrap();
+    let files_before = hub_requests(&endpoint, "file");
+    assert!(files_before > 0);
+
+    let tb = b.target("vol-b");
+    b.publish("vol-b", &tb, &[("model", "org/m")], |_| {})
+        .await
+        .unwrap();
+    assert_same_tree(&model, &tb);
+    assert_eq!(
+        hub_requests(&endpoint, "file"),
+        files_before,
+        "the hub served node B a file"
+    );
+
+    // B says where its files came from; A counts what it sent.
+    let out = agent_command(&["ls", "--json", "--store", b.store().to_str().unwrap()]).unwrap();
+    let inv: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let source = inv["snapshots"][0]["source"].as_str().unwrap().to_owned();
+    assert!(source.starts_with("peers ("), "{source}");
+    let model_bytes: u64 = walk_bytes(&model);
+    assert_eq!(
+        metric(
+            &metrics_b,
+            "modelcache_fetched_bytes_total{source=\"peers\"}"
+        ),
+        model_bytes
+    );
+    assert_eq!(
+        metric(&metrics_a, "modelcache_peer_served_bytes_total"),
+        model_bytes
+    );
+
+    // A's peer port: nothing without the secret.
+    let (status, _) = http_get(&peer_a, &format!("/v1/blobs/sha1-{}", "0".repeat(40))).unwrap();
+    assert_eq!(status, 401);
+
+    a.unpublish("vol-a", &ta).await.unwrap();
+    b.unpublish("vol-b", &tb).await.unwrap();
+}
+
+fn walk_bytes(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let m = e.metadata().unwrap();
+        total += if m.is_dir() {
+            walk_bytes(&e.path())
+        } else {
+            m.len()
+        };
+    }
+    total
+}
