@@ -146,6 +146,25 @@ pub struct HubArgs {
         requires = "peer_token_file"
     )]
     pub peers: Vec<String>,
+    /// Find peers by DNS, every 15 s: a name whose addresses are the agents (the chart's
+    /// headless Service) and the port they serve on, e.g. modelcache-peers.modelcache.svc:7475.
+    #[arg(
+        long,
+        env = "MODELCACHE_PEERS_DNS",
+        value_name = "HOST:PORT",
+        help_heading = "Peers",
+        requires = "peer_token_file",
+        conflicts_with = "peers"
+    )]
+    pub peers_dns: Option<String>,
+    /// This agent's own address (its pod IP), left out of what --peers-dns finds.
+    #[arg(
+        long,
+        env = "MODELCACHE_PEER_OWN_IP",
+        value_name = "IP",
+        help_heading = "Peers"
+    )]
+    pub peer_own_ip: Option<std::net::IpAddr>,
     /// A file holding the cluster's peer secret (at least 16 characters): sent to peers, and
     /// required of requests to --peer-listen.
     #[arg(

@@ -10,6 +10,7 @@ use modelcache_agent::fetch::{Fetcher, Progress, Sources, Ttls, Tuning};
 use modelcache_agent::grpc::AgentService;
 use modelcache_agent::mounts::ProcMountTable;
 use modelcache_agent::node::{self, Admin, Node};
+use modelcache_agent::peers::client::{Discovery, discover};
 use modelcache_agent::peers::{PeerSecret, PeerServer, Peers};
 use modelcache_agent::shared_cache::SharedCache;
 use modelcache_agent::{admin, progress};
@@ -56,8 +57,10 @@ fn fetcher(store: &StoreArgs, hub: &HubArgs) -> anyhow::Result<Fetcher> {
         Some(dir) => Some(SharedCache::open(dir)?),
         None => None,
     };
-    let peers = match (&hub.peer_token_file, hub.peers.is_empty()) {
-        (Some(file), false) => Some(Peers::new(&hub.peers, PeerSecret::read(file)?)?),
+    let peers = match &hub.peer_token_file {
+        Some(file) if !hub.peers.is_empty() || hub.peers_dns.is_some() => {
+            Some(Peers::new(&hub.peers, PeerSecret::read(file)?)?)
+        }
         _ => None,
     };
     let sources =
@@ -68,6 +71,17 @@ fn fetcher(store: &StoreArgs, hub: &HubArgs) -> anyhow::Result<Fetcher> {
             access: hub.access_ttl,
         })
         .with_sources(sources))
+}
+
+/// Keeps the peers to what `--peers-dns` finds, when it is given.
+fn spawn_discovery(fetcher: &Fetcher, hub: &HubArgs, shutdown: &CancellationToken) {
+    if let (Some(name), Some(peers)) = (&hub.peers_dns, fetcher.sources().peers()) {
+        let discovery = Discovery {
+            name: name.clone(),
+            own_ip: hub.peer_own_ip,
+        };
+        tokio::spawn(discover(peers.clone(), discovery, shutdown.clone()));
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -99,6 +113,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 revision: Revision::parse(&revision)?,
             };
             let fetcher = fetcher(&store, &hub)?;
+            spawn_discovery(&fetcher, &hub, &shutdown);
             let token = hub.token.clone().and_then(Token::new);
             let filter = FileFilter::new(&include, &exclude)?;
             let progress = Arc::new(Progress::default());
@@ -208,6 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let marks = eviction.watermarks()?;
             let socket = transport::unix_socket_path(&listen)?;
             let fetcher = fetcher(&store, &hub)?;
+            spawn_discovery(&fetcher, &hub, &shutdown);
             let sources = fetcher.sources();
             tracing::info!(
                 store = %fetcher.store().root().display(),

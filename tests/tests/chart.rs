@@ -26,11 +26,15 @@ fn full() -> Manifests {
     helm::render(&[&full_values()], None).expect("the chart renders with ci/full-values.yaml")
 }
 
-/// The argv a container runs, with the downward API's $(NODE_NAME) filled in as kubelet does.
+/// The argv a container runs, with the downward API's $(NODE_NAME) and $(POD_IP) filled in as
+/// kubelet does.
 fn command_line(c: &Value) -> Vec<String> {
     argv(c)
         .into_iter()
-        .map(|a| a.replace("$(NODE_NAME)", "node-a"))
+        .map(|a| {
+            a.replace("$(NODE_NAME)", "node-a")
+                .replace("$(POD_IP)", "10.244.1.7")
+        })
         .collect()
 }
 
@@ -297,6 +301,37 @@ fn every_value_of_the_full_values_file_arrives_where_it_must() {
     assert_eq!(host_path(ds, "dev"), "/dev");
     let limits = eviction.cache_limits();
     assert_eq!((limits.default_size, limits.max_size), (2 << 30, 20 << 30));
+    // Peers: found through the headless Service's name, this pod left out, the generated
+    // secret mounted; only agents reach the port.
+    assert_eq!(
+        (hub.peers_dns.as_deref(), hub.peer_own_ip),
+        (
+            Some("modelcache-peers.modelcache.svc:7575"),
+            Some("10.244.1.7".parse().unwrap())
+        )
+    );
+    assert_eq!(
+        hub.peer_token_file.as_deref(),
+        Some(std::path::Path::new("/etc/modelcache/peer/secret"))
+    );
+    let svc = m.get("Service", "modelcache-peers");
+    assert_eq!(svc["spec"]["clusterIP"], "None");
+    assert_eq!(
+        svc["spec"]["selector"],
+        ds["spec"]["selector"]["matchLabels"]
+    );
+    let secret = m.get("Secret", "modelcache-peer-secret");
+    assert_eq!(secret["data"]["secret"].as_str().map(str::len), Some(44));
+    assert_eq!(
+        mount(container(ds, "agent"), "peer-secret")["mountPath"],
+        "/etc/modelcache/peer"
+    );
+    let policy = m.get("NetworkPolicy", "modelcache-peers");
+    assert_eq!(
+        policy["spec"]["ingress"][0],
+        json!({"from": [{"podSelector": {"matchLabels": ds["spec"]["selector"]["matchLabels"]}}],
+               "ports": [{"port": 7575, "protocol": "TCP"}]})
+    );
     let marks = eviction.watermarks().unwrap();
     assert_eq!(
         (marks.high, marks.low, marks.max_store_bytes),

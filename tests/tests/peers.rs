@@ -1,4 +1,4 @@
-//! The peer tier, with real agents: node A holds a model; node B, given A as a peer, gets every
+//! The peer tier, with real agents: node A holds a model; node B, finding A by DNS, gets every
 //! file from A, verified, and the hub serves B no file (only the revision and the file list).
 //! A's peer port refuses requests without the cluster's secret. Real processes on loopback.
 
@@ -59,8 +59,10 @@ async fn a_node_gets_a_model_from_a_peer_and_the_hub_serves_it_no_file() {
         Hub::Remote(endpoint.clone()),
         60,
         &[
-            "--peers",
-            &format!("http://{peer_a}"),
+            // Found by DNS, as the chart's headless Service finds them: `localhost` resolves to
+            // 127.0.0.1, where A listens (and ::1, where nothing does: passed over).
+            "--peers-dns",
+            &format!("localhost:{}", peer_a.rsplit(':').next().unwrap()),
             "--peer-token-file",
             secret,
             "--metrics-listen",

@@ -8,14 +8,14 @@ use modelcache_core::hash::{ContentHash, Hasher};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
-/// The other agents this one may fetch from.
+/// The other agents this one may fetch from: a list given, or found by DNS ([`discover`]).
 #[derive(Debug)]
 pub struct Peers {
-    urls: Vec<String>,
+    urls: RwLock<Vec<String>>,
     secret: PeerSecret,
     http: reqwest::Client,
     banned: Mutex<HashMap<String, Instant>>,
@@ -30,6 +30,64 @@ pub enum BadPeers {
     /// The HTTP client could not be built.
     #[error("cannot make the peers' HTTP client: {0}")]
     Client(String),
+}
+
+/// The most peers a discovery keeps.
+pub const MAX_PEERS: usize = 1024;
+
+/// How often [`discover`] asks DNS again.
+pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Where to find peers by DNS: a name whose addresses are the agents (a headless Service), the
+/// port they serve on, and this agent's own address to leave out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovery {
+    /// `host:port`, e.g. `modelcache-peers.modelcache.svc:7475`.
+    pub name: String,
+    /// This agent's address (its pod IP), left out of the peers.
+    pub own_ip: Option<std::net::IpAddr>,
+}
+
+impl Discovery {
+    /// The peers' URLs the name resolves to now: sorted, without this agent, at most
+    /// [`MAX_PEERS`].
+    pub async fn resolve(&self) -> std::io::Result<Vec<String>> {
+        let mut addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(&self.name)
+            .await?
+            .filter(|a| Some(a.ip()) != self.own_ip)
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        addrs.truncate(MAX_PEERS);
+        Ok(addrs.into_iter().map(|a| format!("http://{a}")).collect())
+    }
+}
+
+/// Keeps `peers` to what `discovery` resolves to, every [`DISCOVERY_INTERVAL`], until
+/// `shutdown`. A failed lookup keeps the last answer.
+pub async fn discover(
+    peers: Arc<Peers>,
+    discovery: Discovery,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(DISCOVERY_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match discovery.resolve().await {
+            Ok(urls) => {
+                if urls != peers.urls() {
+                    tracing::info!(peers = ?urls, "peers found");
+                    peers.set_urls(urls);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(name = %discovery.name, error = %e, "cannot look peers up; keeping the last answer")
+            }
+        }
+    }
 }
 
 /// Why no peer gave a blob.
@@ -76,32 +134,37 @@ impl Peers {
             .build()
             .map_err(|e| BadPeers::Client(e.to_string()))?;
         Ok(Peers {
-            urls: clean,
+            urls: RwLock::new(clean),
             secret,
             http,
             banned: Mutex::default(),
         })
     }
 
-    /// The peers' URLs.
-    pub fn urls(&self) -> &[String] {
-        &self.urls
+    /// The peers' URLs now.
+    pub fn urls(&self) -> Vec<String> {
+        self.urls.read().expect("peers lock").clone()
+    }
+
+    /// Replaces the peers (a discovery's answer).
+    pub fn set_urls(&self, urls: Vec<String>) {
+        *self.urls.write().expect("peers lock") = urls;
     }
 
     /// The peers to ask for `hash`, best first: highest rendezvous score, banned ones left out.
     /// Every node orders a blob's peers alike, and different blobs differently.
-    fn order(&self, hash: &ContentHash) -> Vec<&str> {
+    fn order(&self, hash: &ContentHash) -> Vec<String> {
         let mut banned = self.banned.lock().expect("bans lock");
         banned.retain(|_, until| *until > Instant::now());
-        let mut scored: Vec<([u8; 32], &str)> = self
-            .urls
-            .iter()
-            .filter(|u| !banned.contains_key(*u))
+        let mut scored: Vec<([u8; 32], String)> = self
+            .urls()
+            .into_iter()
+            .filter(|u| !banned.contains_key(u))
             .map(|u| {
                 let mut h = Sha256::new();
                 h.update(u.as_bytes());
                 h.update(hash.file_name().as_bytes());
-                (h.finalize().into(), u.as_str())
+                (h.finalize().into(), u)
             })
             .collect();
         scored.sort_by_key(|s| std::cmp::Reverse(s.0));
@@ -125,6 +188,7 @@ impl Peers {
     ) -> Result<Result<(), PeerMiss>, StoreError> {
         let mut misses = Vec::new();
         for url in self.order(&file.hash) {
+            let url = url.as_str();
             let counted = AtomicU64::new(0);
             let asked = self.ask(url, store, file, progress, &counted).await;
             progress.sub_done(counted.load(Ordering::Relaxed));
@@ -423,7 +487,7 @@ mod tests {
         }
         let urls: Vec<String> = (0..8).map(|i| format!("http://10.0.0.{i}:7475")).collect();
         let peers = Peers::new(&urls, secret()).unwrap();
-        let firsts: std::collections::BTreeSet<&str> = (0..64u32)
+        let firsts: std::collections::BTreeSet<usize> = (0..64u32)
             .map(|i| {
                 let h = ContentHash::new(
                     modelcache_core::hash::Algo::Sha256,
@@ -433,10 +497,36 @@ mod tests {
                 let order = peers.order(&h);
                 assert_eq!(order.len(), 8);
                 assert_eq!(order, peers.order(&h), "the same order every time");
-                order[0]
+                urls.iter().position(|u| *u == order[0]).unwrap()
             })
             .collect();
         // 64 blobs spread over the 8 peers.
         assert!(firsts.len() >= 6, "{firsts:?}");
+    }
+
+    #[tokio::test]
+    async fn discovery_finds_the_addresses_of_a_name_but_its_own() {
+        let port = 7475;
+        let d = Discovery {
+            name: format!("localhost:{port}"),
+            own_ip: None,
+        };
+        let found = d.resolve().await.unwrap();
+        assert!(
+            found.contains(&format!("http://127.0.0.1:{port}")),
+            "{found:?}"
+        );
+        let d = Discovery {
+            own_ip: Some("127.0.0.1".parse().unwrap()),
+            ..d
+        };
+        let found = d.resolve().await.unwrap();
+        assert!(!found.iter().any(|u| u.contains("127.0.0.1")), "{found:?}");
+        // A discovery's answer replaces the list the order is taken from.
+        let peers = Peers::new(&[], secret()).unwrap();
+        assert!(peers.urls().is_empty());
+        peers.set_urls(vec!["http://10.1.0.1:7475".into()]);
+        let h = ContentHash::new(modelcache_core::hash::Algo::GitSha1, &"a".repeat(40)).unwrap();
+        assert_eq!(peers.order(&h), ["http://10.1.0.1:7475"]);
     }
 }
