@@ -44,7 +44,36 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
     Ok(kube::Client::try_from(config)?)
 }
 
-fn fetcher(store: &StoreArgs, hub: &HubArgs) -> anyhow::Result<Fetcher> {
+/// This agent's URL as its peers know it, when it serves them (`--peer-listen`): the address
+/// it listens on, or `--peer-own-ip` with that port; None when neither names one address.
+fn own_peer_url(
+    listen: Option<&str>,
+    own_ip: Option<std::net::IpAddr>,
+) -> anyhow::Result<Option<String>> {
+    let Some(listen) = listen else {
+        return Ok(None);
+    };
+    let addr: std::net::SocketAddr = listen
+        .parse()
+        .with_context(|| format!("--peer-listen {listen} is not IP:PORT"))?;
+    let ip = own_ip.unwrap_or(addr.ip());
+    if ip.is_unspecified() {
+        tracing::warn!(
+            "--peer-listen {listen} without --peer-own-ip: this node serves its peers but takes no share of a first wave"
+        );
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "http://{}",
+        std::net::SocketAddr::new(ip, addr.port())
+    )))
+}
+
+fn fetcher(
+    store: &StoreArgs,
+    hub: &HubArgs,
+    own_peer_url: Option<String>,
+) -> anyhow::Result<Fetcher> {
     let store = store.open()?;
     let client = HubClient::new(&hub.endpoint, &hub.cdn_hosts)?;
     let tuning = Tuning {
@@ -59,7 +88,7 @@ fn fetcher(store: &StoreArgs, hub: &HubArgs) -> anyhow::Result<Fetcher> {
     };
     let peers = match &hub.peer_token_file {
         Some(file) if !hub.peers.is_empty() || hub.peers_dns.is_some() => {
-            Some(Peers::new(&hub.peers, PeerSecret::read(file)?)?)
+            Some(Peers::new(&hub.peers, PeerSecret::read(file)?)?.with_own_url(own_peer_url))
         }
         _ => None,
     };
@@ -112,7 +141,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 repo: RepoId::parse(&repo)?,
                 revision: Revision::parse(&revision)?,
             };
-            let fetcher = fetcher(&store, &hub)?;
+            let fetcher = fetcher(&store, &hub, None)?;
             spawn_discovery(&fetcher, &hub, &shutdown);
             let token = hub.token.clone().and_then(Token::new);
             let filter = FileFilter::new(&include, &exclude)?;
@@ -222,9 +251,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let marks = eviction.watermarks()?;
             let socket = transport::unix_socket_path(&listen)?;
-            let fetcher = fetcher(&store, &hub)?;
+            let fetcher = fetcher(
+                &store,
+                &hub,
+                own_peer_url(peer_listen.as_deref(), hub.peer_own_ip)?,
+            )?;
             spawn_discovery(&fetcher, &hub, &shutdown);
             let sources = fetcher.sources();
+            // What this node gets from the hub for its peers, for its peer server to tell.
+            let claims = sources
+                .peers()
+                .map(|p| p.claims().clone())
+                .unwrap_or_default();
             tracing::info!(
                 store = %fetcher.store().root().display(),
                 endpoint = %hub.endpoint,
@@ -261,6 +299,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tracing::info!(address = %listener.local_addr()?, max_uploads = peer_max_uploads, "serving blobs to peers");
                 let server = PeerServer::new(
                     api.store().clone(),
+                    api.wanted().clone(),
+                    claims.clone(),
                     PeerSecret::read(file)?,
                     peer_max_uploads,
                     api.metrics().peer_served.clone(),

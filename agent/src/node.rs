@@ -767,6 +767,11 @@ impl Node {
         Ok(ensured)
     }
 
+    /// The blobs this node's running fetches want.
+    pub fn wanted(&self) -> &crate::fetch::Wanted {
+        self.fetcher.wanted()
+    }
+
     /// The node's caches.
     pub fn caches(&self) -> &Arc<Caches> {
         &self.caches

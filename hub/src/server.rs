@@ -55,21 +55,26 @@ pub struct Hub {
 }
 
 /// Where the hub reports the requests it answered, as JSON: `{"revision": n, "auth-check": n,
-/// "tree": n, "file": n}` (a purpose appears once asked).
+/// "tree": n, "file": n, "file_bytes": n}` (a purpose appears once asked; `file_bytes` counts
+/// the bytes of file bodies sent, all clients together: the hub's egress).
 pub const REQUESTS_PATH: &str = "/_hub/requests";
 
-/// Requests answered, by purpose.
-#[derive(Debug, Default)]
-pub struct Requests(std::sync::Mutex<BTreeMap<&'static str, u64>>);
+/// Requests answered, by purpose, and the bytes of file bodies sent (`file_bytes`).
+#[derive(Debug, Default, Clone)]
+pub struct Requests(std::sync::Arc<std::sync::Mutex<BTreeMap<&'static str, u64>>>);
 
 impl Requests {
     fn count(&self, purpose: &'static str) {
+        self.add(purpose, 1);
+    }
+
+    fn add(&self, what: &'static str, n: u64) {
         *self
             .0
             .lock()
             .expect("requests lock")
-            .entry(purpose)
-            .or_default() += 1;
+            .entry(what)
+            .or_default() += n;
     }
 
     /// The counts so far.
@@ -529,6 +534,14 @@ async fn send_file(hub: &Hub, file: &ServedFile, req: Request) -> Result<Respons
     let body = Body::new(body);
     #[cfg(feature = "faults")]
     let body = hub.faults.body(body, len);
+    // The bytes that leave the hub, as they leave: its egress.
+    let sent = hub.requests.clone();
+    let body = Body::from_stream(futures::StreamExt::map(body.into_data_stream(), move |c| {
+        if let Ok(bytes) = &c {
+            sent.add("file_bytes", bytes.len() as u64);
+        }
+        c
+    }));
     #[cfg(not(feature = "faults"))]
     let _ = (hub, len);
     Ok(Response::from_parts(parts, body))

@@ -129,3 +129,93 @@ fn walk_bytes(dir: &std::path::Path) -> u64 {
     }
     total
 }
+
+/// The first wave: three nodes start the same model at once. They split it (each gets a share
+/// from the hub and the rest from the others), and the hub sends the model once.
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_that_start_a_model_at_once_cost_the_hub_one_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub_root = dir.path().join("hub");
+    let model = hub_root.join("models/org/m");
+    // Many files, so that each node owns some.
+    generate_model(&model, 24 << 20).unwrap();
+    for i in 0..12 {
+        std::fs::write(
+            model.join(format!("shard-{i:02}.bin")),
+            vec![i as u8; 1 << 20],
+        )
+        .unwrap();
+    }
+    let secret = dir.path().join("peer-secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let secret = secret.to_str().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
+    let url = |p: u16| format!("http://127.0.0.1:{p}");
+    let mut nodes: Vec<LocalNode> = Vec::new();
+    let mut endpoint: Option<String> = None;
+    for (i, &port) in ports.iter().enumerate() {
+        let listen = format!("127.0.0.1:{port}");
+        let others: Vec<String> = ports
+            .iter()
+            .filter(|&&p| p != port)
+            .map(|&p| url(p))
+            .collect();
+        let others = others.join(",");
+        let hub = match &endpoint {
+            None => Hub::Serve(hub_root.clone(), vec![]),
+            Some(e) => Hub::Remote(e.clone()),
+        };
+        let node = LocalNode::start_with(
+            &dir.path().join(format!("n{i}")),
+            hub,
+            60,
+            &[
+                "--peer-listen",
+                &listen,
+                "--peers",
+                &others,
+                "--peer-token-file",
+                secret,
+            ],
+        )
+        .unwrap();
+        endpoint.get_or_insert(node.hub_endpoint.clone());
+        nodes.push(node);
+    }
+    let endpoint = endpoint.unwrap();
+    for n in nodes.iter_mut() {
+        n.wait_ready().await.unwrap();
+    }
+    let [a, b, c] = &mut nodes[..] else {
+        unreachable!()
+    };
+    let (ta, tb, tc) = (a.target("v"), b.target("v"), c.target("v"));
+    let (ra, rb, rc) = tokio::join!(
+        a.publish("v", &ta, &[("model", "org/m")], |_| {}),
+        b.publish("v", &tb, &[("model", "org/m")], |_| {}),
+        c.publish("v", &tc, &[("model", "org/m")], |_| {}),
+    );
+    ra.unwrap();
+    rb.unwrap();
+    rc.unwrap();
+    for t in [&ta, &tb, &tc] {
+        assert_same_tree(&model, t);
+    }
+    let model_bytes = walk_bytes(&model);
+    let egress = hub_requests(&endpoint, "file_bytes");
+    assert_eq!(
+        egress, model_bytes,
+        "the hub sent {egress} bytes for a {model_bytes}-byte model"
+    );
+    // Each node got a share from the hub, and the rest from its peers.
+    for n in [&*a, &*b, &*c] {
+        let out = agent_command(&["ls", "--json", "--store", n.store().to_str().unwrap()]).unwrap();
+        let inv: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let source = inv["snapshots"][0]["source"].as_str().unwrap().to_owned();
+        assert!(
+            source.starts_with("peers (") && source.contains(" + hub "),
+            "{source}\n{}",
+            n.agent_log()
+        );
+    }
+}

@@ -43,7 +43,7 @@ impl Fetcher {
                         .peers()
                         .expect("peers is a tier only with peers");
                     peers
-                        .fetch(&self.store, file, progress)
+                        .fetch(&self.store, file, progress, src.wave)
                         .await?
                         .err()
                         .map(TierMiss::Peers)

@@ -120,6 +120,8 @@ struct Source<'a> {
     token: Option<&'a Token>,
     /// This fetch's share of the connections.
     share: &'a budget::Share,
+    /// Who gets which blob, with the peers that fetch the same files now.
+    wave: &'a crate::peers::client::Wave,
 }
 
 impl<'a> Source<'a> {
@@ -284,12 +286,14 @@ impl Fetcher {
         // Garbage collection keeps these blobs until the snapshot links them.
         let _wanted = self.wanted.hold(files.iter().map(|f| f.hash.clone()));
         let share = self.connections.share();
+        let no_wave = Default::default();
         let src = Source {
             kind,
             repo,
             commit,
             token,
             share: &share,
+            wave: &no_wave,
         };
         let no_room = |source| FetchError::NoRoom {
             repo: repo.to_string(),
@@ -297,6 +301,18 @@ impl Fetcher {
             source,
         };
         self.make_room(&files).await.map_err(no_room)?;
+        let wave = match self.sources.peers() {
+            Some(peers) => {
+                let missing: Vec<_> = files
+                    .iter()
+                    .filter(|f| !self.store.has_blob(&f.hash))
+                    .map(|f| f.hash.clone())
+                    .collect();
+                peers.plan_wave(&missing).await
+            }
+            None => Default::default(),
+        };
+        let src = Source { wave: &wave, ..src };
         let mut retried = false;
         loop {
             let res = futures::stream::iter(files.clone())

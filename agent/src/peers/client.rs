@@ -1,7 +1,7 @@
 //! Fetching blobs from other agents (see [`super`]).
 
 use super::{BAN, PeerSecret, blob_path};
-use crate::fetch::{PlannedFile, Progress};
+use crate::fetch::{PlannedFile, Progress, Wanted, WantedGuard};
 use crate::store::{Store, StoreError};
 use futures::StreamExt;
 use modelcache_core::hash::{ContentHash, Hasher};
@@ -12,10 +12,59 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
+/// How long a node that starts fetching waits, its wants made known, before asking its peers
+/// what they hold and want: nodes that start the same model within it split the work.
+pub const SETTLE: Duration = Duration::from_secs(1);
+
+/// The longest a node waits for the peer that owns a blob to get it from the hub, while that
+/// peer says it still wants it.
+pub const WAVE_WAIT: Duration = Duration::from_secs(600);
+
+/// How often a waiting node asks the owner again.
+const POLL: Duration = Duration::from_millis(250);
+
+/// Who gets each blob of a first wave from the hub: the node (of those that want it at once)
+/// whose rendezvous score for it is highest. The others take it from that node.
+#[derive(Debug, Default)]
+pub struct Wave {
+    owners: HashMap<ContentHash, Owner>,
+    /// This node's claims on the blobs it owns, made known to peers until the fetch ends.
+    _claims: Option<WantedGuard>,
+}
+
+/// A blob's owner in a [`Wave`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// This node: it asks the hub.
+    Me,
+    /// A peer: this node waits for it, then takes the blob from it.
+    Peer(String),
+}
+
+impl Wave {
+    /// The owner of `hash`, when the wave gave it one.
+    pub fn owner(&self, hash: &ContentHash) -> Option<&Owner> {
+        self.owners.get(hash)
+    }
+}
+
+/// `url`'s rendezvous score for `hash`.
+fn score(url: &str, hash: &ContentHash) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(url.as_bytes());
+    h.update(hash.file_name().as_bytes());
+    h.finalize().into()
+}
+
 /// The other agents this one may fetch from: a list given, or found by DNS ([`discover`]).
 #[derive(Debug)]
 pub struct Peers {
     urls: RwLock<Vec<String>>,
+    /// This node's own URL as its peers know it, when it serves them: it may own blobs.
+    own: Option<String>,
+    /// The blobs this node gets from the hub for its peers, until its fetch ends: its peer
+    /// server tells them, so that a node starting later takes them from here.
+    claims: Wanted,
     secret: PeerSecret,
     http: reqwest::Client,
     banned: Mutex<HashMap<String, Instant>>,
@@ -135,10 +184,30 @@ impl Peers {
             .map_err(|e| BadPeers::Client(e.to_string()))?;
         Ok(Peers {
             urls: RwLock::new(clean),
+            own: None,
+            claims: Wanted::default(),
             secret,
             http,
             banned: Mutex::default(),
         })
+    }
+
+    /// This node serves its peers at `own` (as they know it): in a first wave it takes its
+    /// share of blobs from the hub for them.
+    pub fn with_own_url(mut self, own: Option<String>) -> Self {
+        self.own = own;
+        self
+    }
+
+    /// The blobs this node claims, for its peer server to tell.
+    pub fn claims(&self) -> &Wanted {
+        &self.claims
+    }
+
+    /// Records claims in `claims` (shared with a peer server made first).
+    pub fn with_claims(mut self, claims: Wanted) -> Self {
+        self.claims = claims;
+        self
     }
 
     /// The peers' URLs now.
@@ -159,13 +228,8 @@ impl Peers {
         let mut scored: Vec<([u8; 32], String)> = self
             .urls()
             .into_iter()
-            .filter(|u| !banned.contains_key(u))
-            .map(|u| {
-                let mut h = Sha256::new();
-                h.update(u.as_bytes());
-                h.update(hash.file_name().as_bytes());
-                (h.finalize().into(), u)
-            })
+            .filter(|u| !banned.contains_key(u) && Some(u) != self.own.as_ref())
+            .map(|u| (score(&u, hash), u))
             .collect();
         scored.sort_by_key(|s| std::cmp::Reverse(s.0));
         scored.into_iter().map(|(_, u)| u).collect()
@@ -178,16 +242,159 @@ impl Peers {
             .insert(url.to_owned(), Instant::now() + BAN);
     }
 
-    /// Makes `file`'s blob present from the first peer that has it with the right bytes.
-    /// `Ok(Err(miss))` when none did (the next tier is tried); `Err` when the store fails.
+    /// What `url` holds and wants of `names`; None when it does not answer.
+    async fn status(&self, url: &str, names: &[String]) -> Option<super::server::Status> {
+        let req = super::server::StatusRequest {
+            blobs: names.to_vec(),
+        };
+        let resp = self
+            .http
+            .post(format!("{url}/v1/status"))
+            .header(reqwest::header::AUTHORIZATION, self.secret.bearer())
+            .json(&req)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        resp.json().await.ok()
+    }
+
+    /// Splits the blobs `missing` among the nodes that want them now: after [`SETTLE`] (when
+    /// this node may own blobs), asks every peer what it holds, claims and wants. A blob a peer
+    /// holds gets no owner (it is taken from a holder); one a peer claims (it is getting it from
+    /// the hub) is owned by that peer. Any other blob goes to the highest rendezvous score among
+    /// the peers that want it and this node: nodes that start within [`SETTLE`] of each other
+    /// compute the same owners. This node then claims what it owns, so a node that starts later
+    /// takes those from it.
+    pub async fn plan_wave(&self, missing: &[ContentHash]) -> Wave {
+        let peers = self.urls();
+        if missing.is_empty() || peers.is_empty() {
+            return Wave::default();
+        }
+        if self.own.is_some() {
+            tokio::time::sleep(SETTLE).await;
+        }
+        let names: Vec<String> = missing.iter().map(ContentHash::file_name).collect();
+        let asked = futures::future::join_all(peers.iter().map(|u| self.status(u, &names))).await;
+        let mut holders: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        let mut wanters: HashMap<&str, Vec<&str>> = HashMap::new();
+        let mut claimers: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (url, status) in peers.iter().zip(&asked) {
+            let Some(status) = status else { continue };
+            holders.extend(status.have.iter().map(String::as_str));
+            for name in &status.want {
+                wanters.entry(name.as_str()).or_default().push(url.as_str());
+            }
+            for name in &status.claim {
+                claimers
+                    .entry(name.as_str())
+                    .or_default()
+                    .push(url.as_str());
+            }
+        }
+        let mut wave = Wave::default();
+        for (hash, name) in missing.iter().zip(&names) {
+            if holders.contains(name.as_str()) {
+                continue;
+            }
+            if let Some(claimed) = claimers.get(name.as_str())
+                && let Some(best) = claimed.iter().max_by_key(|u| score(u, hash))
+            {
+                wave.owners
+                    .insert(hash.clone(), Owner::Peer((*best).to_owned()));
+                continue;
+            }
+            let mut candidates: Vec<&str> = wanters.get(name.as_str()).cloned().unwrap_or_default();
+            if let Some(own) = &self.own {
+                candidates.push(own);
+            }
+            let Some(best) = candidates.into_iter().max_by_key(|u| score(u, hash)) else {
+                continue;
+            };
+            let owner = match &self.own {
+                Some(own) if own == best => Owner::Me,
+                _ => Owner::Peer(best.to_owned()),
+            };
+            wave.owners.insert(hash.clone(), owner);
+        }
+        let mine: Vec<ContentHash> = wave
+            .owners
+            .iter()
+            .filter(|(_, o)| **o == Owner::Me)
+            .map(|(h, _)| h.clone())
+            .collect();
+        tracing::info!(
+            blobs = missing.len(),
+            from_hub_here = mine.len(),
+            from_peers = wave.owners.len() - mine.len(),
+            "first wave split with peers"
+        );
+        wave._claims = Some(self.claims.hold(mine));
+        wave
+    }
+
+    /// Waits while `owner` says it claims or wants `hash`, until it holds it (true), stops
+    /// getting it or does not answer (false), or [`WAVE_WAIT`] passes.
+    async fn wait_for(&self, owner: &str, hash: &ContentHash) -> bool {
+        let names = [hash.file_name()];
+        let deadline = Instant::now() + WAVE_WAIT;
+        while Instant::now() < deadline {
+            match self.status(owner, &names).await {
+                Some(s) if !s.have.is_empty() => return true,
+                Some(s) if !s.claim.is_empty() || !s.want.is_empty() => {
+                    tokio::time::sleep(POLL).await
+                }
+                _ => return false,
+            }
+        }
+        false
+    }
+
+    /// Makes `file`'s blob present from the first peer that has it with the right bytes: in
+    /// a first wave, from its owner once the owner holds it (or from the hub, when this node
+    /// owns it). `Ok(Err(miss))` when no peer gave it (the next tier is tried); `Err` when the
+    /// store fails.
     pub async fn fetch(
         &self,
         store: &Arc<Store>,
         file: &PlannedFile,
         progress: &Progress,
+        wave: &Wave,
     ) -> Result<Result<(), PeerMiss>, StoreError> {
         let mut misses = Vec::new();
+        let mut asked_owner = None;
+        match wave.owner(&file.hash) {
+            Some(Owner::Me) => {
+                return Ok(Err(PeerMiss(vec![
+                    "this node gets it from the hub, for its peers too".into(),
+                ])));
+            }
+            Some(Owner::Peer(owner)) => {
+                asked_owner = Some(owner.as_str());
+                if self.wait_for(owner, &file.hash).await {
+                    let counted = AtomicU64::new(0);
+                    let asked = self.ask(owner, store, file, progress, &counted).await;
+                    progress.sub_done(counted.load(Ordering::Relaxed));
+                    match asked? {
+                        Asked::Gave => {
+                            progress.record_peer_bytes(file.size);
+                            return Ok(Ok(()));
+                        }
+                        Asked::Miss(why) => misses.push(format!("{owner}: {why}")),
+                    }
+                } else {
+                    misses.push(format!("{owner}: stopped getting it"));
+                }
+            }
+            None => {}
+        }
         for url in self.order(&file.hash) {
+            if Some(url.as_str()) == asked_owner {
+                continue;
+            }
             let url = url.as_str();
             let counted = AtomicU64::new(0);
             let asked = self.ask(url, store, file, progress, &counted).await;
@@ -303,7 +510,14 @@ mod tests {
         let store = Arc::new(Store::open(dir.join("a")).unwrap());
         let hash = crate::store::tests::put_blob(&store, bytes);
         let served = Counter::default();
-        let server = PeerServer::new(store, secret(), max_uploads, served.clone());
+        let server = PeerServer::new(
+            store,
+            crate::fetch::Wanted::default(),
+            crate::fetch::Wanted::default(),
+            secret(),
+            max_uploads,
+            served.clone(),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(server.serve(listener, tokio_util::sync::CancellationToken::new()));
@@ -329,7 +543,7 @@ mod tests {
         let store = Arc::new(Store::open(dir.path().join("b")).unwrap());
         let progress = Progress::default();
         peers
-            .fetch(&store, &file, &progress)
+            .fetch(&store, &file, &progress, &Wave::default())
             .await
             .unwrap()
             .unwrap();
@@ -455,7 +669,7 @@ mod tests {
 
         let alone = Peers::new(std::slice::from_ref(&liar), secret()).unwrap();
         let miss = alone
-            .fetch(&store, &file, &progress)
+            .fetch(&store, &file, &progress, &Wave::default())
             .await
             .unwrap()
             .unwrap_err();
@@ -467,7 +681,7 @@ mod tests {
         assert_eq!(progress.view().bytes_done, 0);
         // Banned: not asked again.
         let miss = alone
-            .fetch(&store, &file, &progress)
+            .fetch(&store, &file, &progress, &Wave::default())
             .await
             .unwrap()
             .unwrap_err();
@@ -476,7 +690,10 @@ mod tests {
 
         // With an honest peer beside it, the blob comes, whichever is asked first.
         let both = Peers::new(&[liar, honest], secret()).unwrap();
-        both.fetch(&store, &file, &progress).await.unwrap().unwrap();
+        both.fetch(&store, &file, &progress, &Wave::default())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(std::fs::read(store.blob_path(&file.hash)).unwrap(), bytes);
     }
 
@@ -528,5 +745,99 @@ mod tests {
         peers.set_urls(vec!["http://10.1.0.1:7475".into()]);
         let h = ContentHash::new(modelcache_core::hash::Algo::GitSha1, &"a".repeat(40)).unwrap();
         assert_eq!(peers.order(&h), ["http://10.1.0.1:7475"]);
+    }
+
+    /// A peer server over an empty store whose running fetch wants `hashes`: its URL, the
+    /// guard of its wants, and its claims (to share with its client side).
+    async fn wanting(
+        dir: &std::path::Path,
+        hashes: &[ContentHash],
+    ) -> (String, crate::fetch::WantedGuard, Wanted) {
+        let store = Arc::new(Store::open(dir).unwrap());
+        let wanted = Wanted::default();
+        let claims = Wanted::default();
+        let guard = wanted.hold(hashes.iter().cloned());
+        let server = PeerServer::new(
+            store,
+            wanted,
+            claims.clone(),
+            secret(),
+            8,
+            Counter::default(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(server.serve(listener, tokio_util::sync::CancellationToken::new()));
+        (url, guard, claims)
+    }
+
+    #[tokio::test]
+    async fn nodes_that_start_at_once_agree_who_gets_each_blob_and_later_ones_take_from_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let hashes: Vec<ContentHash> = (0..40u32)
+            .map(|i| {
+                ContentHash::new(
+                    modelcache_core::hash::Algo::Sha256,
+                    &hex::encode(Sha256::digest(i.to_le_bytes())),
+                )
+                .unwrap()
+            })
+            .collect();
+        // Three nodes, each serving and wanting the same blobs, planning at once.
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            nodes.push(wanting(&dir.path().join(i.to_string()), &hashes).await);
+        }
+        let urls: Vec<String> = nodes.iter().map(|(u, _, _)| u.clone()).collect();
+        let hashes = &hashes;
+        let plans = (0..3).map(|i| {
+            let others: Vec<String> = urls.iter().filter(|u| **u != urls[i]).cloned().collect();
+            let peers = Peers::new(&others, secret())
+                .unwrap()
+                .with_own_url(Some(urls[i].clone()))
+                .with_claims(nodes[i].2.clone());
+            async move {
+                let wave = peers.plan_wave(hashes).await;
+                (peers, wave)
+            }
+        });
+        let waves: Vec<(Peers, Wave)> = futures::future::join_all(plans).await;
+        let mut per_node = [0; 3];
+        for h in hashes {
+            // Exactly one node owns it, and the others name that node.
+            let owners: Vec<usize> = (0..3)
+                .filter(|&i| waves[i].1.owner(h) == Some(&Owner::Me))
+                .collect();
+            assert_eq!(owners.len(), 1, "{h}");
+            let owner = owners[0];
+            per_node[owner] += 1;
+            for i in (0..3).filter(|&i| i != owner) {
+                assert_eq!(waves[i].1.owner(h), Some(&Owner::Peer(urls[owner].clone())));
+            }
+            // Its claim is told to peers while the fetch lasts.
+            assert!(nodes[owner].2.contains(h));
+        }
+        // The work is split: each node gets some blobs from the hub.
+        assert!(per_node.iter().all(|&n| n >= 5), "{per_node:?}");
+
+        // A node that starts later, with a rendezvous score of its own, owns nothing: every
+        // blob comes from the node that claimed it.
+        let late = Peers::new(&urls, secret())
+            .unwrap()
+            .with_own_url(Some("http://127.0.0.1:1".into()));
+        let wave = late.plan_wave(hashes).await;
+        for h in hashes {
+            let owner = (0..3)
+                .find(|&i| waves[i].1.owner(h) == Some(&Owner::Me))
+                .unwrap();
+            assert_eq!(
+                wave.owner(h),
+                Some(&Owner::Peer(urls[owner].clone())),
+                "{h}"
+            );
+        }
+        // Once the fetches end, the claims go.
+        drop(waves);
+        assert!(hashes.iter().all(|h| !nodes[0].2.contains(h)));
     }
 }

@@ -1,6 +1,7 @@
 //! Serving this node's blobs to other agents (see [`super`]).
 
 use super::PeerSecret;
+use crate::fetch::Wanted;
 use crate::store::Store;
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
@@ -21,6 +22,8 @@ pub const DEFAULT_MAX_UPLOADS: usize = 8;
 #[derive(Clone)]
 pub struct PeerServer {
     store: Arc<Store>,
+    wanted: Wanted,
+    claims: Wanted,
     secret: PeerSecret,
     uploads: Arc<Semaphore>,
     served: Counter,
@@ -36,10 +39,20 @@ impl std::fmt::Debug for PeerServer {
 
 impl PeerServer {
     /// Serves `store`'s blobs to holders of `secret`, at most `max_uploads` at once, counting
-    /// the bytes sent in `served`.
-    pub fn new(store: Arc<Store>, secret: PeerSecret, max_uploads: usize, served: Counter) -> Self {
+    /// the bytes sent in `served`, and says which blobs this node's running fetches `wanted`
+    /// and which it `claims` (gets from the hub for its peers).
+    pub fn new(
+        store: Arc<Store>,
+        wanted: Wanted,
+        claims: Wanted,
+        secret: PeerSecret,
+        max_uploads: usize,
+        served: Counter,
+    ) -> Self {
         PeerServer {
             store,
+            wanted,
+            claims,
             secret,
             uploads: Arc::new(Semaphore::new(max_uploads.max(1))),
             served,
@@ -50,6 +63,8 @@ impl PeerServer {
     pub fn router(self) -> axum::Router {
         axum::Router::new()
             .route("/v1/blobs/{name}", axum::routing::get(blob))
+            .route("/v1/status", axum::routing::post(status))
+            .layer(axum::extract::DefaultBodyLimit::max(MAX_STATUS_BODY))
             .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no such route") })
             .with_state(self)
     }
@@ -64,6 +79,76 @@ impl PeerServer {
             tracing::error!(error = %e, "the peer server stopped");
         }
     }
+}
+
+/// The largest status request: about 100,000 blob names.
+pub const MAX_STATUS_BODY: usize = 8 << 20;
+
+/// Which of some blobs a node holds, and which its running fetches want (and will hold).
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    /// Held.
+    pub have: Vec<String>,
+    /// Wanted by a fetch running now, not held yet.
+    pub want: Vec<String>,
+    /// Being got from the hub by this node for its peers (a first wave's share).
+    #[serde(default)]
+    pub claim: Vec<String>,
+}
+
+/// A status request: blob names (`<algo>-<hex>`).
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StatusRequest {
+    /// The blobs asked about.
+    pub blobs: Vec<String>,
+}
+
+/// None when the request carries the secret; else the 401 to answer.
+fn unauthorized(server: &PeerServer, headers: &HeaderMap) -> Option<Response> {
+    let offered = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if offered.is_some_and(|t| server.secret.accepts(t)) {
+        return None;
+    }
+    let mut r = refuse(
+        StatusCode::UNAUTHORIZED,
+        "the cluster's peer secret is required",
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(r)
+}
+
+async fn status(
+    State(server): State<PeerServer>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(r) = unauthorized(&server, &headers) {
+        return r;
+    }
+    let Ok(req) = serde_json::from_slice::<StatusRequest>(&body) else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "expected {\"blobs\": [\"<algo>-<hex>\", …]}",
+        );
+    };
+    let mut answer = Status::default();
+    for name in req.blobs {
+        let Some(hash) = ContentHash::from_file_name(&name) else {
+            continue;
+        };
+        if server.store.has_blob(&hash) {
+            answer.have.push(name);
+        } else if server.claims.contains(&hash) {
+            answer.claim.push(name);
+        } else if server.wanted.contains(&hash) {
+            answer.want.push(name);
+        }
+    }
+    axum::Json(answer).into_response()
 }
 
 fn refuse(status: StatusCode, why: &str) -> Response {
@@ -94,17 +179,7 @@ async fn blob(
     UrlPath(name): UrlPath<String>,
     headers: HeaderMap,
 ) -> Response {
-    let offered = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if !offered.is_some_and(|t| server.secret.accepts(t)) {
-        let mut r = refuse(
-            StatusCode::UNAUTHORIZED,
-            "the cluster's peer secret is required",
-        );
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    if let Some(r) = unauthorized(&server, &headers) {
         return r;
     }
     let Some(hash) = ContentHash::from_file_name(&name) else {
