@@ -219,3 +219,76 @@ async fn nodes_that_start_a_model_at_once_cost_the_hub_one_copy() {
         );
     }
 }
+
+/// Peers change where bytes come from, never who may read them: a node whose volume brings no
+/// token gets nothing of a gated model its peer holds; with the token, it gets it from the peer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gated_model_reaches_a_node_through_its_peers_only_for_a_token_the_hub_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub_root = dir.path().join("hub");
+    let model = hub_root.join("models/org/gated");
+    generate_model(&model, 4 << 20).unwrap();
+    let secret = dir.path().join("peer-secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let secret = secret.to_str().unwrap();
+    let peer_a = format!("127.0.0.1:{}", free_port().unwrap());
+    let gate = vec!["--gated".to_owned(), "org/gated=token-a".to_owned()];
+    let mut a = LocalNode::start_with(
+        &dir.path().join("a"),
+        Hub::Serve(hub_root, gate),
+        60,
+        &["--peer-listen", &peer_a, "--peer-token-file", secret],
+    )
+    .unwrap();
+    let mut b = LocalNode::start_with(
+        &dir.path().join("b"),
+        Hub::Remote(a.hub_endpoint.clone()),
+        60,
+        &[
+            "--peers",
+            &format!("http://{peer_a}"),
+            "--peer-token-file",
+            secret,
+        ],
+    )
+    .unwrap();
+    a.wait_ready().await.unwrap();
+    b.wait_ready().await.unwrap();
+    let ta = a.target("v");
+    let req = modelcache_tests::node::publish_request(
+        "v",
+        &ta,
+        &[("model", "org/gated")],
+        &[("token", "token-a")],
+    );
+    modelcache_tests::node::publish_until_done(&mut a.node, req, |_| {})
+        .await
+        .unwrap();
+    let endpoint = a.hub_endpoint.clone();
+    let files_before = hub_requests(&endpoint, "file_bytes");
+
+    // No token: refused by the hub's answer, and nothing reaches B's store.
+    let tb = b.target("v");
+    let req = modelcache_tests::node::publish_request("v", &tb, &[("model", "org/gated")], &[]);
+    let e = modelcache_tests::node::publish_until_done(&mut b.node, req, |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let out = agent_command(&["ls", "--json", "--store", b.store().to_str().unwrap()]).unwrap();
+    let inv: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(inv["snapshots"], serde_json::json!([]), "{out}");
+    assert_eq!(inv["blobs"], 0, "{out}");
+
+    // With the token: from the peer, the hub sending no file.
+    let req = modelcache_tests::node::publish_request(
+        "v",
+        &tb,
+        &[("model", "org/gated")],
+        &[("token", "token-a")],
+    );
+    modelcache_tests::node::publish_until_done(&mut b.node, req, |_| {})
+        .await
+        .unwrap();
+    assert_same_tree(&model, &tb);
+    assert_eq!(hub_requests(&endpoint, "file_bytes"), files_before);
+}

@@ -840,4 +840,40 @@ mod tests {
         drop(waves);
         assert!(hashes.iter().all(|h| !nodes[0].2.contains(h)));
     }
+
+    #[tokio::test]
+    async fn an_owner_that_does_not_answer_is_bypassed_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = weights(1000);
+        let (holder, file, _) = serving(dir.path(), &bytes, 8).await;
+        let dead = "http://127.0.0.1:9".to_owned();
+        let wave = Wave {
+            owners: [(file.hash.clone(), Owner::Peer(dead.clone()))].into(),
+            _claims: None,
+        };
+        let peers = Peers::new(&[dead, holder], secret()).unwrap();
+        let store = Arc::new(Store::open(dir.path().join("b")).unwrap());
+        let started = Instant::now();
+        peers
+            .fetch(&store, &file, &Progress::default(), &wave)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(store.has_blob(&file.hash));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        // Alone, the miss says why, and the hub is next.
+        let lone = Peers::new(&["http://127.0.0.1:9".to_owned()], secret()).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(other.path()).unwrap());
+        let miss = lone
+            .fetch(&store, &file, &Progress::default(), &wave)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(miss.to_string().contains("stopped getting it"), "{miss}");
+    }
 }
