@@ -20,6 +20,9 @@ use std::time::Duration;
 pub struct FaultPlan {
     /// Serve each file body at most this fast (per response, so per connection at a time).
     pub max_bytes_per_second: Option<std::num::NonZeroU64>,
+    /// Serve file bodies at most this fast all together, whatever the number of clients and
+    /// connections: the hub's egress link.
+    pub max_total_bytes_per_second: Option<std::num::NonZeroU64>,
     /// Share of requests answered `503` (with `Retry-After: 1`) or `500`, half each.
     pub server_errors: f64,
     /// Share of requests answered `429` with `Retry-After: 1` and an exhausted `RateLimit`.
@@ -56,6 +59,8 @@ pub struct Injected {
 #[derive(Debug)]
 pub struct Faults {
     plan: FaultPlan,
+    /// When the egress link is next free, for `max_total_bytes_per_second`.
+    egress: std::sync::Arc<Mutex<tokio::time::Instant>>,
     rng: Mutex<StdRng>,
     server_errors: AtomicU64,
     rate_limits: AtomicU64,
@@ -78,6 +83,7 @@ impl Faults {
     pub fn new(plan: FaultPlan) -> Self {
         Self {
             plan,
+            egress: std::sync::Arc::new(Mutex::new(tokio::time::Instant::now())),
             rng: Mutex::new(StdRng::seed_from_u64(plan.seed)),
             server_errors: AtomicU64::new(0),
             rate_limits: AtomicU64::new(0),
@@ -158,6 +164,10 @@ impl Faults {
             Some(rate) => throttle(body, rate.get()),
             None => body,
         };
+        let body = match self.plan.max_total_bytes_per_second {
+            Some(rate) => share_link(body, rate.get(), self.egress.clone()),
+            None => body,
+        };
         let cut_at = self
             .roll(self.plan.truncations, &self.truncations)
             .then_some(len / 2);
@@ -213,6 +223,46 @@ impl Faults {
         });
         Body::from_stream(stream)
     }
+}
+
+/// A body whose slices (of at most 64 KiB) each wait for their turn on a link of `rate` bytes
+/// a second that every body shares: `next_free` is when the link is next free.
+fn share_link(
+    body: Body,
+    rate: u64,
+    next_free: std::sync::Arc<Mutex<tokio::time::Instant>>,
+) -> Body {
+    use futures::StreamExt;
+    const SLICE: usize = 64 * 1024;
+    let stream = body
+        .into_data_stream()
+        .flat_map(|chunk| {
+            let items: Vec<Result<bytes::Bytes, axum::Error>> = match chunk {
+                Err(e) => vec![Err(e)],
+                Ok(b) => (0..b.len())
+                    .step_by(SLICE)
+                    .map(|i| Ok(b.slice(i..(i + SLICE).min(b.len()))))
+                    .collect(),
+            };
+            futures::stream::iter(items)
+        })
+        .then(move |item| {
+            let next_free = next_free.clone();
+            async move {
+                if let Ok(b) = &item {
+                    let start = {
+                        let mut next = next_free.lock().expect("egress lock");
+                        let now = tokio::time::Instant::now();
+                        let start = (*next).max(now);
+                        *next = start + Duration::from_secs_f64(b.len() as f64 / rate as f64);
+                        start
+                    };
+                    tokio::time::sleep_until(start).await;
+                }
+                item
+            }
+        });
+    Body::from_stream(stream)
 }
 
 /// A body that yields at most `rate` bytes a second, in slices of at most 64 KiB.
@@ -273,5 +323,33 @@ mod tests {
             "{counted:?}"
         );
         assert_eq!((counted.rate_limits, counted.truncations), (0, 0));
+    }
+
+    /// Bodies served at once share the egress cap: three bodies of 192 KiB at a total
+    /// 1 MiB/s take about 0.56 s together, where each alone would take about 0.19 s.
+    #[tokio::test]
+    async fn the_total_egress_cap_is_shared_by_every_body() {
+        use futures::StreamExt;
+        let f = Faults::new(FaultPlan {
+            max_total_bytes_per_second: std::num::NonZeroU64::new(1 << 20),
+            ..Default::default()
+        });
+        let started = tokio::time::Instant::now();
+        let bodies = (0..3).map(|_| {
+            let body = f.body(Body::from(vec![1u8; 192 << 10]), 192 << 10);
+            async move {
+                let mut n = 0;
+                let mut s = body.into_data_stream();
+                while let Some(c) = s.next().await {
+                    n += c.unwrap().len();
+                }
+                n
+            }
+        });
+        let sizes = futures::future::join_all(bodies).await;
+        assert_eq!(sizes, [192 << 10; 3]);
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(500), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
     }
 }

@@ -79,6 +79,9 @@ mod fault_args {
         /// Serve each response body at most this many bytes a second.
         #[arg(long, value_name = "BYTES")]
         max_bytes_per_second: Option<std::num::NonZeroU64>,
+        /// Serve all file bodies together at most this many bytes a second: the hub's egress.
+        #[arg(long, value_name = "BYTES")]
+        max_total_bytes_per_second: Option<std::num::NonZeroU64>,
         /// Share of requests answered 500 or 503 (0 to 1).
         #[arg(long, value_name = "SHARE", default_value_t = 0.0, value_parser = share)]
         server_errors: f64,
@@ -113,6 +116,7 @@ mod fault_args {
         pub fn plan(&self) -> FaultPlan {
             FaultPlan {
                 max_bytes_per_second: self.max_bytes_per_second,
+                max_total_bytes_per_second: self.max_total_bytes_per_second,
                 server_errors: self.server_errors,
                 rate_limits: self.rate_limits,
                 truncations: self.truncations,

@@ -156,7 +156,15 @@ impl std::fmt::Display for PeerMiss {
 enum Asked {
     Gave,
     Miss(String),
+    /// Busy with other uploads (503, 429): ask again.
+    Busy(String),
 }
+
+/// How long a peer busy with other uploads is waited for, outside a first wave.
+const BUSY_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The pause before asking a busy peer again (its Retry-After).
+const BUSY_WAIT: Duration = Duration::from_secs(1);
 
 impl Peers {
     /// Peers at `urls` (`http://host:port`), asked with `secret`.
@@ -375,15 +383,12 @@ impl Peers {
             Some(Owner::Peer(owner)) => {
                 asked_owner = Some(owner.as_str());
                 if self.wait_for(owner, &file.hash).await {
-                    let counted = AtomicU64::new(0);
-                    let asked = self.ask(owner, store, file, progress, &counted).await;
-                    progress.sub_done(counted.load(Ordering::Relaxed));
-                    match asked? {
-                        Asked::Gave => {
-                            progress.record_peer_bytes(file.size);
-                            return Ok(Ok(()));
+                    let until = Instant::now() + WAVE_WAIT;
+                    match self.take_from(owner, store, file, progress, until).await? {
+                        Asked::Gave => return Ok(Ok(())),
+                        Asked::Miss(why) | Asked::Busy(why) => {
+                            misses.push(format!("{owner}: {why}"))
                         }
-                        Asked::Miss(why) => misses.push(format!("{owner}: {why}")),
                     }
                 } else {
                     misses.push(format!("{owner}: stopped getting it"));
@@ -391,11 +396,31 @@ impl Peers {
             }
             None => {}
         }
+        let until = Instant::now() + BUSY_PATIENCE;
         for url in self.order(&file.hash) {
             if Some(url.as_str()) == asked_owner {
                 continue;
             }
-            let url = url.as_str();
+            match self.take_from(&url, store, file, progress, until).await? {
+                Asked::Gave => return Ok(Ok(())),
+                Asked::Miss(why) | Asked::Busy(why) => misses.push(format!("{url}: {why}")),
+            }
+        }
+        Ok(Err(PeerMiss(misses)))
+    }
+
+    /// Asks `url` for `file` until it gives it or misses; a peer busy with other uploads is
+    /// asked again a second later, until `until` (the hub is no better place for a blob a
+    /// peer holds).
+    async fn take_from(
+        &self,
+        url: &str,
+        store: &Arc<Store>,
+        file: &PlannedFile,
+        progress: &Progress,
+        until: Instant,
+    ) -> Result<Asked, StoreError> {
+        loop {
             let counted = AtomicU64::new(0);
             let asked = self.ask(url, store, file, progress, &counted).await;
             progress.sub_done(counted.load(Ordering::Relaxed));
@@ -403,12 +428,12 @@ impl Peers {
                 Asked::Gave => {
                     progress.record_peer_bytes(file.size);
                     tracing::debug!(file = %file.path, peer = url, bytes = file.size, "verified, from a peer");
-                    return Ok(Ok(()));
+                    return Ok(Asked::Gave);
                 }
-                Asked::Miss(why) => misses.push(format!("{url}: {why}")),
+                Asked::Busy(_) if Instant::now() < until => tokio::time::sleep(BUSY_WAIT).await,
+                other => return Ok(other),
             }
         }
-        Ok(Err(PeerMiss(misses)))
     }
 
     /// Asks one peer; wrong bytes ban it.
@@ -439,6 +464,10 @@ impl Peers {
                     "a peer refused this node's peer secret: check that every agent has the same --peer-token-file"
                 );
                 return Ok(Asked::Miss("refused the peer secret".into()));
+            }
+            s @ (reqwest::StatusCode::SERVICE_UNAVAILABLE
+            | reqwest::StatusCode::TOO_MANY_REQUESTS) => {
+                return Ok(Asked::Busy(format!("busy ({s})")));
             }
             s => return Ok(Asked::Miss(format!("answered {s}"))),
         }
@@ -631,7 +660,24 @@ mod tests {
         let second = get().await.unwrap();
         assert_eq!(second.status(), 503);
         assert_eq!(second.headers()["retry-after"], "1");
+        // A node that wants the blob waits for the busy peer rather than going to the hub.
+        let peers = Peers::new(std::slice::from_ref(&url), secret()).unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(b.path()).unwrap());
+        let waiting = {
+            let (store, file) = (store.clone(), file.clone());
+            tokio::spawn(async move {
+                peers
+                    .fetch(&store, &file, &Progress::default(), &Wave::default())
+                    .await
+                    .unwrap()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!waiting.is_finished(), "the busy peer was given up on");
         drop(first);
+        waiting.await.unwrap().unwrap();
+        assert!(store.has_blob(&file.hash));
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if get().await.unwrap().status() == 200 {

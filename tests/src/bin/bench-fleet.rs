@@ -1,0 +1,241 @@
+//! `bench-fleet`: N agents, each with its own store, start the same cold model at once, the hub
+//! capped in total egress (all clients together, as a shared uplink). Two ways in the same run:
+//! each agent from the hub alone, and agents that are each other's peers (first wave). Prints a
+//! Markdown table of the hub's egress (× the model) and the time until every node holds the
+//! model (× one node alone, same hub), and writes an SVG chart. Real agents and hub on loopback;
+//! the agents are driven through the agent API, so no root is needed.
+//! Run it with `hack/bench-fleet.sh`.
+
+use anyhow::Context;
+use clap::Parser;
+use modelcache_proto::agent_v1 as pb;
+use modelcache_tests::chart::{BLUE, Bar, GREY, bars_svg};
+use modelcache_tests::procs::{Proc, bin, free_port, http_get, serve_hub, wait_until};
+use modelcache_tests::tree::fresh_dir;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Benchmark N cold nodes against a capped hub, with and without peers.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// The model's size in MiB, split into --files files.
+    #[arg(long, default_value_t = 256)]
+    model_mib: u64,
+    /// Files of the model.
+    #[arg(long, default_value_t = 16)]
+    files: u64,
+    /// The hub's total egress, MB/s (all clients together).
+    #[arg(long, default_value_t = 50)]
+    hub_mbps: u64,
+    /// Fleet sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
+    nodes: Vec<usize>,
+    /// Working directory (emptied first).
+    #[arg(long, default_value = "/tmp/modelcache-bench-fleet")]
+    workdir: PathBuf,
+    /// Where to write the SVG chart.
+    #[arg(long, default_value = "docs/bench/fleet.svg")]
+    svg: PathBuf,
+}
+
+const REPO: &str = "bench/fleet";
+const SECRET: &str = "bench-fleet-peer-secret-0123456789";
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    modelcache_core::process::run_main(run(cli))
+}
+
+/// One agent of the fleet.
+struct Agent {
+    _proc: Proc,
+    socket: PathBuf,
+}
+
+/// Starts `n` agents in `dir` against `endpoint`, each other's peers when `peers`.
+fn start_fleet(dir: &Path, n: usize, endpoint: &str, peers: bool) -> anyhow::Result<Vec<Agent>> {
+    let secret = dir.join("peer-secret");
+    std::fs::write(&secret, SECRET)?;
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+    let mut agents = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let home = dir.join(format!("node-{i}"));
+        std::fs::create_dir_all(&home)?;
+        let socket = home.join("agent.sock");
+        let listen = format!("unix://{}", socket.display());
+        let store = home.join("store");
+        let mut args: Vec<String> = [
+            "run",
+            "--store",
+            store.to_str().context("UTF-8")?,
+            "--listen",
+            &listen,
+            "--endpoint",
+            endpoint,
+            "--high-watermark",
+            "100",
+            "--low-watermark",
+            "99",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        if peers {
+            let others: Vec<String> = ports
+                .iter()
+                .filter(|p| *p != port)
+                .map(|p| format!("http://127.0.0.1:{p}"))
+                .collect();
+            args.extend([
+                "--peer-listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--peers".into(),
+                others.join(","),
+                "--peer-token-file".into(),
+                secret.display().to_string(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = Proc::start(
+            &format!("agent-{i}"),
+            &bin("modelcache-agent")?,
+            &args,
+            &home,
+        )?;
+        agents.push(Agent {
+            _proc: proc,
+            socket,
+        });
+    }
+    wait_until("the agents' sockets", Duration::from_secs(30), || {
+        Ok(agents.iter().all(|a| a.socket.exists()))
+    })?;
+    Ok(agents)
+}
+
+/// Asks an agent for the model until it is ready; the time it took.
+async fn ensure(socket: PathBuf, started: Instant) -> anyhow::Result<Duration> {
+    let mut client =
+        pb::agent_client::AgentClient::new(modelcache_core::transport::connect_unix(&socket));
+    let deadline = started + Duration::from_secs(1800);
+    loop {
+        let req = pb::EnsureRequest {
+            model: Some(pb::ModelRef {
+                kind: pb::RepoKind::Model as i32,
+                repo: REPO.into(),
+                revision: "main".into(),
+                ..Default::default()
+            }),
+            wait_ms: 30_000,
+            ..Default::default()
+        };
+        let resp = client.ensure(req).await?.into_inner();
+        if let Some(pb::ensure_response::State::Ready(_)) = resp.state {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "not ready after 30 minutes");
+    }
+}
+
+/// The bytes of file bodies the hub has sent.
+fn hub_egress(endpoint: &str) -> anyhow::Result<u64> {
+    let addr = endpoint.trim_start_matches("http://");
+    let (status, body) = http_get(addr, modelcache_hub::server::REQUESTS_PATH)?;
+    anyhow::ensure!(status == 200, "the hub answered {status}");
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    Ok(v["file_bytes"].as_u64().unwrap_or(0))
+}
+
+/// One run: `n` cold nodes at once; the hub's egress and the time until all hold the model.
+async fn case(
+    work: &Path,
+    name: &str,
+    n: usize,
+    peers: bool,
+    endpoint: &str,
+) -> anyhow::Result<(u64, Duration)> {
+    let dir = work.join(name);
+    fresh_dir(&dir)?;
+    let agents = start_fleet(&dir, n, endpoint, peers)?;
+    let before = hub_egress(endpoint)?;
+    let started = Instant::now();
+    let tasks: Vec<_> = agents
+        .iter()
+        .map(|a| tokio::spawn(ensure(a.socket.clone(), started)))
+        .collect();
+    let mut slowest = Duration::ZERO;
+    for t in tasks {
+        slowest = slowest.max(t.await??);
+    }
+    let egress = hub_egress(endpoint)? - before;
+    drop(agents);
+    std::fs::remove_dir_all(&dir).ok();
+    Ok((egress, slowest))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let work = &cli.workdir;
+    fresh_dir(work)?;
+    let model = work.join("hub/models").join(REPO);
+    std::fs::create_dir_all(&model)?;
+    std::fs::write(model.join("config.json"), b"{\"model_type\": \"bench\"}\n")?;
+    let per_file = (cli.model_mib << 20) / cli.files.max(1);
+    for i in 0..cli.files {
+        // Bytes that differ per file, so no two files share a blob.
+        let bytes: Vec<u8> = (0..per_file)
+            .map(|j| ((j.wrapping_mul(2654435761) >> 7) as u8) ^ (i as u8))
+            .collect();
+        std::fs::write(model.join(format!("model-{i:05}.safetensors")), bytes)?;
+    }
+    let model_bytes: u64 = std::fs::read_dir(&model)?
+        .map(|e| Ok(e?.metadata()?.len()))
+        .sum::<std::io::Result<u64>>()?;
+    let rate = (cli.hub_mbps * 1_000_000).to_string();
+    let (_hub, endpoint) = serve_hub(
+        &work.join("hub"),
+        &["--max-total-bytes-per-second", &rate],
+        work,
+    )?;
+
+    let (_, one) = case(work, "one", 1, false, &endpoint).await?;
+    println!(
+        "one node alone: {:.1} s for {} MiB at {} MB/s of hub egress",
+        one.as_secs_f64(),
+        model_bytes >> 20,
+        cli.hub_mbps
+    );
+    println!();
+    println!("| nodes | way | hub egress (× model) | time until all hold it | × one node |");
+    println!("|---|---|---|---|---|");
+    let mut bars = Vec::new();
+    for &n in &cli.nodes {
+        for (way, peers, color) in [("hub only", false, GREY), ("peers", true, BLUE)] {
+            let (egress, took) = case(work, &format!("{n}-{peers}"), n, peers, &endpoint).await?;
+            let x = egress as f64 / model_bytes as f64;
+            let ratio = took.as_secs_f64() / one.as_secs_f64();
+            println!(
+                "| {n} | {way} | {x:.2} | {:.1} s | {ratio:.2} |",
+                took.as_secs_f64()
+            );
+            bars.push(Bar::new(
+                format!("{n} nodes, {way}: {x:.2}× egress"),
+                color,
+                took.as_secs_f64() * 1000.0,
+            ));
+        }
+    }
+    if let Some(parent) = cli.svg.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(
+        &cli.svg,
+        bars_svg(
+            "N cold nodes at once, hub egress capped: time until all hold the model (ms, log scale)",
+            &bars,
+        ),
+    )?;
+    println!();
+    println!("chart: {}", cli.svg.display());
+    Ok(())
+}
