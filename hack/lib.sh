@@ -26,6 +26,20 @@ give_back() {
   return 0
 }
 
+# mke2fs formats cache volumes' images; Debian and Ubuntu have it in e2fsprogs.
+require_mke2fs() {
+  if [ -x /usr/sbin/mke2fs ] || [ -x /sbin/mke2fs ] || command -v mke2fs >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "==> installing e2fsprogs (mke2fs, for cache volumes)" >&2
+  if command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq e2fsprogs
+  else
+    echo "error: mke2fs not found: install e2fsprogs" >&2
+    exit 1
+  fi
+}
+
 require_cargo() {
   if ! command -v cargo >/dev/null 2>&1; then
     echo "error: cargo not found on PATH${SUDO_USER:+ nor in ~$SUDO_USER/.cargo/bin}: install Rust with rustup (https://rustup.rs)" >&2

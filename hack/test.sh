@@ -29,6 +29,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 . hack/lib.sh
 require_cargo
+require_mke2fs
 trap give_back EXIT
 if [ "$with_torch" = 1 ]; then
   python_env tests/requirements-nodeps.txt tests/requirements-torch.txt

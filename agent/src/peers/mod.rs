@@ -2,7 +2,8 @@
 //! fleet already has costs the hub nothing more.
 //!
 //! - **Serving** ([`server`]): `run --peer-listen HOST:PORT` answers `GET /v1/blobs/<algo>-<hex>`
-//!   with the blob's bytes (and `Range`), to requests that carry the cluster's secret
+//!   with the blob's bytes (and `Range`), and `POST /v1/status` with which of some blobs it
+//!   holds, claims or wants, to requests that carry the cluster's secret
 //!   (`Authorization: Bearer`, from `--peer-token-file`); anything else is 401. Blobs only, by
 //!   content hash: no path, repo or snapshot is ever named, and a hash is known only to whoever
 //!   the hub gave the repo's tree. Uploads at once are capped (`--peer-max-uploads`; more are
@@ -11,7 +12,11 @@
 //!   `shared-cache,peers,hub`). A blob is asked of the peers in an order that depends on its hash
 //!   (rendezvous hashing), so the fleet's requests for one model spread over the peers. Every byte
 //!   is verified by hash, as hub bytes are; a peer that sends wrong bytes is not asked again for
-//!   [`BAN`], and the blob comes from the next peer or the hub. Who may read a gated or private
+//!   [`BAN`], and the blob comes from the next peer or the hub.
+//! - **The first wave** ([`client::Peers::plan_wave`]): nodes that start the same model at once
+//!   split it: each blob gets one owner among them (rendezvous hashing), which gets it from the
+//!   hub while the others wait and take it from the owner. Peers are found by DNS
+//!   ([`client::discover`]) or listed. Who may read a gated or private
 //!   model is still decided by the hub, before any blob is fetched: peers change where bytes come
 //!   from, never who may read them.
 
