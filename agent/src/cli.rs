@@ -285,6 +285,11 @@ pub enum Command {
         #[arg(long, env = "MODELCACHE_PEER_MAX_UPLOADS", value_name = "N", help_heading = "Peers",
               default_value_t = crate::peers::server::DEFAULT_MAX_UPLOADS, value_parser = at_least_one)]
         peer_max_uploads: usize,
+        /// Uploads to peers, all together, at most this many MB/s (a share of the node's link
+        /// for the pods); no cap when not given.
+        #[arg(long, env = "MODELCACHE_PEER_MAX_UPLOAD_MBPS", value_name = "MB/S",
+              help_heading = "Peers", value_parser = clap::value_parser!(u64).range(1..))]
+        peer_max_upload_mbps: Option<u64>,
         /// This node's name (from the downward API's spec.nodeName). Through the in-cluster API
         /// (or KUBECONFIG): label the Node with the models the store holds, and watch it for
         /// pre-warm labels and its DiskPressure condition (which makes eviction critical). Off

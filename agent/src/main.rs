@@ -243,6 +243,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_listen,
             peer_listen,
             peer_max_uploads,
+            peer_max_upload_mbps,
             node_name,
             kubeconfig,
             catalogue,
@@ -305,6 +306,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     peer_max_uploads,
                     api.metrics().peer_served.clone(),
                 );
+                let server = server.with_upload_limit(peer_max_upload_mbps.map(|m| m * 1_000_000));
                 tokio::spawn(server.serve(listener, shutdown.clone()));
             }
             tokio::spawn(api.clone().maintain());

@@ -314,6 +314,23 @@ fn every_value_of_the_full_values_file_arrives_where_it_must() {
         hub.peer_token_file.as_deref(),
         Some(std::path::Path::new("/etc/modelcache/peer/secret"))
     );
+    let modelcache_agent::cli::Command::Run {
+        peer_listen,
+        peer_max_uploads,
+        peer_max_upload_mbps,
+        ..
+    } = agent_cli(&m).command
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (
+            peer_listen.as_deref(),
+            peer_max_uploads,
+            peer_max_upload_mbps
+        ),
+        (Some("0.0.0.0:7575"), 4, Some(500))
+    );
     let svc = m.get("Service", "modelcache-peers");
     assert_eq!(svc["spec"]["clusterIP"], "None");
     assert_eq!(

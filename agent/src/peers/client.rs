@@ -922,4 +922,84 @@ mod tests {
             .unwrap_err();
         assert!(miss.to_string().contains("stopped getting it"), "{miss}");
     }
+
+    #[tokio::test]
+    async fn uploads_share_the_upload_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let bytes = weights(384 << 10);
+        let hash = crate::store::tests::put_blob(&store, &bytes);
+        let server = PeerServer::new(
+            store,
+            Wanted::default(),
+            Wanted::default(),
+            secret(),
+            8,
+            Counter::default(),
+        )
+        .with_upload_limit(Some(1 << 20));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(server.serve(listener, tokio_util::sync::CancellationToken::new()));
+        let http = reqwest::Client::new();
+        let started = Instant::now();
+        let get = || async {
+            http.get(format!("{url}{}", blob_path(&hash)))
+                .header("authorization", format!("Bearer {SECRET}"))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+                .len()
+        };
+        let (a, b) = tokio::join!(get(), get());
+        assert_eq!((a, b), (384 << 10, 384 << 10));
+        // 768 KiB at 1 MiB/s, the two uploads together.
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(600), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_dies_mid_transfer_is_passed_over_and_its_bytes_taken_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = weights(1 << 20);
+        let (honest, file, _) = serving(dir.path(), &bytes, 8).await;
+        // Sends the first half of the right bytes, then the connection breaks.
+        let half = bytes[..bytes.len() / 2].to_vec();
+        let app = axum::Router::new().fallback(move || {
+            let half = half.clone();
+            async move {
+                let stream = futures::stream::iter([
+                    Ok::<_, std::io::Error>(bytes::Bytes::from(half)),
+                    Err(std::io::Error::other("killed")),
+                ]);
+                axum::body::Body::from_stream(stream)
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dying = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let store = Arc::new(Store::open(dir.path().join("b")).unwrap());
+        let alone = Peers::new(std::slice::from_ref(&dying), secret()).unwrap();
+        let progress = Progress::default();
+        let miss = alone
+            .fetch(&store, &file, &progress, &Wave::default())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(miss.to_string().contains("broke off"), "{miss}");
+        assert_eq!(progress.view().bytes_done, 0);
+        assert!(!store.has_blob(&file.hash));
+        // Beside an honest peer, the blob comes whole.
+        let both = Peers::new(&[dying, honest], secret()).unwrap();
+        both.fetch(&store, &file, &progress, &Wave::default())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(std::fs::read(store.blob_path(&file.hash)).unwrap(), bytes);
+        assert_eq!(progress.view().bytes_done, file.size);
+    }
 }

@@ -27,6 +27,36 @@ pub struct PeerServer {
     secret: PeerSecret,
     uploads: Arc<Semaphore>,
     served: Counter,
+    link: Option<Arc<Link>>,
+}
+
+/// An upload link of a fixed rate that every upload shares: each chunk waits for its turn.
+#[derive(Debug)]
+pub struct Link {
+    bytes_per_second: f64,
+    next_free: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Link {
+    /// A link of `bytes_per_second`.
+    pub fn new(bytes_per_second: u64) -> Self {
+        Link {
+            bytes_per_second: bytes_per_second.max(1) as f64,
+            next_free: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Waits for `n` bytes' turn.
+    async fn take(&self, n: usize) {
+        let start = {
+            let mut next = self.next_free.lock().expect("link lock");
+            let now = tokio::time::Instant::now();
+            let start = (*next).max(now);
+            *next = start + std::time::Duration::from_secs_f64(n as f64 / self.bytes_per_second);
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
 }
 
 impl std::fmt::Debug for PeerServer {
@@ -56,7 +86,14 @@ impl PeerServer {
             secret,
             uploads: Arc::new(Semaphore::new(max_uploads.max(1))),
             served,
+            link: None,
         }
+    }
+
+    /// Caps uploads, all together, at `bytes_per_second`.
+    pub fn with_upload_limit(mut self, bytes_per_second: Option<u64>) -> Self {
+        self.link = bytes_per_second.map(|r| Arc::new(Link::new(r)));
+        self
     }
 
     /// The routes.
@@ -217,15 +254,22 @@ async fn blob(
     if first > 0 && file.seek(std::io::SeekFrom::Start(first)).await.is_err() {
         return refuse(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the blob");
     }
-    let served = server.served.clone();
-    // The permit lives as long as the body streams.
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(count), 256 << 10).map(
+    let (served, link) = (server.served.clone(), server.link.clone());
+    // The permit lives as long as the body streams; each chunk waits for its turn on the
+    // upload link when one is set.
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(count), 256 << 10).then(
         move |chunk| {
+            let (served, link) = (served.clone(), link.clone());
             let _held = &permit;
-            if let Ok(c) = &chunk {
-                served.inc_by(c.len() as u64);
+            async move {
+                if let Ok(c) = &chunk {
+                    if let Some(link) = &link {
+                        link.take(c.len()).await;
+                    }
+                    served.inc_by(c.len() as u64);
+                }
+                chunk
             }
-            chunk
         },
     );
     let mut r = Response::new(Body::from_stream(stream));
