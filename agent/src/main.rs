@@ -306,7 +306,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     peer_max_uploads,
                     api.metrics().peer_served.clone(),
                 );
-                let server = server.with_upload_limit(peer_max_upload_mbps.map(|m| m * 1_000_000));
+                let server = server
+                    .with_upload_limit(peer_max_upload_mbps.map(|m| m * 1_000_000))
+                    .with_growing(api.growing().clone());
                 tokio::spawn(server.serve(listener, shutdown.clone()));
             }
             tokio::spawn(api.clone().maintain());

@@ -767,6 +767,11 @@ impl Node {
         Ok(ensured)
     }
 
+    /// The blobs downloading now, readable as they grow.
+    pub fn growing(&self) -> &crate::fetch::Growing {
+        self.fetcher.growing()
+    }
+
     /// The blobs this node's running fetches want.
     pub fn wanted(&self) -> &crate::fetch::Wanted {
         self.fetcher.wanted()

@@ -207,6 +207,7 @@ impl Fetcher {
             let job = ranged::Job {
                 hub: &self.hub,
                 store: &self.store,
+                growing: &self.growing,
                 connections: share,
                 chunk_size: self.tuning.chunk_size,
                 parallel: self.tuning.connections,
@@ -247,6 +248,11 @@ impl Fetcher {
         let mut hasher = Hasher::new(file.hash.algo(), file.size);
         let mut body = std::pin::pin!(resp.bytes());
         let mut got = 0u64;
+        // Peers may read it as it grows: what is flushed is told every MiB.
+        let grower = self
+            .growing
+            .start(&file.hash, tmp.path().to_path_buf(), file.size);
+        let mut told = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|source| FetchError::Interrupted {
                 path: file.path.to_string(),
@@ -267,6 +273,13 @@ impl Fetcher {
                 .bytes_done
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             tally.receive(chunk.len() as u64);
+            if got - told >= 1 << 20 {
+                out.flush()
+                    .await
+                    .map_err(|e| StoreError::from_io("write", tmp.path(), e))?;
+                grower.grow(got);
+                told = got;
+            }
         }
         out.flush()
             .await
@@ -289,6 +302,7 @@ impl Fetcher {
         tokio::task::spawn_blocking(move || store.commit_blob(tmp, &hash))
             .await
             .expect("commit task does not panic")?;
+        grower.done();
         tracing::debug!(file = %file.path, bytes = got, "verified");
         Ok(())
     }

@@ -11,6 +11,7 @@ mod blob;
 mod budget;
 mod error;
 mod freshness;
+mod growing;
 mod import;
 mod inflight;
 mod plan;
@@ -24,6 +25,7 @@ pub use error::{FetchError, Misses, NoRoom, TierMiss};
 pub use freshness::{
     Answers, DEFAULT_ACCESS_TTL, DEFAULT_REVISION_TTL, HubCounters, REFUSAL_TTL, Ttls,
 };
+pub use growing::{Avail, Grower, Growing, GrowingBlob};
 pub use import::ImportError;
 pub use plan::{PlannedFile, plan};
 pub use resolve::{Freshness, Resolution};
@@ -177,6 +179,7 @@ pub struct Fetcher {
     inflight: Arc<BlobLocks>,
     sources: Sources,
     wanted: Wanted,
+    growing: Growing,
     room: Option<Arc<dyn Room>>,
 }
 
@@ -198,6 +201,7 @@ impl Fetcher {
             inflight: Arc::default(),
             sources: Sources::default(),
             wanted: Wanted::default(),
+            growing: Growing::default(),
             room: None,
         }
     }
@@ -212,6 +216,11 @@ impl Fetcher {
     /// The blobs running fetches want (for garbage collection beside them).
     pub fn wanted(&self) -> &Wanted {
         &self.wanted
+    }
+
+    /// The blobs downloading now, readable as they grow (for the peer server).
+    pub fn growing(&self) -> &Growing {
+        &self.growing
     }
 
     /// Takes files from `sources`, in their order (the hub alone by default).

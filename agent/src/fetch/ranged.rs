@@ -36,6 +36,8 @@ pub(super) enum Outcome {
 pub(super) struct Job<'a> {
     pub hub: &'a HubClient,
     pub store: &'a Arc<Store>,
+    /// Where the file is told as its in-order prefix grows, for peers to read.
+    pub growing: &'a super::Growing,
     pub connections: &'a super::budget::Share,
     pub chunk_size: u64,
     /// Requests in flight at most (the size of `connections`).
@@ -83,7 +85,12 @@ impl Job<'_> {
         for &i in partial.done() {
             let _ = done_tx.send(i);
         }
-        let hashing = hash_in_order(partial.clone(), self.file, done_rx);
+        let grower = self.growing.start(
+            &self.file.hash,
+            partial.data_path().to_path_buf(),
+            self.file.size,
+        );
+        let hashing = hash_in_order(partial.clone(), self.file, done_rx, &grower);
         let (job, partial_ref, tx) = (self, &partial, &done_tx);
         let fetching = async move {
             let Some((&first, rest)) = todo.split_first() else {
@@ -123,6 +130,7 @@ impl Job<'_> {
                 blocking(move || store.commit_partial(&p, &hash))
                     .await
                     .map_err(FetchError::Store)?;
+                grower.done();
                 tracing::debug!(file = %self.file.path, bytes = self.file.size, "verified");
                 Ok(Outcome::Done)
             }
@@ -318,6 +326,7 @@ async fn hash_in_order(
     partial: Arc<Partial>,
     file: &PlannedFile,
     mut done: mpsc::UnboundedReceiver<u64>,
+    grower: &super::Grower,
 ) -> Result<ContentHash, FetchError> {
     let n = partial.chunks();
     let mut ready = BTreeSet::new();
@@ -344,6 +353,8 @@ async fn hash_in_order(
         })
         .await?;
         next = run_end;
+        // Written from the start up to here: peers may read it.
+        grower.grow(to);
     }
     Ok(hasher.finish())
 }

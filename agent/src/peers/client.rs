@@ -344,23 +344,6 @@ impl Peers {
         wave
     }
 
-    /// Waits while `owner` says it claims or wants `hash`, until it holds it (true), stops
-    /// getting it or does not answer (false), or [`WAVE_WAIT`] passes.
-    async fn wait_for(&self, owner: &str, hash: &ContentHash) -> bool {
-        let names = [hash.file_name()];
-        let deadline = Instant::now() + WAVE_WAIT;
-        while Instant::now() < deadline {
-            match self.status(owner, &names).await {
-                Some(s) if !s.have.is_empty() => return true,
-                Some(s) if !s.claim.is_empty() || !s.want.is_empty() => {
-                    tokio::time::sleep(POLL).await
-                }
-                _ => return false,
-            }
-        }
-        false
-    }
-
     /// Makes `file`'s blob present from the first peer that has it with the right bytes: in
     /// a first wave, from its owner once the owner holds it (or from the hub, when this node
     /// owns it). `Ok(Err(miss))` when no peer gave it (the next tier is tried); `Err` when the
@@ -381,17 +364,16 @@ impl Peers {
                 ])));
             }
             Some(Owner::Peer(owner)) => {
+                // The owner sends what it has written as it downloads, and says "not started
+                // yet" (503) until it starts: asked again until it gives it, or stops getting it.
                 asked_owner = Some(owner.as_str());
-                if self.wait_for(owner, &file.hash).await {
-                    let until = Instant::now() + WAVE_WAIT;
-                    match self.take_from(owner, store, file, progress, until).await? {
-                        Asked::Gave => return Ok(Ok(())),
-                        Asked::Miss(why) | Asked::Busy(why) => {
-                            misses.push(format!("{owner}: {why}"))
-                        }
-                    }
-                } else {
-                    misses.push(format!("{owner}: stopped getting it"));
+                let until = Instant::now() + WAVE_WAIT;
+                match self
+                    .take_from(owner, store, file, progress, until, POLL)
+                    .await?
+                {
+                    Asked::Gave => return Ok(Ok(())),
+                    Asked::Miss(why) | Asked::Busy(why) => misses.push(format!("{owner}: {why}")),
                 }
             }
             None => {}
@@ -401,7 +383,10 @@ impl Peers {
             if Some(url.as_str()) == asked_owner {
                 continue;
             }
-            match self.take_from(&url, store, file, progress, until).await? {
+            match self
+                .take_from(&url, store, file, progress, until, BUSY_WAIT)
+                .await?
+            {
                 Asked::Gave => return Ok(Ok(())),
                 Asked::Miss(why) | Asked::Busy(why) => misses.push(format!("{url}: {why}")),
             }
@@ -419,6 +404,7 @@ impl Peers {
         file: &PlannedFile,
         progress: &Progress,
         until: Instant,
+        pause: Duration,
     ) -> Result<Asked, StoreError> {
         loop {
             let counted = AtomicU64::new(0);
@@ -430,7 +416,7 @@ impl Peers {
                     tracing::debug!(file = %file.path, peer = url, bytes = file.size, "verified, from a peer");
                     return Ok(Asked::Gave);
                 }
-                Asked::Busy(_) if Instant::now() < until => tokio::time::sleep(BUSY_WAIT).await,
+                Asked::Busy(_) if Instant::now() < until => tokio::time::sleep(pause).await,
                 other => return Ok(other),
             }
         }
@@ -920,7 +906,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap_err();
-        assert!(miss.to_string().contains("stopped getting it"), "{miss}");
+        assert!(miss.to_string().contains("unreachable"), "{miss}");
     }
 
     #[tokio::test]
@@ -1001,5 +987,77 @@ mod tests {
             .unwrap();
         assert_eq!(std::fs::read(store.blob_path(&file.hash)).unwrap(), bytes);
         assert_eq!(progress.view().bytes_done, file.size);
+    }
+
+    /// A peer halfway through a download already sends the half it has, then the rest as it
+    /// comes; a download that fails breaks the body off, and nothing is kept.
+    #[tokio::test]
+    async fn a_blob_still_downloading_is_served_as_it_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = weights(2 << 20);
+        let h = {
+            let mut h = modelcache_core::hash::Hasher::new(
+                modelcache_core::hash::Algo::GitSha1,
+                bytes.len() as u64,
+            );
+            h.update(&bytes);
+            h.finish()
+        };
+        let file = PlannedFile {
+            path: RepoPath::parse("w.bin").unwrap(),
+            hash: h.clone(),
+            size: bytes.len() as u64,
+        };
+        for fails in [false, true] {
+            let a = Arc::new(Store::open(dir.path().join(format!("a-{fails}"))).unwrap());
+            let growing = crate::fetch::Growing::default();
+            let server = PeerServer::new(
+                a,
+                Wanted::default(),
+                Wanted::default(),
+                secret(),
+                8,
+                Counter::default(),
+            )
+            .with_growing(growing.clone());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(server.serve(listener, tokio_util::sync::CancellationToken::new()));
+            let path = dir.path().join(format!("growing-{fails}"));
+            let half = bytes.len() / 2;
+            std::fs::write(&path, &bytes[..half]).unwrap();
+            let grower = growing.start(&h, path.clone(), bytes.len() as u64);
+            grower.grow(half as u64);
+            let b = Arc::new(Store::open(dir.path().join(format!("b-{fails}"))).unwrap());
+            let peers = Peers::new(std::slice::from_ref(&url), secret()).unwrap();
+            let taking = {
+                let (b, file) = (b.clone(), file.clone());
+                tokio::spawn(async move {
+                    peers
+                        .fetch(&b, &file, &Progress::default(), &Wave::default())
+                        .await
+                        .unwrap()
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(!taking.is_finished(), "gave up on a growing blob");
+            if fails {
+                drop(grower);
+                let miss = taking.await.unwrap().unwrap_err();
+                assert!(miss.to_string().contains("broke off"), "{miss}");
+                assert!(!b.has_blob(&h));
+            } else {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .unwrap();
+                f.write_all(&bytes[half..]).unwrap();
+                grower.grow(bytes.len() as u64);
+                grower.done();
+                taking.await.unwrap().unwrap();
+                assert_eq!(std::fs::read(b.blob_path(&h)).unwrap(), bytes);
+            }
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Serving this node's blobs to other agents (see [`super`]).
 
 use super::PeerSecret;
-use crate::fetch::Wanted;
+use crate::fetch::{Avail, Growing, GrowingBlob, Wanted};
 use crate::store::Store;
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
@@ -28,6 +28,7 @@ pub struct PeerServer {
     uploads: Arc<Semaphore>,
     served: Counter,
     link: Option<Arc<Link>>,
+    growing: Growing,
 }
 
 /// An upload link of a fixed rate that every upload shares: each chunk waits for its turn.
@@ -87,7 +88,14 @@ impl PeerServer {
             uploads: Arc::new(Semaphore::new(max_uploads.max(1))),
             served,
             link: None,
+            growing: Growing::default(),
         }
+    }
+
+    /// Serves the blobs `growing` holds as they download.
+    pub fn with_growing(mut self, growing: Growing) -> Self {
+        self.growing = growing;
+        self
     }
 
     /// Caps uploads, all together, at `bytes_per_second`.
@@ -229,7 +237,31 @@ async fn blob(
         return r;
     };
     if !server.store.has_blob(&hash) {
-        return refuse(StatusCode::NOT_FOUND, "this node does not hold that blob");
+        // Still downloading: the part written so far, then the rest as it comes.
+        if let Some(blob) = server.growing.get(&hash)
+            && let Ok(file) = tokio::fs::File::open(&blob.path).await
+        {
+            return growing_response(
+                file,
+                blob,
+                permit,
+                server.served.clone(),
+                server.link.clone(),
+            );
+        }
+        if server.store.has_blob(&hash) {
+            // Done between the two looks: served whole below.
+        } else if server.claims.contains(&hash) || server.wanted.contains(&hash) {
+            let mut r = refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not started yet: ask again",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return r;
+        } else {
+            return refuse(StatusCode::NOT_FOUND, "this node does not hold that blob");
+        }
     }
     let path = server.store.blob_path(&hash);
     let mut file = match tokio::fs::File::open(&path).await {
@@ -282,6 +314,86 @@ async fn blob(
     {
         h.insert(header::CONTENT_RANGE, v);
     }
+    r
+}
+
+/// A blob still downloading, sent as it grows: what is written, then each part as it is
+/// written, until it is done; a failed download breaks the body off (the peer that reads it
+/// goes elsewhere).
+fn growing_response(
+    file: tokio::fs::File,
+    blob: GrowingBlob,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    served: Counter,
+    link: Option<Arc<Link>>,
+) -> Response {
+    struct State {
+        file: tokio::fs::File,
+        sent: u64,
+        size: u64,
+        avail: tokio::sync::watch::Receiver<Avail>,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+        served: Counter,
+        link: Option<Arc<Link>>,
+    }
+    let size = blob.size;
+    let state = State {
+        file,
+        sent: 0,
+        size,
+        avail: blob.avail,
+        _permit: permit,
+        served,
+        link,
+    };
+    let stream = futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if st.sent >= st.size {
+                return None;
+            }
+            let now = *st.avail.borrow_and_update();
+            let ready = match now {
+                Avail::Growing(n) => n.min(st.size),
+                Avail::Done => st.size,
+                Avail::Failed => {
+                    let e = std::io::Error::other("the download failed");
+                    st.sent = st.size;
+                    return Some((Err(e), st));
+                }
+            };
+            if ready > st.sent {
+                let want = (ready - st.sent).min(256 << 10) as usize;
+                let mut buf = vec![0u8; want];
+                let n = match st.file.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let e = std::io::Error::other("cannot read the growing blob");
+                        st.sent = st.size;
+                        return Some((Err(e), st));
+                    }
+                    Ok(n) => n,
+                };
+                buf.truncate(n);
+                if let Some(link) = &st.link {
+                    link.take(n).await;
+                }
+                st.sent += n as u64;
+                st.served.inc_by(n as u64);
+                return Some((Ok(bytes::Bytes::from(buf)), st));
+            }
+            if st.avail.changed().await.is_err() {
+                // The download's handle went without a last word: as good as failed, unless
+                // it said done.
+                if *st.avail.borrow() != Avail::Done {
+                    let e = std::io::Error::other("the download stopped");
+                    st.sent = st.size;
+                    return Some((Err(e), st));
+                }
+            }
+        }
+    });
+    let mut r = Response::new(Body::from_stream(stream));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     r
 }
 

@@ -135,6 +135,11 @@ impl Partial {
         &self.done
     }
 
+    /// The file the chunks are written into.
+    pub fn data_path(&self) -> &Path {
+        &self.data_path
+    }
+
     /// Number of chunks.
     pub fn chunks(&self) -> u64 {
         self.size.div_ceil(self.chunk)
