@@ -77,6 +77,11 @@ impl Proc {
         Ok(())
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Where the process logs.
     pub fn log_path(&self) -> &Path {
         &self.log

@@ -49,8 +49,19 @@ fn main() -> std::process::ExitCode {
 
 /// One agent of the fleet.
 struct Agent {
-    _proc: Proc,
+    proc: Proc,
     socket: PathBuf,
+}
+
+/// A process's peak resident memory (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM")?;
+    Ok(kib << 10)
 }
 
 /// Starts `n` agents in `dir` against `endpoint`, each other's peers when `peers`.
@@ -103,10 +114,7 @@ fn start_fleet(dir: &Path, n: usize, endpoint: &str, peers: bool) -> anyhow::Res
             &args,
             &home,
         )?;
-        agents.push(Agent {
-            _proc: proc,
-            socket,
-        });
+        agents.push(Agent { proc, socket });
     }
     wait_until("the agents' sockets", Duration::from_secs(30), || {
         Ok(agents.iter().all(|a| a.socket.exists()))
@@ -154,7 +162,7 @@ async fn case(
     n: usize,
     peers: bool,
     endpoint: &str,
-) -> anyhow::Result<(u64, Duration)> {
+) -> anyhow::Result<(u64, Duration, u64)> {
     let dir = work.join(name);
     fresh_dir(&dir)?;
     let agents = start_fleet(&dir, n, endpoint, peers)?;
@@ -169,9 +177,13 @@ async fn case(
         slowest = slowest.max(t.await??);
     }
     let egress = hub_egress(endpoint)? - before;
+    let mut rss = 0;
+    for a in &agents {
+        rss = rss.max(peak_rss(a.proc.pid())?);
+    }
     drop(agents);
     std::fs::remove_dir_all(&dir).ok();
-    Ok((egress, slowest))
+    Ok((egress, slowest, rss))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -198,7 +210,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         work,
     )?;
 
-    let (_, one) = case(work, "one", 1, false, &endpoint).await?;
+    let (_, one, _) = case(work, "one", 1, false, &endpoint).await?;
     println!(
         "one node alone: {:.1} s for {} MiB at {} MB/s of hub egress",
         one.as_secs_f64(),
@@ -206,17 +218,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cli.hub_mbps
     );
     println!();
-    println!("| nodes | way | hub egress (× model) | time until all hold it | × one node |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| nodes | way | hub egress (× model) | time until all hold it | × one node | peak agent RSS |"
+    );
+    println!("|---|---|---|---|---|---|");
     let mut bars = Vec::new();
     for &n in &cli.nodes {
         for (way, peers, color) in [("hub only", false, GREY), ("peers", true, BLUE)] {
-            let (egress, took) = case(work, &format!("{n}-{peers}"), n, peers, &endpoint).await?;
+            let (egress, took, rss) =
+                case(work, &format!("{n}-{peers}"), n, peers, &endpoint).await?;
             let x = egress as f64 / model_bytes as f64;
             let ratio = took.as_secs_f64() / one.as_secs_f64();
             println!(
-                "| {n} | {way} | {x:.2} | {:.1} s | {ratio:.2} |",
-                took.as_secs_f64()
+                "| {n} | {way} | {x:.2} | {:.1} s | {ratio:.2} | {:.0} MiB |",
+                took.as_secs_f64(),
+                rss as f64 / (1u64 << 20) as f64
             );
             bars.push(Bar::new(
                 format!("{n} nodes, {way}: {x:.2}× egress"),
