@@ -527,21 +527,39 @@ mod tests {
         let served = Counter::default();
         let server = PeerServer::new(
             store,
-            crate::fetch::Wanted::default(),
-            crate::fetch::Wanted::default(),
+            Wanted::default(),
+            Wanted::default(),
             secret(),
             max_uploads,
             served.clone(),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(server.serve(listener, tokio_util::sync::CancellationToken::new()));
+        let url = spawn(server).await;
         let file = PlannedFile {
             path: RepoPath::parse("w.bin").unwrap(),
             hash,
             size: bytes.len() as u64,
         };
         (url, file, served)
+    }
+
+    /// Serves `server` on loopback; its URL.
+    async fn spawn(server: PeerServer) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(server.serve(listener, tokio_util::sync::CancellationToken::new()));
+        url
+    }
+
+    /// A peer server over `store` that wants and claims nothing.
+    fn plain(store: Arc<Store>) -> PeerServer {
+        PeerServer::new(
+            store,
+            Wanted::default(),
+            Wanted::default(),
+            secret(),
+            8,
+            Counter::default(),
+        )
     }
 
     fn weights(n: usize) -> Vec<u8> {
@@ -797,9 +815,7 @@ mod tests {
             8,
             Counter::default(),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(server.serve(listener, tokio_util::sync::CancellationToken::new()));
+        let url = spawn(server).await;
         (url, guard, claims)
     }
 
@@ -915,18 +931,7 @@ mod tests {
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let bytes = weights(384 << 10);
         let hash = crate::store::tests::put_blob(&store, &bytes);
-        let server = PeerServer::new(
-            store,
-            Wanted::default(),
-            Wanted::default(),
-            secret(),
-            8,
-            Counter::default(),
-        )
-        .with_upload_limit(Some(1 << 20));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(server.serve(listener, tokio_util::sync::CancellationToken::new()));
+        let url = spawn(plain(store).with_upload_limit(Some(1 << 20))).await;
         let http = reqwest::Client::new();
         let started = Instant::now();
         let get = || async {
@@ -1011,18 +1016,7 @@ mod tests {
         for fails in [false, true] {
             let a = Arc::new(Store::open(dir.path().join(format!("a-{fails}"))).unwrap());
             let growing = crate::fetch::Growing::default();
-            let server = PeerServer::new(
-                a,
-                Wanted::default(),
-                Wanted::default(),
-                secret(),
-                8,
-                Counter::default(),
-            )
-            .with_growing(growing.clone());
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}", listener.local_addr().unwrap());
-            tokio::spawn(server.serve(listener, tokio_util::sync::CancellationToken::new()));
+            let url = spawn(plain(a).with_growing(growing.clone())).await;
             let path = dir.path().join(format!("growing-{fails}"));
             let half = bytes.len() / 2;
             std::fs::write(&path, &bytes[..half]).unwrap();
