@@ -431,6 +431,17 @@ impl Caches {
         self.list().iter().map(|c| c.bytes).sum()
     }
 
+    /// Bytes the caches no volume has mounted take on disk.
+    pub fn idle_bytes(&self) -> u64 {
+        let state = self.state.lock().expect("caches lock");
+        state
+            .caches
+            .iter()
+            .filter(|(_, r)| r.pins.is_empty())
+            .map(|(key, _)| allocated(&self.dir(key).join(IMAGE)))
+            .sum()
+    }
+
     /// Caches no volume has mounted, least recently used first.
     pub fn idle(&self) -> Vec<Idle> {
         let state = self.state.lock().expect("caches lock");
@@ -605,8 +616,11 @@ mod tests {
         assert_eq!(c.unpin("v1", "/pods/v1/mount").unwrap(), Some(k.clone()));
         assert_eq!(c.unpin("v1", "/pods/v1/mount").unwrap(), None);
         assert_eq!(c.remove_if_idle(&k).unwrap(), None);
+        assert_eq!(c.idle_bytes(), 0, "mounted: nothing to reclaim");
         c.unpin("v2", "/pods/v2/mount").unwrap();
         assert_eq!(c.idle().len(), 1);
+        assert_eq!(c.idle_bytes(), allocated(&e.image));
+        assert!(c.idle_bytes() > 0);
         // A restart remembers the cache.
         drop(c);
         let c = caches(dir.path());

@@ -535,18 +535,7 @@ impl Evictor {
             .filter(|s| pins.volumes_of(s).is_empty() && !self.leased(s))
             .map(|s| self.store.peek_meta(s).bytes)
             .sum();
-        let caches: u64 = match &self.caches {
-            Some(c) => {
-                let idle: std::collections::HashSet<CacheKey> =
-                    c.idle().into_iter().map(|i| i.key).collect();
-                c.list()
-                    .iter()
-                    .filter(|v| idle.iter().any(|k| k.to_string() == v.cache))
-                    .map(|v| v.bytes)
-                    .sum()
-            }
-            None => 0,
-        };
+        let caches = self.caches.as_ref().map_or(0, |c| c.idle_bytes());
         Ok(snapshots
             .saturating_add(caches)
             .saturating_add(self.store.abandoned_partial_bytes()))
