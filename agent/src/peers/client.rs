@@ -184,7 +184,9 @@ impl Peers {
         let http = reqwest::Client::builder()
             .user_agent(concat!("modelcache-peer/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(2))
-            .read_timeout(Duration::from_secs(10))
+            // A blob still downloading grows by a 16 MiB range at a time on the ranged path:
+            // this waits for the next one at 560 KB/s and more; a slower owner is passed over.
+            .read_timeout(Duration::from_secs(30))
             // Peers are in the cluster: a proxy from the environment must not carry the secret.
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
