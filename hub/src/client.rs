@@ -398,8 +398,8 @@ pub const MAX_TREE_ENTRIES: usize = 2_000_000;
 /// How long one try of a JSON request may take, answer included.
 pub const API_DEADLINE: Duration = Duration::from_secs(20);
 
-/// Reads a JSON answer of at most [`MAX_JSON_BYTES`].
-async fn read_json<T: serde::de::DeserializeOwned>(
+/// Reads a JSON answer of at most [`MAX_JSON_BYTES`] (the agent's peers' answers too).
+pub async fn read_json<T: serde::de::DeserializeOwned>(
     mut resp: reqwest::Response,
     url: &str,
     what: &str,

@@ -269,7 +269,10 @@ impl Peers {
         if !resp.status().is_success() {
             return None;
         }
-        resp.json().await.ok()
+        // Bounded, as every JSON answer the agent reads.
+        modelcache_hub::client::read_json(resp, url, "a peer's status")
+            .await
+            .ok()
     }
 
     /// Splits the blobs `missing` among the nodes that want them now: after [`SETTLE`] (when
