@@ -1059,4 +1059,20 @@ mod tests {
             }
         }
     }
+
+    /// A peer's status answer is read up to a bound: a huge one counts as no answer.
+    #[tokio::test]
+    async fn a_huge_status_answer_is_no_answer() {
+        let app = axum::Router::new().fallback(|| async {
+            let mut body = br#"{"have": ["#.to_vec();
+            body.resize(20 << 20, b' ');
+            body.extend_from_slice(b"]}");
+            body
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let peers = Peers::new(std::slice::from_ref(&url), secret()).unwrap();
+        assert_eq!(peers.status(&url, &["x".into()]).await, None);
+    }
 }
