@@ -1064,7 +1064,8 @@ mod tests {
     #[tokio::test]
     async fn a_huge_status_answer_is_no_answer() {
         let app = axum::Router::new().fallback(|| async {
-            let mut body = br#"{"have": ["#.to_vec();
+            // Valid JSON, but for its size.
+            let mut body = br#"{"want": [], "have": ["#.to_vec();
             body.resize(20 << 20, b' ');
             body.extend_from_slice(b"]}");
             body
