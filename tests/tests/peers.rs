@@ -3,7 +3,7 @@
 //! A's peer port refuses requests without the cluster's secret. Real processes on loopback.
 
 use modelcache_tests::models::generate_model;
-use modelcache_tests::node::{Hub, LocalNode};
+use modelcache_tests::node::{Hub, LocalNode, publish_request, publish_until_done};
 use modelcache_tests::procs::{agent_command, free_port, http_get};
 use modelcache_tests::tree::assert_same_tree;
 
@@ -254,25 +254,23 @@ async fn a_gated_model_reaches_a_node_through_its_peers_only_for_a_token_the_hub
     .unwrap();
     a.wait_ready().await.unwrap();
     b.wait_ready().await.unwrap();
-    let ta = a.target("v");
-    let req = modelcache_tests::node::publish_request(
-        "v",
-        &ta,
-        &[("model", "org/gated")],
-        &[("token", "token-a")],
-    );
-    modelcache_tests::node::publish_until_done(&mut a.node, req, |_| {})
+    /// Publishes the gated model at `node`'s volume `v` with these secrets, as kubelet would.
+    async fn publish_gated(
+        node: &mut LocalNode,
+        secrets: &[(&str, &str)],
+    ) -> Result<(), tonic::Status> {
+        let target = node.target("v");
+        let req = publish_request("v", &target, &[("model", "org/gated")], secrets);
+        publish_until_done(&mut node.node, req, |_| {}).await
+    }
+    publish_gated(&mut a, &[("token", "token-a")])
         .await
         .unwrap();
     let endpoint = a.hub_endpoint.clone();
     let files_before = hub_requests(&endpoint, "file_bytes");
 
     // No token: refused by the hub's answer, and nothing reaches B's store.
-    let tb = b.target("v");
-    let req = modelcache_tests::node::publish_request("v", &tb, &[("model", "org/gated")], &[]);
-    let e = modelcache_tests::node::publish_until_done(&mut b.node, req, |_| {})
-        .await
-        .unwrap_err();
+    let e = publish_gated(&mut b, &[]).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     let out = agent_command(&["ls", "--json", "--store", b.store().to_str().unwrap()]).unwrap();
     let inv: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -280,15 +278,9 @@ async fn a_gated_model_reaches_a_node_through_its_peers_only_for_a_token_the_hub
     assert_eq!(inv["blobs"], 0, "{out}");
 
     // With the token: from the peer, the hub sending no file.
-    let req = modelcache_tests::node::publish_request(
-        "v",
-        &tb,
-        &[("model", "org/gated")],
-        &[("token", "token-a")],
-    );
-    modelcache_tests::node::publish_until_done(&mut b.node, req, |_| {})
+    publish_gated(&mut b, &[("token", "token-a")])
         .await
         .unwrap();
-    assert_same_tree(&model, &tb);
+    assert_same_tree(&model, &b.target("v"));
     assert_eq!(hub_requests(&endpoint, "file_bytes"), files_before);
 }
