@@ -158,6 +158,11 @@ impl Setup {
 
     /// [`Setup::start`], with extra `modelcache-hub` flags.
     fn start_with_hub(&self, hub_flags: &[&str]) -> (Tmpfs, LocalNode) {
+        self.start_with(hub_flags, HIGH, LOW)
+    }
+
+    /// [`Setup::start_with_hub`], with these watermarks.
+    fn start_with(&self, hub_flags: &[&str], high: u64, low: u64) -> (Tmpfs, LocalNode) {
         let fs = Tmpfs::mount(&self.node_dir().join("store"), DISK);
         let hub_flags = hub_flags.iter().map(|f| (*f).to_owned()).collect();
         let node = LocalNode::start_with(
@@ -166,9 +171,9 @@ impl Setup {
             20,
             &[
                 "--high-watermark",
-                &HIGH.to_string(),
+                &high.to_string(),
                 "--low-watermark",
-                &LOW.to_string(),
+                &low.to_string(),
                 "--metrics-listen",
                 &self.metrics,
             ],
@@ -358,8 +363,10 @@ async fn pins_follow_the_mount_table_across_a_crash_that_loses_them() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_disk_that_fills_up_mid_download_is_evicted_and_the_download_tried_again() {
     let s = Setup::new();
-    // 8 MB/s: a 16 MiB model takes two seconds, time to fill the disk under it.
-    let (fs, mut node) = s.start_with_hub(&["--max-bytes-per-second", "8000000"]);
+    // 8 MB/s: a 16 MiB model takes two seconds, time to fill the disk under it. No watch
+    // eviction (high watermark 100%): the watch's 2 s tick could free the disk between the
+    // ballast and the download's next write, and the path under test is the download's own.
+    let (fs, mut node) = s.start_with(&["--max-bytes-per-second", "8000000"], 100, 99);
     // Three models no volume uses: 48 MiB to give back. (No volume is kept mounted here.)
     let nothing_kept = s.dir.path().join("empty");
     std::fs::create_dir_all(&nothing_kept).unwrap();
