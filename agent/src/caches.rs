@@ -319,15 +319,8 @@ impl Caches {
         let created = !image.exists();
         if created {
             self.make(key, &dir, size)?;
-            state.caches.insert(
-                key.clone(),
-                CacheRecord {
-                    max_size: size,
-                    created: now,
-                    last_used: now,
-                    pins: Vec::new(),
-                },
-            );
+            // A record left from an image that went is no longer this cache's.
+            state.caches.remove(key);
         }
         let record = state.caches.entry(key.clone()).or_insert(CacheRecord {
             max_size: size,
