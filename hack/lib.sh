@@ -26,18 +26,25 @@ give_back() {
   return 0
 }
 
-# mke2fs formats cache volumes' images; Debian and Ubuntu have it in e2fsprogs.
-require_mke2fs() {
-  if [ -x /usr/sbin/mke2fs ] || [ -x /sbin/mke2fs ] || command -v mke2fs >/dev/null 2>&1; then
+# Installs Debian's package PKG unless the program PROG is there: `require_program PROG PKG WHY`.
+require_program() {
+  if [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ] || command -v "$1" >/dev/null 2>&1; then
     return 0
   fi
-  echo "==> installing e2fsprogs (mke2fs, for cache volumes)" >&2
+  echo "==> installing $2 ($1, $3)" >&2
   if command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && apt-get install -y -qq e2fsprogs
+    apt-get update -qq && apt-get install -y -qq "$2"
   else
-    echo "error: mke2fs not found: install e2fsprogs" >&2
+    echo "error: $1 not found: install $2" >&2
     exit 1
   fi
+}
+
+# What the tests run besides the project's own programs: mke2fs formats cache volumes' images;
+# ip makes the network namespaces the fleet runs in (the peer tier's tests and benchmark).
+require_system_tools() {
+  require_program mke2fs e2fsprogs "for cache volumes"
+  require_program ip iproute2 "for network namespaces"
 }
 
 require_cargo() {

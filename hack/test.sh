@@ -29,7 +29,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 . hack/lib.sh
 require_cargo
-require_mke2fs
+require_system_tools
 trap give_back EXIT
 if [ "$with_torch" = 1 ]; then
   python_env tests/requirements-nodeps.txt tests/requirements-torch.txt

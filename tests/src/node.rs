@@ -2,6 +2,7 @@
 //! `modelcache-csi` as separate processes, and a client that calls the CSI plugin over its unix
 //! socket the way kubelet does.
 
+use crate::netns::Host;
 use crate::procs::{Proc, bin, require_root, serve_hub, wait_until};
 use crate::tree::unmount_all_below;
 use anyhow::Context;
@@ -57,6 +58,19 @@ impl LocalNode {
         publish_wait_secs: u64,
         agent_extra: &[&str],
     ) -> anyhow::Result<LocalNode> {
+        Self::start_on(None, workdir, hub, publish_wait_secs, agent_extra)
+    }
+
+    /// [`LocalNode::start_with`], the agent on `host` (its own network namespace) when given;
+    /// the CSI plugin, which talks to the agent over its unix socket, stays in this one, where
+    /// its mounts are.
+    pub fn start_on(
+        host: Option<&Host>,
+        workdir: &Path,
+        hub: Hub,
+        publish_wait_secs: u64,
+        agent_extra: &[&str],
+    ) -> anyhow::Result<LocalNode> {
         require_root()?;
         std::fs::create_dir_all(workdir)?;
         let agent_bin = bin("modelcache-agent")?;
@@ -88,7 +102,7 @@ impl LocalNode {
             agent_args.extend(["--high-watermark", "100", "--low-watermark", "99"]);
         }
         agent_args.extend_from_slice(agent_extra);
-        let mut agent_proc = Proc::start("agent", &agent_bin, &agent_args, workdir)?;
+        let mut agent_proc = Proc::start_on(host, "agent", &agent_bin, &agent_args, workdir)?;
         let wait = publish_wait_secs.to_string();
         let kubelet_pods = workdir.join("kubelet/pods");
         let mut csi = Proc::start(
@@ -252,6 +266,11 @@ impl LocalNode {
         if let Some(h) = self.hub.as_mut() {
             h.stop();
         }
+    }
+
+    /// Kills the agent with SIGKILL, as a node lost mid-work; it is not started again.
+    pub fn kill_agent(&mut self) {
+        self.agent_proc.kill();
     }
 
     /// The agent's log so far.

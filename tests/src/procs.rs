@@ -59,6 +59,22 @@ impl Proc {
         })
     }
 
+    /// [`Proc::start`] on `host` (in its network namespace), when given.
+    pub fn start_on(
+        host: Option<&crate::netns::Host>,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        dir: &Path,
+    ) -> anyhow::Result<Proc> {
+        let Some(host) = host else {
+            return Proc::start(name, program, args, dir);
+        };
+        let (program, args) = host.wrap(program, args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::start(name, &program, &args, dir)
+    }
+
     /// Stops the process (SIGTERM) and starts it again with the same arguments; the log goes on.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
@@ -197,11 +213,23 @@ pub fn agent_command_logged(args: &[&str]) -> anyhow::Result<(String, String)> {
 /// Starts `modelcache-hub --root ROOT extra…` on a free port, logging into `dir`,
 /// and waits until it listens; the process and its base URL.
 pub fn serve_hub(root: &Path, extra: &[&str], dir: &Path) -> anyhow::Result<(Proc, String)> {
-    serve_hub_at(&format!("127.0.0.1:{}", free_port()?), root, extra, dir)
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    serve_hub_at(None, &listen, root, extra, dir)
 }
 
-/// [`serve_hub`] on a given address.
+/// [`serve_hub`] on `host` (a network namespace of its own), at port 8080 of its address.
+pub fn serve_hub_on(
+    host: &crate::netns::Host,
+    root: &Path,
+    extra: &[&str],
+    dir: &Path,
+) -> anyhow::Result<(Proc, String)> {
+    serve_hub_at(Some(host), &format!("{}:8080", host.ip), root, extra, dir)
+}
+
+/// [`serve_hub`] at `listen`, on `host` when given.
 pub fn serve_hub_at(
+    host: Option<&crate::netns::Host>,
     listen: &str,
     root: &Path,
     extra: &[&str],
@@ -210,11 +238,15 @@ pub fn serve_hub_at(
     let root = root.to_str().context("a UTF-8 hub root")?;
     let mut args = vec!["--root", root, "--listen", listen];
     args.extend_from_slice(extra);
-    let mut p = Proc::start("hub", &bin("modelcache-hub")?, &args, dir)?;
+    let mut p = Proc::start_on(host, "hub", &bin("modelcache-hub")?, &args, dir)?;
+    let listening = || Ok(std::net::TcpStream::connect(listen).is_ok());
     // The hub hashes every file first.
     wait_until("the hub to listen", Duration::from_secs(120), || {
         p.check_running()?;
-        Ok(std::net::TcpStream::connect(listen).is_ok())
+        match host {
+            None => listening(),
+            Some(h) => h.run(listening),
+        }
     })?;
     Ok((p, format!("http://{listen}")))
 }

@@ -605,3 +605,48 @@ fn the_examples_validate_and_use_attributes_the_driver_accepts() {
         );
     }
 }
+
+/// The fleet example turns the peer tier on, with the caps it says, and what it says to run
+/// names the chart's objects.
+#[test]
+fn the_fleet_example_turns_the_peer_tier_on() {
+    let values = workspace_root().join("examples/fleet-values.yaml");
+    let m = helm::render(&[&values], None).expect("the fleet example renders");
+    let cli = agent_cli(&m);
+    let modelcache_agent::cli::Command::Run {
+        hub,
+        peer_listen,
+        peer_max_uploads,
+        peer_max_upload_mbps,
+        ..
+    } = cli.command
+    else {
+        panic!("the agent container does not run `run`")
+    };
+    assert_eq!(
+        (
+            hub.peers_dns.as_deref(),
+            hub.peer_own_ip,
+            hub.peer_token_file.is_some()
+        ),
+        (
+            Some("modelcache-peers.modelcache.svc:7475"),
+            Some("10.244.1.7".parse().unwrap()),
+            true
+        )
+    );
+    assert_eq!(
+        (
+            peer_listen.as_deref(),
+            peer_max_uploads,
+            peer_max_upload_mbps
+        ),
+        (Some("0.0.0.0:7475"), 4, Some(400))
+    );
+    m.get("Secret", "modelcache-peer-secret");
+    m.get("NetworkPolicy", "modelcache-peers");
+    let text = std::fs::read_to_string(&values).unwrap();
+    assert!(text.contains("exec ds/modelcache-node -c agent"), "{text}");
+    let ds = m.get("DaemonSet", "modelcache-node");
+    container(ds, "agent");
+}

@@ -51,7 +51,7 @@ fn snapshot_download_from_modelcache_hub_yields_the_repo_files() {
     let listen = format!("127.0.0.1:{port}");
     let cdn = format!("http://localhost:{port}");
     let (mut hub, endpoint) =
-        serve_hub_at(&listen, &hub_root, &["--cdn-url", &cdn], dir.path()).unwrap();
+        serve_hub_at(None, &listen, &hub_root, &["--cdn-url", &cdn], dir.path()).unwrap();
     let endpoint = PathBuf::from(endpoint);
     let cache = dir.path().join("hf-cache");
 

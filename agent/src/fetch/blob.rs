@@ -149,6 +149,7 @@ impl Fetcher {
                 file,
                 progress,
                 &tally,
+                src.wave.awaited(&file.hash),
             );
             let res = watchdog.watch(attempt, &tally).await;
             progress
@@ -194,7 +195,9 @@ impl Fetcher {
         }
     }
 
-    /// One attempt at a blob; `tally` holds the bytes it added to `progress`.
+    /// One attempt at a blob; `tally` holds the bytes it added to `progress`. A large file
+    /// comes in parallel ranges, unless peers wait for it (`awaited`): then in one stream, in
+    /// order, so that they read it as it arrives rather than when its last range lands.
     async fn download(
         &self,
         src: FileSource<'_>,
@@ -202,8 +205,9 @@ impl Fetcher {
         file: &PlannedFile,
         progress: &Progress,
         tally: &Tally,
+        awaited: bool,
     ) -> Result<(), FetchError> {
-        if file.size > self.tuning.chunk_size {
+        if file.size > self.tuning.chunk_size && !awaited {
             let job = ranged::Job {
                 hub: &self.hub,
                 store: &self.store,

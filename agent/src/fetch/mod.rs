@@ -51,6 +51,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+/// The most files of a first wave a fetch follows from peers at once, beyond `--parallel-files`.
+const MAX_FOLLOWED: usize = 32;
+
 /// Counters a fetch updates as it goes; readers poll them for progress.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -322,11 +325,17 @@ impl Fetcher {
             None => Default::default(),
         };
         let src = Source { wave: &wave, ..src };
+        // In a first wave: this node's share first, so that the hub is asked for every share at
+        // once; and a place for each file taken from a peer as it downloads, beside the files
+        // fetched (following is waiting, mostly, and holding a place would leave the last files
+        // to be taken when the wave's downloads end).
+        files.sort_by_key(|f| wave.owner(&f.hash) != Some(&crate::peers::client::Owner::Me));
+        let parallel = self.tuning.files + wave.followed().min(MAX_FOLLOWED);
         let mut retried = false;
         loop {
             let res = futures::stream::iter(files.clone())
                 .map(|f| async move { self.fetch_blob(src, &f, progress).await })
-                .buffer_unordered(self.tuning.files)
+                .buffer_unordered(parallel)
                 .try_collect::<()>()
                 .await;
             match res {

@@ -28,6 +28,10 @@ const POLL: Duration = Duration::from_millis(250);
 #[derive(Debug, Default)]
 pub struct Wave {
     owners: HashMap<ContentHash, Owner>,
+    /// The peers that said they hold a blob: asked for it before the others.
+    holders: HashMap<ContentHash, Vec<String>>,
+    /// The blobs this node gets from the hub that peers wait for.
+    awaited: std::collections::HashSet<ContentHash>,
     /// This node's claims on the blobs it owns, made known to peers until the fetch ends.
     _claims: Option<WantedGuard>,
 }
@@ -45,6 +49,20 @@ impl Wave {
     /// The owner of `hash`, when the wave gave it one.
     pub fn owner(&self, hash: &ContentHash) -> Option<&Owner> {
         self.owners.get(hash)
+    }
+
+    /// How many blobs this node takes from peers that get them from the hub now.
+    pub fn followed(&self) -> usize {
+        self.owners
+            .values()
+            .filter(|o| matches!(o, Owner::Peer(_)))
+            .count()
+    }
+
+    /// Whether peers wait for this node to get `hash` from the hub (they read it as it grows,
+    /// so it had better grow from its first byte on).
+    pub fn awaited(&self, hash: &ContentHash) -> bool {
+        self.awaited.contains(hash)
     }
 }
 
@@ -292,12 +310,14 @@ impl Peers {
         }
         let names: Vec<String> = missing.iter().map(ContentHash::file_name).collect();
         let asked = futures::future::join_all(peers.iter().map(|u| self.status(u, &names))).await;
-        let mut holders: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        let mut holders: HashMap<&str, Vec<&str>> = HashMap::new();
         let mut wanters: HashMap<&str, Vec<&str>> = HashMap::new();
         let mut claimers: HashMap<&str, Vec<&str>> = HashMap::new();
         for (url, status) in peers.iter().zip(&asked) {
             let Some(status) = status else { continue };
-            holders.extend(status.have.iter().map(String::as_str));
+            for name in &status.have {
+                holders.entry(name.as_str()).or_default().push(url.as_str());
+            }
             for name in &status.want {
                 wanters.entry(name.as_str()).or_default().push(url.as_str());
             }
@@ -310,7 +330,9 @@ impl Peers {
         }
         let mut wave = Wave::default();
         for (hash, name) in missing.iter().zip(&names) {
-            if holders.contains(name.as_str()) {
+            if let Some(held) = holders.get(name.as_str()) {
+                let held = held.iter().map(|u| (*u).to_owned()).collect();
+                wave.holders.insert(hash.clone(), held);
                 continue;
             }
             if let Some(claimed) = claimers.get(name.as_str())
@@ -321,6 +343,7 @@ impl Peers {
                 continue;
             }
             let mut candidates: Vec<&str> = wanters.get(name.as_str()).cloned().unwrap_or_default();
+            let waiting = !candidates.is_empty();
             if let Some(own) = &self.own {
                 candidates.push(own);
             }
@@ -328,7 +351,12 @@ impl Peers {
                 continue;
             };
             let owner = match &self.own {
-                Some(own) if own == best => Owner::Me,
+                Some(own) if own == best => {
+                    if waiting {
+                        wave.awaited.insert(hash.clone());
+                    }
+                    Owner::Me
+                }
                 _ => Owner::Peer(best.to_owned()),
             };
             wave.owners.insert(hash.clone(), owner);
@@ -384,7 +412,12 @@ impl Peers {
             None => {}
         }
         let until = Instant::now() + BUSY_PATIENCE;
-        for url in self.order(&file.hash) {
+        // Those that hold it first: one that only wants it too has nothing to give yet.
+        let mut order = self.order(&file.hash);
+        if let Some(held) = wave.holders.get(&file.hash) {
+            order.sort_by_key(|u| !held.contains(u));
+        }
+        for url in order {
             if Some(url.as_str()) == asked_owner {
                 continue;
             }
@@ -466,8 +499,10 @@ impl Peers {
         let std_file = tmp
             .reopen()
             .map_err(|e| StoreError::from_io("reopen", tmp.path(), e))?;
-        let mut out =
-            tokio::io::BufWriter::with_capacity(256 << 10, tokio::fs::File::from_std(std_file));
+        let mut out = tokio::io::BufWriter::with_capacity(
+            super::TRANSFER_BUFFER,
+            tokio::fs::File::from_std(std_file),
+        );
         let mut hasher = Hasher::new(file.hash.algo(), file.size);
         let mut body = std::pin::pin!(resp.bytes_stream());
         let mut got = 0u64;
@@ -567,6 +602,12 @@ mod tests {
         )
     }
 
+    /// A plain HTTP client, for requests a peer would not make.
+    fn test_client() -> reqwest::Client {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::Client::new()
+    }
+
     fn weights(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 31 % 251) as u8).collect()
     }
@@ -597,7 +638,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bytes = weights(1000);
         let (url, file, _) = serving(dir.path(), &bytes, 8).await;
-        let http = reqwest::Client::new();
+        let http = test_client();
         let get = |path: String, auth: Option<&str>, range: Option<&str>| {
             let mut req = http.get(format!("{url}{path}"));
             if let Some(a) = auth {
@@ -657,7 +698,7 @@ mod tests {
     async fn uploads_past_the_cap_are_told_to_come_back() {
         let dir = tempfile::tempdir().unwrap();
         let (url, file, _) = serving(dir.path(), &weights(32 << 20), 1).await;
-        let http = reqwest::Client::new();
+        let http = test_client();
         let get = || {
             http.get(format!("{url}{}", blob_path(&file.hash)))
                 .header("authorization", format!("Bearer {SECRET}"))
@@ -902,7 +943,7 @@ mod tests {
         let dead = "http://127.0.0.1:9".to_owned();
         let wave = Wave {
             owners: [(file.hash.clone(), Owner::Peer(dead.clone()))].into(),
-            _claims: None,
+            ..Wave::default()
         };
         let peers = Peers::new(&[dead, holder], secret()).unwrap();
         let store = Arc::new(Store::open(dir.path().join("b")).unwrap());
@@ -930,6 +971,53 @@ mod tests {
         assert!(miss.to_string().contains("unreachable"), "{miss}");
     }
 
+    /// Nodes that start a model a holder has: each asks the holder, not first the other
+    /// newcomer, which wants the blob too and would say "not started yet" until it gave up.
+    #[tokio::test]
+    async fn a_blob_is_asked_first_of_the_peers_that_hold_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let holder_store = Arc::new(Store::open(dir.path().join("h")).unwrap());
+        // A blob for which the wanting peer comes first in rendezvous order (about one in two).
+        let mut found = None;
+        for i in 0..64usize {
+            let bytes = weights(1000 + i);
+            let hash = crate::store::tests::put_blob(&holder_store, &bytes);
+            let (wanter, guard, _) = wanting(
+                &dir.path().join(format!("w{i}")),
+                std::slice::from_ref(&hash),
+            )
+            .await;
+            let peers =
+                Peers::new(&[wanter.clone(), "http://127.0.0.1:9".into()], secret()).unwrap();
+            if peers.order(&hash)[0] == wanter {
+                found = Some((bytes, hash, wanter, guard));
+                break;
+            }
+        }
+        let (bytes, hash, wanter, _wants) = found.expect("a blob the wanter ranks first for");
+        let holder = spawn(plain(holder_store)).await;
+        let peers = Peers::new(&[wanter, holder], secret()).unwrap();
+        let file = PlannedFile {
+            path: RepoPath::parse("w.bin").unwrap(),
+            hash: hash.clone(),
+            size: bytes.len() as u64,
+        };
+        let wave = peers.plan_wave(std::slice::from_ref(&hash)).await;
+        let store = Arc::new(Store::open(dir.path().join("b")).unwrap());
+        let started = Instant::now();
+        peers
+            .fetch(&store, &file, &Progress::default(), &wave)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(store.has_blob(&hash));
+        assert!(
+            started.elapsed() < BUSY_WAIT,
+            "took {:?}: the wanting peer was asked first",
+            started.elapsed()
+        );
+    }
+
     #[tokio::test]
     async fn uploads_share_the_upload_cap() {
         let dir = tempfile::tempdir().unwrap();
@@ -937,7 +1025,7 @@ mod tests {
         let bytes = weights(384 << 10);
         let hash = crate::store::tests::put_blob(&store, &bytes);
         let url = spawn(plain(store).with_upload_limit(Some(1 << 20))).await;
-        let http = reqwest::Client::new();
+        let http = test_client();
         let started = Instant::now();
         let get = || async {
             http.get(format!("{url}{}", blob_path(&hash)))
@@ -1058,6 +1146,57 @@ mod tests {
                 assert_eq!(std::fs::read(b.blob_path(&h)).unwrap(), bytes);
             }
         }
+    }
+
+    /// In a first wave every node follows the others' shares as they download: those
+    /// uploads go at the download's pace and have places of their own, so a node with one
+    /// upload place still feeds four followers (and a fifth is told to come back), and its
+    /// upload place stays free for a blob it holds.
+    #[tokio::test]
+    async fn followers_of_a_blob_still_downloading_have_places_of_their_own() {
+        use crate::peers::server::FOLLOWERS_PER_UPLOAD;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path().join("a")).unwrap());
+        let held = weights(1 << 20);
+        let held_hash = crate::store::tests::put_blob(&store, &held);
+        let growing = crate::fetch::Growing::default();
+        let server = PeerServer::new(
+            store,
+            Wanted::default(),
+            Wanted::default(),
+            secret(),
+            1,
+            Counter::default(),
+        )
+        .with_growing(growing.clone());
+        let url = spawn(server).await;
+        let path = dir.path().join("growing");
+        std::fs::write(&path, weights(4096)).unwrap();
+        let hash = ContentHash::new(
+            modelcache_core::hash::Algo::Sha256,
+            &hex::encode(Sha256::digest(b"a blob on its way")),
+        )
+        .unwrap();
+        let grower = growing.start(&hash, path, 1 << 20);
+        grower.grow(4096);
+        let http = test_client();
+        let get = |h: &ContentHash| {
+            http.get(format!("{url}{}", blob_path(h)))
+                .header("authorization", format!("Bearer {SECRET}"))
+                .send()
+        };
+        // Bodies not read: each follower holds its place.
+        let mut following = Vec::new();
+        for _ in 0..FOLLOWERS_PER_UPLOAD {
+            let r = get(&hash).await.unwrap();
+            assert_eq!(r.status(), 200);
+            following.push(r);
+        }
+        assert_eq!(get(&hash).await.unwrap().status(), 503);
+        let whole = get(&held_hash).await.unwrap();
+        assert_eq!(whole.status(), 200);
+        assert_eq!(whole.bytes().await.unwrap().as_ref(), held.as_slice());
+        drop(grower);
     }
 
     /// A peer's status answer is read up to a bound: a huge one counts as no answer.

@@ -33,6 +33,10 @@ pub use server::PeerServer;
 /// How long a peer that sent wrong bytes is not asked.
 pub const BAN: Duration = Duration::from_secs(300);
 
+/// Bytes a transfer to or from a peer reads or writes at a time: small, since in a first wave a
+/// node feeds and follows dozens of files at once.
+const TRANSFER_BUFFER: usize = 64 << 10;
+
 /// The least a peer secret may hold.
 pub const MIN_SECRET_BYTES: usize = 16;
 

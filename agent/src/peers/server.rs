@@ -25,11 +25,21 @@ pub struct PeerServer {
     wanted: Wanted,
     claims: Wanted,
     secret: PeerSecret,
+    /// Uploads of held blobs at once.
     uploads: Arc<Semaphore>,
+    /// Uploads of blobs still downloading at once: they go at the download's pace, so more of
+    /// them may run ([`FOLLOWERS_PER_UPLOAD`] for each upload).
+    following: Arc<Semaphore>,
     served: Counter,
     link: Option<Arc<Link>>,
     growing: Growing,
 }
+
+/// Uploads of blobs still downloading allowed for each upload of a held blob. In a first wave
+/// every node follows every other's share as it downloads: with the default 8 uploads, 32
+/// followers, so that eight nodes each owning a few files all follow them at once instead of
+/// waiting for a free upload until the download ends.
+pub const FOLLOWERS_PER_UPLOAD: usize = 4;
 
 /// An upload link of a fixed rate that every upload shares: each chunk waits for its turn.
 #[derive(Debug)]
@@ -86,6 +96,7 @@ impl PeerServer {
             claims,
             secret,
             uploads: Arc::new(Semaphore::new(max_uploads.max(1))),
+            following: Arc::new(Semaphore::new(max_uploads.max(1) * FOLLOWERS_PER_UPLOAD)),
             served,
             link: None,
             growing: Growing::default(),
@@ -230,24 +241,27 @@ async fn blob(
     let Some(hash) = ContentHash::from_file_name(&name) else {
         return refuse(StatusCode::BAD_REQUEST, "not a blob name (<algo>-<hex>)");
     };
-    let Ok(permit) = server.uploads.clone().try_acquire_owned() else {
+    let busy = || {
         let mut r = refuse(StatusCode::SERVICE_UNAVAILABLE, "busy: too many uploads");
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return r;
+        r
     };
     if !server.store.has_blob(&hash) {
         // Still downloading: the part written so far, then the rest as it comes.
-        if let Some(blob) = server.growing.get(&hash)
-            && let Ok(file) = tokio::fs::File::open(&blob.path).await
-        {
-            return growing_response(
-                file,
-                blob,
-                permit,
-                server.served.clone(),
-                server.link.clone(),
-            );
+        if let Some(blob) = server.growing.get(&hash) {
+            let Ok(permit) = server.following.clone().try_acquire_owned() else {
+                return busy();
+            };
+            if let Ok(file) = tokio::fs::File::open(&blob.path).await {
+                return growing_response(
+                    file,
+                    blob,
+                    permit,
+                    server.served.clone(),
+                    server.link.clone(),
+                );
+            }
         }
         if server.store.has_blob(&hash) {
             // Done between the two looks: served whole below.
@@ -263,6 +277,9 @@ async fn blob(
             return refuse(StatusCode::NOT_FOUND, "this node does not hold that blob");
         }
     }
+    let Ok(permit) = server.uploads.clone().try_acquire_owned() else {
+        return busy();
+    };
     let path = server.store.blob_path(&hash);
     let mut file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
@@ -289,21 +306,22 @@ async fn blob(
     let (served, link) = (server.served.clone(), server.link.clone());
     // The permit lives as long as the body streams; each chunk waits for its turn on the
     // upload link when one is set.
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(count), 256 << 10).then(
-        move |chunk| {
-            let (served, link) = (served.clone(), link.clone());
-            let _held = &permit;
-            async move {
-                if let Ok(c) = &chunk {
-                    if let Some(link) = &link {
-                        link.take(c.len()).await;
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(file.take(count), super::TRANSFER_BUFFER).then(
+            move |chunk| {
+                let (served, link) = (served.clone(), link.clone());
+                let _held = &permit;
+                async move {
+                    if let Ok(c) = &chunk {
+                        if let Some(link) = &link {
+                            link.take(c.len()).await;
+                        }
+                        served.inc_by(c.len() as u64);
                     }
-                    served.inc_by(c.len() as u64);
+                    chunk
                 }
-                chunk
-            }
-        },
-    );
+            },
+        );
     let mut r = Response::new(Body::from_stream(stream));
     *r.status_mut() = status;
     let h = r.headers_mut();
@@ -362,7 +380,7 @@ fn growing_response(
                 }
             };
             if ready > st.sent {
-                let want = (ready - st.sent).min(256 << 10) as usize;
+                let want = (ready - st.sent).min(super::TRANSFER_BUFFER as u64) as usize;
                 let mut buf = vec![0u8; want];
                 let n = match st.file.read(&mut buf).await {
                     Ok(0) | Err(_) => {

@@ -2,15 +2,17 @@
 //! capped in total egress (all clients together, as a shared uplink). Two ways in the same run:
 //! each agent from the hub alone, and agents that are each other's peers (first wave). Prints a
 //! Markdown table of the hub's egress (× the model) and the time until every node holds the
-//! model (× one node alone, same hub), and writes an SVG chart. Real agents and hub on loopback;
-//! the agents are driven through the agent API, so no root is needed.
-//! Run it with `hack/bench-fleet.sh`.
+//! model (× one node alone, same hub), and writes an SVG chart. Real agents, each on a host of
+//! its own (a network namespace with its own address, on one bridge), and the hub on another;
+//! the agents are driven through the agent API over their unix sockets. Needs root (namespaces).
+//! Run it with `sudo hack/bench-fleet.sh`.
 
 use anyhow::Context;
 use clap::Parser;
 use modelcache_proto::agent_v1 as pb;
 use modelcache_tests::chart::{BLUE, Bar, GREY, bars_svg};
-use modelcache_tests::procs::{Proc, bin, free_port, http_get, serve_hub, wait_until};
+use modelcache_tests::netns::{Host, Lan};
+use modelcache_tests::procs::{Proc, bin, serve_hub_on, wait_until};
 use modelcache_tests::tree::fresh_dir;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -20,17 +22,20 @@ use std::time::{Duration, Instant};
 #[command(version)]
 struct Cli {
     /// The model's size in MiB, split into --files files.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 2048)]
     model_mib: u64,
     /// Files of the model.
     #[arg(long, default_value_t = 16)]
     files: u64,
     /// The hub's total egress, MB/s (all clients together).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 100)]
     hub_mbps: u64,
     /// Fleet sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
     nodes: Vec<usize>,
+    /// Only the runs with peers (not each node from the hub alone).
+    #[arg(long)]
+    only_peers: bool,
     /// Working directory (emptied first).
     #[arg(long, default_value = "/tmp/modelcache-bench-fleet")]
     workdir: PathBuf,
@@ -64,13 +69,30 @@ fn peak_rss(pid: u32) -> anyhow::Result<u64> {
     Ok(kib << 10)
 }
 
-/// Starts `n` agents in `dir` against `endpoint`, each other's peers when `peers`.
-fn start_fleet(dir: &Path, n: usize, endpoint: &str, peers: bool) -> anyhow::Result<Vec<Agent>> {
+/// The port agents serve their peers on, each at its host's address.
+const PEER_PORT: u16 = 7475;
+
+/// A process's CPU time so far, user and system.
+fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = procfs::process::Process::new(pid as i32)?.stat()?;
+    let ticks = stat.utime + stat.stime;
+    Ok(Duration::from_secs_f64(
+        ticks as f64 / procfs::ticks_per_second() as f64,
+    ))
+}
+
+/// Starts an agent on each of `hosts`, in `dir`, against `endpoint`, each other's peers when
+/// `peers`.
+fn start_fleet(
+    dir: &Path,
+    hosts: &[Host],
+    endpoint: &str,
+    peers: bool,
+) -> anyhow::Result<Vec<Agent>> {
     let secret = dir.join("peer-secret");
     std::fs::write(&secret, SECRET)?;
-    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
     let mut agents = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
+    for (i, host) in hosts.iter().enumerate() {
         let home = dir.join(format!("node-{i}"));
         std::fs::create_dir_all(&home)?;
         let socket = home.join("agent.sock");
@@ -93,14 +115,14 @@ fn start_fleet(dir: &Path, n: usize, endpoint: &str, peers: bool) -> anyhow::Res
         .map(|s| (*s).to_owned())
         .collect();
         if peers {
-            let others: Vec<String> = ports
+            let others: Vec<String> = hosts
                 .iter()
-                .filter(|p| *p != port)
-                .map(|p| format!("http://127.0.0.1:{p}"))
+                .filter(|h| h.ip != host.ip)
+                .map(|h| format!("http://{}:{PEER_PORT}", h.ip))
                 .collect();
             args.extend([
                 "--peer-listen".into(),
-                format!("127.0.0.1:{port}"),
+                format!("{}:{PEER_PORT}", host.ip),
                 "--peers".into(),
                 others.join(","),
                 "--peer-token-file".into(),
@@ -108,7 +130,8 @@ fn start_fleet(dir: &Path, n: usize, endpoint: &str, peers: bool) -> anyhow::Res
             ]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let proc = Proc::start(
+        let proc = Proc::start_on(
+            Some(host),
             &format!("agent-{i}"),
             &bin("modelcache-agent")?,
             &args,
@@ -146,27 +169,45 @@ async fn ensure(socket: PathBuf, started: Instant) -> anyhow::Result<Duration> {
     }
 }
 
-/// The bytes of file bodies the hub has sent.
-fn hub_egress(endpoint: &str) -> anyhow::Result<u64> {
+/// The bytes of file bodies the hub on `host` has sent.
+fn hub_egress(host: &Host, endpoint: &str) -> anyhow::Result<u64> {
     let addr = endpoint.trim_start_matches("http://");
-    let (status, body) = http_get(addr, modelcache_hub::server::REQUESTS_PATH)?;
+    let (status, body) = host.http_get(addr, modelcache_hub::server::REQUESTS_PATH)?;
     anyhow::ensure!(status == 200, "the hub answered {status}");
     let v: serde_json::Value = serde_json::from_str(&body)?;
     Ok(v["file_bytes"].as_u64().unwrap_or(0))
 }
 
-/// One run: `n` cold nodes at once; the hub's egress and the time until all hold the model.
+/// The hub: its host and base URL.
+struct HubAt<'a> {
+    host: &'a Host,
+    endpoint: &'a str,
+}
+
+/// What one run measured.
+struct Outcome {
+    /// Bytes of file bodies the hub sent.
+    egress: u64,
+    /// Until every node held the model.
+    took: Duration,
+    /// The largest agent peak RSS.
+    rss: u64,
+    /// The agents' CPU time, all together.
+    cpu: Duration,
+}
+
+/// One run: a cold node on each of `hosts` at once.
 async fn case(
     work: &Path,
     name: &str,
-    n: usize,
+    hosts: &[Host],
     peers: bool,
-    endpoint: &str,
-) -> anyhow::Result<(u64, Duration, u64)> {
+    hub: &HubAt<'_>,
+) -> anyhow::Result<Outcome> {
     let dir = work.join(name);
     fresh_dir(&dir)?;
-    let agents = start_fleet(&dir, n, endpoint, peers)?;
-    let before = hub_egress(endpoint)?;
+    let agents = start_fleet(&dir, hosts, hub.endpoint, peers)?;
+    let before = hub_egress(hub.host, hub.endpoint)?;
     let started = Instant::now();
     let tasks: Vec<_> = agents
         .iter()
@@ -176,14 +217,20 @@ async fn case(
     for t in tasks {
         slowest = slowest.max(t.await??);
     }
-    let egress = hub_egress(endpoint)? - before;
-    let mut rss = 0;
+    let egress = hub_egress(hub.host, hub.endpoint)? - before;
+    let (mut rss, mut cpu) = (0, Duration::ZERO);
     for a in &agents {
         rss = rss.max(peak_rss(a.proc.pid())?);
+        cpu += cpu_time(a.proc.pid())?;
     }
     drop(agents);
     std::fs::remove_dir_all(&dir).ok();
-    Ok((egress, slowest, rss))
+    Ok(Outcome {
+        egress,
+        took: slowest,
+        rss,
+        cpu,
+    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -204,13 +251,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .map(|e| Ok(e?.metadata()?.len()))
         .sum::<std::io::Result<u64>>()?;
     let rate = (cli.hub_mbps * 1_000_000).to_string();
-    let (_hub, endpoint) = serve_hub(
+    let mut lan = Lan::new()?;
+    let hub_host = lan.host("hub")?;
+    let most = cli.nodes.iter().copied().max().unwrap_or(1);
+    let hosts: Vec<Host> = (0..most)
+        .map(|i| lan.host(&format!("n{i}")))
+        .collect::<Result<_, _>>()?;
+    let (_hub, endpoint) = serve_hub_on(
+        &hub_host,
         &work.join("hub"),
         &["--max-total-bytes-per-second", &rate],
         work,
     )?;
+    let hub = HubAt {
+        host: &hub_host,
+        endpoint: &endpoint,
+    };
 
-    let (_, one, _) = case(work, "one", 1, false, &endpoint).await?;
+    let one = case(work, "one", &hosts[..1], false, &hub).await?.took;
     println!(
         "one node alone: {:.1} s for {} MiB at {} MB/s of hub egress",
         one.as_secs_f64(),
@@ -219,20 +277,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "| nodes | way | hub egress (× model) | time until all hold it | × one node | peak agent RSS |"
+        "| nodes | way | hub egress (× model) | time until all hold it | × one node | peak agent RSS | agents' CPU |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     let mut bars = Vec::new();
+    let ways = [("hub only", false, GREY), ("peers", true, BLUE)];
     for &n in &cli.nodes {
-        for (way, peers, color) in [("hub only", false, GREY), ("peers", true, BLUE)] {
-            let (egress, took, rss) =
-                case(work, &format!("{n}-{peers}"), n, peers, &endpoint).await?;
-            let x = egress as f64 / model_bytes as f64;
+        for &(way, peers, color) in ways.iter().filter(|w| w.1 || !cli.only_peers) {
+            let o = case(work, &format!("{n}-{peers}"), &hosts[..n], peers, &hub).await?;
+            let x = o.egress as f64 / model_bytes as f64;
+            let took = o.took;
             let ratio = took.as_secs_f64() / one.as_secs_f64();
             println!(
-                "| {n} | {way} | {x:.2} | {:.1} s | {ratio:.2} | {:.0} MiB |",
+                "| {n} | {way} | {x:.2} | {:.1} s | {ratio:.2} | {:.0} MiB | {:.1} s |",
                 took.as_secs_f64(),
-                rss as f64 / (1u64 << 20) as f64
+                o.rss as f64 / (1u64 << 20) as f64,
+                o.cpu.as_secs_f64()
             );
             bars.push(Bar::new(
                 format!("{n} nodes, {way}: {x:.2}× egress"),
