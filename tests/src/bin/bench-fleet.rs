@@ -4,7 +4,8 @@
 //! Markdown table of the hub's egress (× the model) and the time until every node holds the
 //! model (× one node alone, same hub), and writes an SVG chart. Real agents, each on a host of
 //! its own (a network namespace with its own address, on one bridge), and the hub on another;
-//! the agents are driven through the agent API over their unix sockets. Needs root (namespaces).
+//! the agents are driven through the agent API over their unix sockets. Each run gets a network
+//! and a hub of its own, after the last run's writes reached the disk. Needs root (namespaces).
 //! Run it with `sudo hack/bench-fleet.sh`.
 
 use anyhow::Context;
@@ -178,12 +179,6 @@ fn hub_egress(host: &Host, endpoint: &str) -> anyhow::Result<u64> {
     Ok(v["file_bytes"].as_u64().unwrap_or(0))
 }
 
-/// The hub: its host and base URL.
-struct HubAt<'a> {
-    host: &'a Host,
-    endpoint: &'a str,
-}
-
 /// What one run measured.
 struct Outcome {
     /// Bytes of file bodies the hub sent.
@@ -196,18 +191,32 @@ struct Outcome {
     cpu: Duration,
 }
 
-/// One run: a cold node on each of `hosts` at once.
+/// One run: `n` cold nodes at once, on a network of their own with a hub of its own capped at
+/// `hub_rate` bytes a second (the hub serves `work/hub`).
 async fn case(
     work: &Path,
     name: &str,
-    hosts: &[Host],
+    n: usize,
     peers: bool,
-    hub: &HubAt<'_>,
+    hub_rate: u64,
 ) -> anyhow::Result<Outcome> {
     let dir = work.join(name);
     fresh_dir(&dir)?;
-    let agents = start_fleet(&dir, hosts, hub.endpoint, peers)?;
-    let before = hub_egress(hub.host, hub.endpoint)?;
+    // Not behind the last run's writeback.
+    nix::unistd::sync();
+    let mut lan = Lan::new()?;
+    let hub_host = lan.host("hub")?;
+    let hosts: Vec<Host> = (0..n)
+        .map(|i| lan.host(&format!("n{i}")))
+        .collect::<Result<_, _>>()?;
+    let (_hub, endpoint) = serve_hub_on(
+        &hub_host,
+        &work.join("hub"),
+        &["--max-total-bytes-per-second", &hub_rate.to_string()],
+        &dir,
+    )?;
+    let agents = start_fleet(&dir, &hosts, &endpoint, peers)?;
+    let before = hub_egress(&hub_host, &endpoint)?;
     let started = Instant::now();
     let tasks: Vec<_> = agents
         .iter()
@@ -217,7 +226,7 @@ async fn case(
     for t in tasks {
         slowest = slowest.max(t.await??);
     }
-    let egress = hub_egress(hub.host, hub.endpoint)? - before;
+    let egress = hub_egress(&hub_host, &endpoint)? - before;
     let (mut rss, mut cpu) = (0, Duration::ZERO);
     for a in &agents {
         rss = rss.max(peak_rss(a.proc.pid())?);
@@ -250,25 +259,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let model_bytes: u64 = std::fs::read_dir(&model)?
         .map(|e| Ok(e?.metadata()?.len()))
         .sum::<std::io::Result<u64>>()?;
-    let rate = (cli.hub_mbps * 1_000_000).to_string();
-    let mut lan = Lan::new()?;
-    let hub_host = lan.host("hub")?;
-    let most = cli.nodes.iter().copied().max().unwrap_or(1);
-    let hosts: Vec<Host> = (0..most)
-        .map(|i| lan.host(&format!("n{i}")))
-        .collect::<Result<_, _>>()?;
-    let (_hub, endpoint) = serve_hub_on(
-        &hub_host,
-        &work.join("hub"),
-        &["--max-total-bytes-per-second", &rate],
-        work,
-    )?;
-    let hub = HubAt {
-        host: &hub_host,
-        endpoint: &endpoint,
-    };
-
-    let one = case(work, "one", &hosts[..1], false, &hub).await?.took;
+    let rate = cli.hub_mbps * 1_000_000;
+    let one = case(work, "one", 1, false, rate).await?.took;
     println!(
         "one node alone: {:.1} s for {} MiB at {} MB/s of hub egress",
         one.as_secs_f64(),
@@ -284,7 +276,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let ways = [("hub only", false, GREY), ("peers", true, BLUE)];
     for &n in &cli.nodes {
         for &(way, peers, color) in ways.iter().filter(|w| w.1 || !cli.only_peers) {
-            let o = case(work, &format!("{n}-{peers}"), &hosts[..n], peers, &hub).await?;
+            let o = case(work, &format!("{n}-{peers}"), n, peers, rate).await?;
             let x = o.egress as f64 / model_bytes as f64;
             let took = o.took;
             let ratio = took.as_secs_f64() / one.as_secs_f64();
