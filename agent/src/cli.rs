@@ -281,7 +281,9 @@ pub enum Command {
             requires = "peer_token_file"
         )]
         peer_listen: Option<String>,
-        /// Uploads to peers at once; more are told to come back (503, Retry-After).
+        /// Uploads of held blobs to peers at once, and four times as many of blobs still
+        /// downloading (which go at the download's pace); more are told to come back (503,
+        /// Retry-After).
         #[arg(long, env = "MODELCACHE_PEER_MAX_UPLOADS", value_name = "N", help_heading = "Peers",
               default_value_t = crate::peers::server::DEFAULT_MAX_UPLOADS, value_parser = at_least_one)]
         peer_max_uploads: usize,
