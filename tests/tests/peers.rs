@@ -107,16 +107,9 @@ impl Fleet {
         counts[key].as_u64().unwrap_or(0)
     }
 
-    /// Node `i`'s metric `series`, read over the network from its own host.
+    /// Node `i`'s metric `series`.
     fn metric(&self, i: usize, series: &str) -> u64 {
-        let host = &self.hosts[i];
-        let (status, body) = host
-            .http_get(&format!("{}:9100", host.ip), "/metrics")
-            .unwrap();
-        assert_eq!(status, 200);
-        body.lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {series} in\n{body}"))
+        metric(&self.hosts[i], series)
     }
 
     /// Where node `i` says its snapshot's bytes came from (`ls`).
@@ -139,6 +132,17 @@ impl Fleet {
             .unwrap_or_else(|e| panic!("node {i}: {e:?}\n{}", node.agent_log()));
         target
     }
+}
+
+/// The metric `series` of the agent on `host`, read over the network from the host itself.
+fn metric(host: &Host, series: &str) -> u64 {
+    let (status, body) = host
+        .http_get(&format!("{}:9100", host.ip), "/metrics")
+        .unwrap();
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{body}"))
 }
 
 /// The hub's repo `org/m`: the generated model plus `shards` files of 1 MiB, so that in a first
@@ -277,21 +281,9 @@ async fn a_peer_killed_mid_transfer_is_passed_over() {
         let publish = b.publish("v", &target, &[("model", "org/m")], |_| {});
         let kill = async {
             // Once node 0 has sent 8 MiB (bounded: the weights take it about six seconds).
-            let served = |h: &Host| -> anyhow::Result<u64> {
-                let (_, body) = h.http_get(&format!("{}:9100", h.ip), "/metrics")?;
-                Ok(body
-                    .lines()
-                    .find_map(|l| {
-                        l.strip_prefix("modelcache_peer_served_bytes_total")?
-                            .trim()
-                            .parse()
-                            .ok()
-                    })
-                    .unwrap_or(0))
-            };
             let mut sent = 0;
             for _ in 0..400 {
-                sent = served(&hosts[0]).unwrap();
+                sent = metric(&hosts[0], "modelcache_peer_served_bytes_total");
                 if sent >= 8 << 20 {
                     break;
                 }
