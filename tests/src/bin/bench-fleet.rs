@@ -4,14 +4,17 @@
 //! Markdown table of the hub's egress (× the model) and the time until every node holds the
 //! model (× one node alone, same hub), and writes an SVG chart. Real agents, each on a host of
 //! its own (a network namespace with its own address, on one bridge), and the hub on another;
-//! the agents are driven through the agent API over their unix sockets. Each run gets a network
-//! and a hub of its own, after the last run's writes reached the disk. Needs root (namespaces).
+//! the agents are driven through the agent API over their unix sockets. Each agent runs under
+//! the memory limit the chart gives it (a memory cgroup), so the page cache it writes is bounded
+//! as on a node. Each run gets a network and a hub of its own, after the last run's writes
+//! reached the disk. Needs root (namespaces, cgroups).
 //! Run it with `sudo hack/bench-fleet.sh`.
 
 use anyhow::Context;
 use clap::Parser;
 use modelcache_proto::agent_v1 as pb;
 use modelcache_tests::chart::{BLUE, Bar, GREY, bars_svg};
+use modelcache_tests::memcg::{CHART_AGENT_LIMIT_MIB, MemoryCgroup};
 use modelcache_tests::netns::{Host, Lan};
 use modelcache_tests::procs::{Proc, bin, serve_hub_on, wait_until};
 use modelcache_tests::tree::fresh_dir;
@@ -34,6 +37,10 @@ struct Cli {
     /// Fleet sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
     nodes: Vec<usize>,
+    /// Each agent's memory limit in MiB, the page cache it writes included, as its container
+    /// has in a cluster (the chart's default); 0 for none.
+    #[arg(long, default_value_t = CHART_AGENT_LIMIT_MIB)]
+    agent_memory_mib: u64,
     /// Only the runs with peers (not each node from the hub alone).
     #[arg(long)]
     only_peers: bool,
@@ -57,6 +64,8 @@ fn main() -> std::process::ExitCode {
 struct Agent {
     proc: Proc,
     socket: PathBuf,
+    /// Its memory limit; dropped after the process (fields drop in order).
+    _memory: Option<MemoryCgroup>,
 }
 
 /// A process's peak resident memory (VmHWM), in bytes.
@@ -83,12 +92,13 @@ fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
 }
 
 /// Starts an agent on each of `hosts`, in `dir`, against `endpoint`, each other's peers when
-/// `peers`.
+/// `peers`, each in a memory cgroup of `memory` bytes unless 0.
 fn start_fleet(
     dir: &Path,
     hosts: &[Host],
     endpoint: &str,
     peers: bool,
+    memory: u64,
 ) -> anyhow::Result<Vec<Agent>> {
     let secret = dir.join("peer-secret");
     std::fs::write(&secret, SECRET)?;
@@ -138,7 +148,20 @@ fn start_fleet(
             &args,
             &home,
         )?;
-        agents.push(Agent { proc, socket });
+        // Moved in before it is asked for anything: every download's pages are charged there.
+        let memory = match memory {
+            0 => None,
+            limit => {
+                let cg = MemoryCgroup::new(&format!("agent-{i}"), limit)?;
+                cg.add(proc.pid())?;
+                Some(cg)
+            }
+        };
+        agents.push(Agent {
+            proc,
+            socket,
+            _memory: memory,
+        });
     }
     wait_until("the agents' sockets", Duration::from_secs(30), || {
         Ok(agents.iter().all(|a| a.socket.exists()))
@@ -191,15 +214,19 @@ struct Outcome {
     cpu: Duration,
 }
 
-/// One run: `n` cold nodes at once, on a network of their own with a hub of its own capped at
-/// `hub_rate` bytes a second (the hub serves `work/hub`).
-async fn case(
-    work: &Path,
-    name: &str,
-    n: usize,
-    peers: bool,
+/// How every run is set up.
+struct Setup<'a> {
+    /// Holds `hub/`, what the hub serves, and each run's directory.
+    work: &'a Path,
+    /// The hub's total egress, bytes a second.
     hub_rate: u64,
-) -> anyhow::Result<Outcome> {
+    /// Each agent's memory limit, bytes (0: none).
+    agent_memory: u64,
+}
+
+/// One run: `n` cold nodes at once, on a network of their own with a hub of its own.
+async fn case(setup: &Setup<'_>, name: &str, n: usize, peers: bool) -> anyhow::Result<Outcome> {
+    let work = setup.work;
     let dir = work.join(name);
     fresh_dir(&dir)?;
     // Not behind the last run's writeback.
@@ -212,10 +239,10 @@ async fn case(
     let (_hub, endpoint) = serve_hub_on(
         &hub_host,
         &work.join("hub"),
-        &["--max-total-bytes-per-second", &hub_rate.to_string()],
+        &["--max-total-bytes-per-second", &setup.hub_rate.to_string()],
         &dir,
     )?;
-    let agents = start_fleet(&dir, &hosts, &endpoint, peers)?;
+    let agents = start_fleet(&dir, &hosts, &endpoint, peers, setup.agent_memory)?;
     let before = hub_egress(&hub_host, &endpoint)?;
     let started = Instant::now();
     let tasks: Vec<_> = agents
@@ -259,10 +286,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let model_bytes: u64 = std::fs::read_dir(&model)?
         .map(|e| Ok(e?.metadata()?.len()))
         .sum::<std::io::Result<u64>>()?;
-    let rate = cli.hub_mbps * 1_000_000;
-    let one = case(work, "one", 1, false, rate).await?.took;
+    let setup = Setup {
+        work,
+        hub_rate: cli.hub_mbps * 1_000_000,
+        agent_memory: cli.agent_memory_mib << 20,
+    };
+    let one = case(&setup, "one", 1, false).await?.took;
+    let limit = match cli.agent_memory_mib {
+        0 => "no memory limit".to_owned(),
+        mib => format!("each agent's memory limited to {mib} MiB"),
+    };
     println!(
-        "one node alone: {:.1} s for {} MiB at {} MB/s of hub egress",
+        "one node alone: {:.1} s for {} MiB at {} MB/s of hub egress; {limit}",
         one.as_secs_f64(),
         model_bytes >> 20,
         cli.hub_mbps
@@ -276,7 +311,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let ways = [("hub only", false, GREY), ("peers", true, BLUE)];
     for &n in &cli.nodes {
         for &(way, peers, color) in ways.iter().filter(|w| w.1 || !cli.only_peers) {
-            let o = case(work, &format!("{n}-{peers}"), n, peers, rate).await?;
+            let o = case(&setup, &format!("{n}-{peers}"), n, peers).await?;
             let x = o.egress as f64 / model_bytes as f64;
             let took = o.took;
             let ratio = took.as_secs_f64() / one.as_secs_f64();
