@@ -61,14 +61,7 @@ fn remove_stale(root: &Path) {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("modelcache-test-")
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if crate::procs::left_by_a_dead_process(&name, "modelcache-test-", '-') {
             let _ = std::fs::remove_dir(e.path());
         }
     }

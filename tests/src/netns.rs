@@ -52,14 +52,7 @@ fn delete_stale() {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("mc")
-            .and_then(|r| r.split('n').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if crate::procs::left_by_a_dead_process(&name, "mc", 'n') {
             let _ = ip(&["netns", "del", &name]);
             let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&name));
         }

@@ -26,12 +26,24 @@ pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
     )
 }
 
-/// Fails unless running as root: mounts need it (CI runs as root).
+/// Fails unless running as root: mounts, network namespaces and cgroups need it (CI runs as
+/// root).
 pub fn require_root() -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
-        bail!("bind mounts need root: run this as root (CI does), e.g. with sudo");
+        bail!(
+            "mounts, network namespaces and cgroups need root: run this as root (CI does), e.g. with sudo"
+        );
     }
     Ok(())
+}
+
+/// True when `name` carries, right after `prefix` and up to `end`, the id of a process that no
+/// longer runs: something a test killed mid-way left behind.
+pub fn left_by_a_dead_process(name: &str, prefix: &str, end: char) -> bool {
+    name.strip_prefix(prefix)
+        .and_then(|rest| rest.split(end).next())
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// A child process that is stopped (SIGTERM, then SIGKILL) when dropped; its output goes to a log
@@ -290,4 +302,29 @@ pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
         .and_then(|s| s.parse().ok())
         .context("an HTTP status")?;
     Ok((status, body.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_names_a_process_that_is_gone_left_are_stale() {
+        let mut child = Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let me = std::process::id();
+        assert!(left_by_a_dead_process(
+            &format!("mc{gone}n0-hub"),
+            "mc",
+            'n'
+        ));
+        assert!(!left_by_a_dead_process(&format!("mc{me}n0-hub"), "mc", 'n'));
+        assert!(!left_by_a_dead_process(
+            &format!("xy{gone}n0-hub"),
+            "mc",
+            'n'
+        ));
+        assert!(!left_by_a_dead_process("mcn0-hub", "mc", 'n'));
+    }
 }
