@@ -1,6 +1,7 @@
 //! A network on one machine: hosts in network namespaces of their own, each joined by a veth
 //! pair to a bridge in a namespace of its own (the switch), with addresses this module gives
-//! them (10.77.0.0/24, inside those namespaces only). Processes run on a host through
+//! them (10.77.0.0/24, inside those namespaces only); a host's link can be capped, as a NIC of
+//! that speed (`tc`'s token bucket, both ways). Processes run on a host through
 //! `ip netns exec`, which also gives them the host's own `/etc/hosts`; the test reaches a host's
 //! ports from a thread that enters the host's namespace. Dropping the [`Lan`] deletes every
 //! namespace it made. Needs root and `ip` (iproute2).
@@ -32,12 +33,19 @@ pub struct Host {
 
 /// Runs `ip args…`, failing with what it printed.
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output().context(
-        "running `ip` (iproute2): install it (hack/test.sh does) for the network-namespace tests",
-    )?;
+    iproute2("ip", args)
+}
+
+/// Runs `program args…`, one of iproute2's (`ip`, `tc`), failing with what it printed.
+fn iproute2(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(program).args(args).output().with_context(|| {
+        format!(
+            "running `{program}` (iproute2): install it (hack/test.sh does) for the network-namespace tests"
+        )
+    })?;
     if !out.status.success() {
         bail!(
-            "ip {} failed: {}",
+            "{program} {} failed: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
@@ -119,6 +127,28 @@ impl Lan {
         ])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         Ok(Host { netns, ip: ip_addr })
+    }
+
+    /// Caps `host`'s link at `bytes_per_second` each way, as a NIC of that speed: its `eth0`
+    /// shapes what it sends, its port on the switch what it receives.
+    pub fn cap_link(&self, host: &Host, bytes_per_second: u64) -> anyhow::Result<()> {
+        let port = format!("p{}", host.ip.octets()[3]);
+        let rate = format!("{}bit", bytes_per_second * 8);
+        // A bucket that holds at least a few full-size (GSO) packets, else they are dropped.
+        let burst = (bytes_per_second / 50).max(256 << 10).to_string();
+        for (netns, dev) in [
+            (host.netns.as_str(), "eth0"),
+            (self.switch(), port.as_str()),
+        ] {
+            iproute2(
+                "tc",
+                &[
+                    "-n", netns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate, "burst",
+                    &burst, "latency", "50ms",
+                ],
+            )?;
+        }
+        Ok(())
     }
 }
 

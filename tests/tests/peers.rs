@@ -11,7 +11,7 @@ use modelcache_tests::node::{Hub, LocalNode, publish_request, publish_until_done
 use modelcache_tests::procs::{Proc, agent_command, serve_hub_on};
 use modelcache_tests::tree::assert_same_tree;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const SECRET: &str = "a-cluster-secret-for-the-test-0123";
 
@@ -401,4 +401,46 @@ fn hosts_on_the_lan_reach_each_other_and_nothing_else() {
     a.run(|| Ok(std::net::TcpStream::connect(addr)?)).unwrap();
     // Not from this (the machine's) namespace: the hosts are on their own network.
     assert!(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err());
+}
+
+/// A host's capped link carries no more than its cap, whichever way: what `bench-fleet
+/// --node-link-mbps` stands on.
+#[test]
+fn a_capped_link_is_no_faster_than_its_cap_either_way() {
+    use std::io::{Read, Write};
+    const BYTES: usize = 8_000_000;
+    const RATE: u64 = 10_000_000;
+    let mut lan = Lan::new().unwrap();
+    let capped = lan.host("capped").unwrap();
+    let other = lan.host("other").unwrap();
+    lan.cap_link(&capped, RATE).unwrap();
+    for (from, to) in [(&capped, &other), (&other, &capped)] {
+        let listener = to
+            .run(|| Ok(std::net::TcpListener::bind((to.ip, 0))?))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let started = Instant::now();
+        let receiver = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut got = Vec::new();
+            conn.read_to_end(&mut got).unwrap();
+            (got.len(), started.elapsed())
+        });
+        from.run(|| {
+            let mut conn = std::net::TcpStream::connect(addr)?;
+            conn.write_all(&vec![7u8; BYTES])?;
+            Ok(())
+        })
+        .unwrap();
+        let (got, took) = receiver.join().unwrap();
+        assert_eq!(got, BYTES);
+        // At most the bucket's burst (256 KiB) comes faster than the rate.
+        let least = Duration::from_secs_f64((BYTES - (256 << 10)) as f64 / RATE as f64);
+        assert!(
+            took >= least.mul_f64(0.9),
+            "{BYTES} bytes from {} to {} in {took:?} over a {RATE} B/s link",
+            from.ip,
+            to.ip
+        );
+    }
 }

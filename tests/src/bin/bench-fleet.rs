@@ -3,12 +3,12 @@
 //! each agent from the hub alone, and agents that are each other's peers (first wave). Prints a
 //! Markdown table of the hub's egress (× the model) and the time until every node holds the
 //! model (× one node alone, same hub), and writes an SVG chart. Real agents, each on a host of
-//! its own (a network namespace with its own address, on one bridge), and the hub on another;
-//! the agents are driven through the agent API over their unix sockets. Each agent runs under
-//! the memory limit the chart gives it (a memory cgroup), so the page cache it writes is bounded
-//! as on a node. Each run gets a network and a hub of its own, after the last run's writes
-//! reached the disk. Needs root (namespaces, cgroups).
-//! Run it with `sudo hack/bench-fleet.sh`.
+//! its own (a network namespace with its own address, on one bridge; `--node-link-mbps` caps its
+//! link), and the hub on another; the agents are driven through the agent API over their unix
+//! sockets. Each agent runs under the memory limit the chart gives it (a memory cgroup), so the
+//! page cache it writes is bounded as on a node. Each run gets a network and a hub of its own,
+//! after the last run's writes reached the disk. Needs root (namespaces, cgroups). Run it with
+//! `sudo hack/bench-fleet.sh`.
 
 use anyhow::Context;
 use clap::Parser;
@@ -34,6 +34,9 @@ struct Cli {
     /// The hub's total egress, MB/s (all clients together).
     #[arg(long, default_value_t = 100)]
     hub_mbps: u64,
+    /// Each node's link, MB/s each way (0: uncapped).
+    #[arg(long, default_value_t = 0)]
+    node_link_mbps: u64,
     /// Fleet sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
     nodes: Vec<usize>,
@@ -220,6 +223,8 @@ struct Setup<'a> {
     work: &'a Path,
     /// The hub's total egress, bytes a second.
     hub_rate: u64,
+    /// Each node's link, bytes a second each way (0: uncapped).
+    node_link: u64,
     /// Each agent's memory limit, bytes (0: none).
     agent_memory: u64,
 }
@@ -236,6 +241,11 @@ async fn case(setup: &Setup<'_>, name: &str, n: usize, peers: bool) -> anyhow::R
     let hosts: Vec<Host> = (0..n)
         .map(|i| lan.host(&format!("n{i}")))
         .collect::<Result<_, _>>()?;
+    if setup.node_link > 0 {
+        for host in &hosts {
+            lan.cap_link(host, setup.node_link)?;
+        }
+    }
     let (_hub, endpoint) = serve_hub_on(
         &hub_host,
         &work.join("hub"),
@@ -289,6 +299,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let setup = Setup {
         work,
         hub_rate: cli.hub_mbps * 1_000_000,
+        node_link: cli.node_link_mbps * 1_000_000,
         agent_memory: cli.agent_memory_mib << 20,
     };
     let one = case(&setup, "one", 1, false).await?.took;
@@ -296,8 +307,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         0 => "no memory limit".to_owned(),
         mib => format!("each agent's memory limited to {mib} MiB"),
     };
+    let links = match cli.node_link_mbps {
+        0 => "nodes' links uncapped".to_owned(),
+        mbps => format!("nodes' links at {mbps} MB/s"),
+    };
     println!(
-        "one node alone: {:.1} s for {} MiB at {} MB/s of hub egress; {limit}",
+        "one node alone: {:.1} s for {} MiB at {} MB/s of hub egress; {limit}; {links}",
         one.as_secs_f64(),
         model_bytes >> 20,
         cli.hub_mbps
