@@ -6,6 +6,15 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The memory limit the chart's defaults give the agent's container, in MiB, for programs that
+/// run the agent outside a cluster as the chart runs it (`bench-fleet`); `tests/tests/chart.rs`
+/// checks that the chart still says so.
+pub const AGENT_MEMORY_LIMIT_MIB: u64 = 1024;
+
+/// The environment the chart gives the agent's container besides what the cluster fills in
+/// (likewise).
+pub const AGENT_ENV: &[(&str, &str)] = &[("MALLOC_ARENA_MAX", "2")];
+
 /// The repository's root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -11,10 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// The agent container's memory limit in the chart's defaults, in MiB
-/// (`tests/tests/chart.rs` checks that the chart still says so).
-pub const CHART_AGENT_LIMIT_MIB: u64 = 1024;
-
 /// A memory cgroup this process made.
 pub struct MemoryCgroup {
     dir: PathBuf,

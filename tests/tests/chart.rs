@@ -7,8 +7,9 @@
 use clap::Parser;
 use modelcache_agent::prewarm::Catalogue;
 use modelcache_csi::attributes::Volume;
-use modelcache_tests::helm::{self, Manifests, argv, chart_dir, container, workspace_root};
-use modelcache_tests::memcg::CHART_AGENT_LIMIT_MIB;
+use modelcache_tests::helm::{
+    self, AGENT_ENV, AGENT_MEMORY_LIMIT_MIB, Manifests, argv, chart_dir, container, workspace_root,
+};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -123,16 +124,22 @@ fn the_defaults_run_a_node_the_binaries_accept() {
         ["agent", "plugin", "node-driver-registrar", "liveness-probe"]
     );
     assert_eq!(pod["serviceAccountName"], "modelcache-node");
-    // bench-fleet runs each agent under the limit its container has here.
-    let mib = CHART_AGENT_LIMIT_MIB;
+    // bench-fleet runs each agent with the limit and environment its container has here.
+    let agent = container(ds, "agent");
+    let mib = AGENT_MEMORY_LIMIT_MIB;
     let limit = match mib % 1024 {
         0 => format!("{}Gi", mib / 1024),
         _ => format!("{mib}Mi"),
     };
-    assert_eq!(
-        container(ds, "agent")["resources"]["limits"]["memory"],
-        limit.as_str()
-    );
+    assert_eq!(agent["resources"]["limits"]["memory"], limit.as_str());
+    for (name, value) in AGENT_ENV {
+        let set = agent["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == *name);
+        assert_eq!(set.map(|e| &e["value"]), Some(&json!(value)), "{name}");
+    }
     assert_eq!(pod["priorityClassName"], "system-node-critical");
     // GPU nodes are tainted; the plugin must run there.
     let tolerated: Vec<&str> = pod["tolerations"]

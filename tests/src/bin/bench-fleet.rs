@@ -5,8 +5,8 @@
 //! model (× one node alone, same hub), and writes an SVG chart. Real agents, each on a host of
 //! its own (a network namespace with its own address, on one bridge; `--node-link-mbps` caps its
 //! link), and the hub on another; the agents are driven through the agent API over their unix
-//! sockets. Each agent runs under the memory limit the chart gives it (a memory cgroup), so the
-//! page cache it writes is bounded as on a node. Each run gets a network and a hub of its own,
+//! sockets. Each agent runs as the chart runs it: under its container's memory limit (a memory
+//! cgroup), so the page cache it writes is bounded as on a node, and with its environment. Each run gets a network and a hub of its own,
 //! after the last run's writes reached the disk. Needs root (namespaces, cgroups). Run it with
 //! `sudo hack/bench-fleet.sh`.
 
@@ -14,7 +14,8 @@ use anyhow::Context;
 use clap::Parser;
 use modelcache_proto::agent_v1 as pb;
 use modelcache_tests::chart::{BLUE, Bar, GREY, bars_svg};
-use modelcache_tests::memcg::{CHART_AGENT_LIMIT_MIB, MemoryCgroup};
+use modelcache_tests::helm::{AGENT_ENV, AGENT_MEMORY_LIMIT_MIB};
+use modelcache_tests::memcg::MemoryCgroup;
 use modelcache_tests::netns::{Host, Lan};
 use modelcache_tests::procs::{Proc, bin, serve_hub_on, wait_until};
 use modelcache_tests::tree::fresh_dir;
@@ -42,7 +43,7 @@ struct Cli {
     nodes: Vec<usize>,
     /// Each agent's memory limit in MiB, the page cache it writes included, as its container
     /// has in a cluster (the chart's default); 0 for none.
-    #[arg(long, default_value_t = CHART_AGENT_LIMIT_MIB)]
+    #[arg(long, default_value_t = AGENT_MEMORY_LIMIT_MIB)]
     agent_memory_mib: u64,
     /// Only the runs with peers (not each node from the hub alone).
     #[arg(long)]
@@ -143,12 +144,17 @@ fn start_fleet(
                 secret.display().to_string(),
             ]);
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        // With the chart's environment: `env` sets it and becomes the agent (same process).
+        let agent = bin("modelcache-agent")?;
+        let mut argv: Vec<String> = AGENT_ENV.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        argv.push(agent.display().to_string());
+        argv.extend(args);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let proc = Proc::start_on(
             Some(host),
             &format!("agent-{i}"),
-            &bin("modelcache-agent")?,
-            &args,
+            Path::new("env"),
+            &argv,
             &home,
         )?;
         // Moved in before it is asked for anything: every download's pages are charged there.
