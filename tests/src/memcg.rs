@@ -14,9 +14,11 @@ use std::time::{Duration, Instant};
 /// A memory cgroup this process made.
 pub struct MemoryCgroup {
     dir: PathBuf,
+    /// Where the kernel says the most it has charged the cgroup at once.
+    peak_file: PathBuf,
 }
 
-/// Which cgroup hierarchy holds the memory controller, and its limit file.
+/// Which cgroup hierarchy holds the memory controller, and its files.
 struct Hierarchy {
     root: PathBuf,
     limit_file: &'static str,
@@ -77,7 +79,10 @@ impl MemoryCgroup {
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir(&dir).with_context(|| format!("creating the cgroup {dir:?}"))?;
-        let cg = MemoryCgroup { dir };
+        let cg = MemoryCgroup {
+            peak_file: dir.join(h.peak_file),
+            dir,
+        };
         std::fs::write(cg.dir.join(h.limit_file), limit.to_string())
             .with_context(|| format!("setting the memory limit of {:?}", cg.dir))?;
         Ok(cg)
@@ -92,8 +97,8 @@ impl MemoryCgroup {
 
     /// The most memory the cgroup has been charged at once, in bytes.
     pub fn peak(&self) -> anyhow::Result<u64> {
-        let file = self.dir.join(hierarchy()?.peak_file);
-        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {file:?}"))?;
+        let file = &self.peak_file;
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {file:?}"))?;
         text.trim()
             .parse()
             .with_context(|| format!("{file:?} holds {text:?}"))

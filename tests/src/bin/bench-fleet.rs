@@ -6,9 +6,9 @@
 //! its own (a network namespace with its own address, on one bridge; `--node-link-mbps` caps its
 //! link), and the hub on another; the agents are driven through the agent API over their unix
 //! sockets. Each agent runs as the chart runs it: under its container's memory limit (a memory
-//! cgroup), so the page cache it writes is bounded as on a node, and with its environment. Each run gets a network and a hub of its own,
-//! after the last run's writes reached the disk. Needs root (namespaces, cgroups). Run it with
-//! `sudo hack/bench-fleet.sh`.
+//! cgroup), so the page cache it writes is bounded as on a node, and with its environment. Each
+//! run gets a network and a hub of its own, after the last run's writes reached the disk. Needs
+//! root (namespaces, cgroups). Run it with `sudo hack/bench-fleet.sh`.
 
 use anyhow::Context;
 use clap::Parser;
